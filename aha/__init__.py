@@ -1,0 +1,26 @@
+"""aha -- All-or-Here Attention.
+
+Every attention head of every layer routes each token either to full causal attention
+("All", ``g = 1`` / True) or to causal sliding-window attention over the last ``window``
+keys ("Here", ``g = 0`` / False). See :func:`aha_attention` for the operator and
+:class:`Router` for the per-head router.
+"""
+
+from aha.kernels import IMPLEMENTATIONS, AhaInputError, aha_attention, choose_impl
+from aha.router import OPEN_BIAS, Router, RouterInit, route_from_logits
+from aha.stats import RoutingStats, ideal_cost_ratio
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "OPEN_BIAS",
+    "AhaInputError",
+    "Router",
+    "RouterInit",
+    "RoutingStats",
+    "aha_attention",
+    "choose_impl",
+    "ideal_cost_ratio",
+    "route_from_logits",
+]

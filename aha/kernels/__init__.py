@@ -1,0 +1,114 @@
+"""The AHA attention operator: one signature, several implementations, one dispatcher.
+
+Implementations (all share :data:`AttentionImpl`'s signature):
+
+* ``reference`` -- dense masked attention, the ground truth (O(seq_q * seq_kv) memory).
+* ``split`` -- the CPU fast path: dense kernel for the majority branch, packed queries for
+  the minority branch, merged per (token, head); differentiable.
+* ``decode`` -- one query per head against a long cache; local heads read only the window.
+* ``flex`` -- FlexAttention with queries sorted by route so tiles are skipped (GPU; CPU forward only).
+
+Models, training, evaluation and the CLI call :func:`aha_attention`, never an implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from aha.kernels._checks import AhaInputError, check_inputs, is_binary
+from aha.kernels.decode import decode_attention
+from aha.kernels.reference import reference_attention
+from aha.kernels.split import split_attention
+
+AttentionImpl = Callable[[Tensor, Tensor, Tensor, Tensor, int, float, "Tensor | None"], Tensor]
+ImplName = Literal["auto", "reference", "split", "decode", "flex"]
+
+IMPLEMENTATIONS: dict[str, AttentionImpl] = {
+    "reference": reference_attention,
+    "split": split_attention,
+    "decode": decode_attention,
+}
+
+
+def _flex_available(q: Tensor, needs_grad: bool) -> bool:
+    try:
+        from aha.kernels import flex  # noqa: F401  (optional: needs torch.nn.attention.flex_attention)
+    except ImportError:
+        return False
+    return "flex" in IMPLEMENTATIONS and (q.is_cuda or not needs_grad)
+
+
+def choose_impl(q: Tensor, k: Tensor, route: Tensor, window: int) -> str:
+    """The implementation ``impl="auto"`` uses for these inputs.
+
+    Decode steps (one query, hard routes, no grad) use ``decode``; CUDA inputs use ``flex`` when
+    it is importable; everything else uses ``split`` (which itself falls back to SDPA causal
+    when most pairs are global).
+    """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or route.requires_grad)
+    if q.shape[2] == 1 and not needs_grad and is_binary(route):
+        return "decode"
+    if q.is_cuda and _flex_available(q, needs_grad):
+        return "flex"
+    return "split"
+
+
+def aha_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    *,
+    scale: float | None = None,
+    impl: ImplName = "auto",
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """All-or-Here attention: per (token, query head), full causal or sliding-window attention.
+
+    Args:
+        q: queries ``[batch, q_heads, seq_q, head_dim]``. They sit at the last ``seq_q``
+            positions of the keys (``seq_q < seq_kv`` for decoding and chunked prefill).
+        k, v: keys and values ``[batch, kv_heads, seq_kv, head_dim]``; ``q_heads`` must be a
+            multiple of ``kv_heads`` (grouped-query attention: query head ``h`` uses KV head
+            ``h // (q_heads // kv_heads)``).
+        route: ``[batch, q_heads, seq_q]``. Bool: True = global (keys ``0..p``), False = local
+            (keys ``max(0, p - window + 1)..p``, its own key included). Float gate ``g`` in
+            [0, 1]: output ``g * full + (1 - g) * local``, differentiable in ``g`` (pass the
+            straight-through gate ``g_hard + g_soft - g_soft.detach()`` when training).
+        window: keys a local query sees, its own included; ``>= 1``. ``window >= seq_kv`` makes
+            local attention equal full attention.
+        scale: softmax scale; default ``1 / sqrt(head_dim)``.
+        impl: ``"auto"`` (see :func:`choose_impl`) or one of :data:`IMPLEMENTATIONS`.
+        key_padding_mask: optional ``[batch, seq_kv]`` bool, True = real key (left padding
+            for batched generation). Padded keys are never attended; queries at padded
+            positions return zeros.
+
+    Returns:
+        ``[batch, q_heads, seq_q, head_dim]`` in ``q.dtype``.
+
+    Raises:
+        AhaInputError: malformed shapes, dtypes, devices, window or route (the message names the fix).
+    """
+    check_inputs(q, k, v, route, window, key_padding_mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    name = choose_impl(q, k, route, window) if impl == "auto" else impl
+    if name not in IMPLEMENTATIONS:
+        raise AhaInputError(f"unknown impl {impl!r}; choose one of {['auto', *IMPLEMENTATIONS]}")
+    if name == "decode" and (q.shape[2] != 1 or not is_binary(route)):
+        raise AhaInputError("impl='decode' needs seq_q == 1 and a hard (bool or 0/1) route")
+    if name == "decode" and route.dtype != torch.bool:
+        route = route > 0.5
+    out = IMPLEMENTATIONS[name](q, k, v, route, window, scale, key_padding_mask)
+    if key_padding_mask is not None:
+        query_valid = key_padding_mask[:, None, k.shape[2] - q.shape[2] :, None]
+        out = out.masked_fill(~query_valid, 0.0)
+    return out
+
+
+__all__ = ["AhaInputError", "IMPLEMENTATIONS", "aha_attention", "choose_impl"]

@@ -1,0 +1,50 @@
+"""Decode path: one new query per (batch, head) against a long KV cache.
+
+Local heads read only the last ``window`` keys of the cache (a slice view, no copy);
+global heads read the whole cache, one SDPA call per (batch, KV head) that has at least
+one global query head. Out-of-window keys are never touched for local heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """AHA attention for ``seq_q == 1`` with hard routes (inference only).
+
+    Shapes: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool -> ``[B, Hq, 1, D]``.
+    """
+    batch, q_heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    gqa = group > 1
+    recent = slice(max(0, k.shape[2] - window), None)
+    local_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, recent]
+    out = F.scaled_dot_product_attention(
+        q, k[:, :, recent], v[:, :, recent], attn_mask=local_mask, scale=scale, enable_gqa=gqa
+    )
+    if k.shape[2] <= window:
+        return out
+    hard = route[..., 0]  # [B, Hq]
+    if not hard.any():
+        return out
+    grouped = hard.view(batch, kv_heads, group)
+    for b, kv_head in grouped.any(-1).nonzero().tolist():
+        heads = kv_head * group + grouped[b, kv_head].nonzero()[:, 0]
+        mask = None if key_padding_mask is None else key_padding_mask[b, None, None, None, :]
+        out[b, heads] = F.scaled_dot_product_attention(
+            q[b : b + 1, heads], k[b : b + 1, kv_head : kv_head + 1], v[b : b + 1, kv_head : kv_head + 1],
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )[0]
+    return out

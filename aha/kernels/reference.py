@@ -1,0 +1,68 @@
+"""Dense masked AHA attention: the ground truth every fast path is tested against.
+
+It materialises ``[batch, q_heads, seq_q, seq_kv]`` scores, so use it for tests and
+short sequences only; the dispatcher never picks it for long inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def key_positions(seq_q: int, seq_kv: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Absolute positions of the queries ``[seq_q]`` (the last ``seq_q`` keys) and keys ``[seq_kv]``."""
+    kpos = torch.arange(seq_kv, device=device)
+    return kpos[seq_kv - seq_q :], kpos
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Compute AHA attention densely (scores in fp32, output in ``q.dtype``).
+
+    A query at absolute position ``p`` attends keys ``0..p`` when routed global and
+    ``max(0, p - window + 1)..p`` when local. Bool routes select a branch; float gates
+    mix them as ``g * full + (1 - g) * local``. Padded keys are never attended; a query
+    whose own key is padding gets a zero output.
+
+    Shapes: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` -> ``[B, Hq, Sq, D]``.
+    """
+    batch, q_heads, seq_q, _ = q.shape
+    kv_heads, seq_kv = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+
+    qpos, kpos = key_positions(seq_q, seq_kv, q.device)
+    causal = kpos[None, :] <= qpos[:, None]
+    band = causal & (kpos[None, :] > qpos[:, None] - window)
+    query_valid = None
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+        causal = causal & keep
+        band = band & keep
+        query_valid = key_padding_mask[:, seq_kv - seq_q :][:, None, :, None]
+        # a padded query still "sees" its own key so its softmax stays finite; it is zeroed below
+        own = (kpos[None, :] == qpos[:, None])
+        causal = causal | own
+        band = band | own
+
+    neg_inf = torch.finfo(torch.float32).min
+    full = torch.softmax(scores.masked_fill(~causal, neg_inf), dim=-1) @ vf
+    local = torch.softmax(scores.masked_fill(~band, neg_inf), dim=-1) @ vf
+    if route.dtype == torch.bool:
+        out = torch.where(route[..., None], full, local)
+    else:
+        g = route.float()[..., None]
+        out = g * full + (1 - g) * local
+    if query_valid is not None:
+        out = out.masked_fill(~query_valid, 0.0)
+    return out.to(q.dtype)

@@ -1,0 +1,230 @@
+"""CPU fast path: compute each branch only where it is needed, with PyTorch SDPA pieces.
+
+The dense branch runs over all queries with a kernel that skips work by construction
+(a banded, blocked SDPA for sliding-window attention, or SDPA ``is_causal`` for full
+attention); the minority branch runs only over the (token, head) pairs routed to it,
+gathered into a packed tensor and attended in chunks that read only the keys they need.
+The two are merged per (token, head). Everything is built from differentiable PyTorch
+ops, so autograd provides the backward pass.
+
+All functions take q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` with the queries at the
+last ``Sq`` positions, and return ``[B, Hq, Sq, D]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aha.kernels._checks import is_binary
+
+# Below this global fraction the band runs densely and global pairs are packed; above it,
+# full causal attention runs densely and local pairs are packed.
+DENSE_GLOBAL_ABOVE = 0.5
+PACKED_CHUNK = 64
+
+
+def band_block_size(window: int) -> int:
+    """Query block for the banded kernel: each block reads ``block + window - 1`` keys, so the
+    wasted work is ``block / window``; small blocks pay per-call overhead instead."""
+    return int(min(256, max(16, 16 * round(window / 64))))
+
+
+def band_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Sliding-window causal attention for every query, reading ``O(seq * window)`` keys.
+
+    Queries are cut into blocks of ``b``; block ``j`` attends the ``b + window - 1`` keys that end
+    at its last query, taken as an overlapping ``unfold`` view (no copy), with one small band mask
+    shared by all blocks. Grouped query heads sharing a KV head are stacked as extra query rows.
+    """
+    batch, q_heads, seq_q, dim = q.shape
+    kv_heads, seq_kv = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    block = band_block_size(window)
+    n_blocks = math.ceil(seq_q / block)
+    span = block + window - 1
+    first_query = seq_kv - seq_q
+    first_key = first_query - window + 1  # absolute position of column 0 of block 0
+
+    def windows(t: Tensor) -> Tensor:
+        front = max(0, -first_key)
+        body = t[:, :, max(0, first_key) :]
+        back = n_blocks * block + window - 1 - front - body.shape[2]
+        padded = F.pad(body, (0, 0, front, back))
+        # [B, Hkv, n_blocks, span, D] view; blocks overlap in memory
+        return padded.unfold(2, span, block).transpose(-1, -2).reshape(batch * kv_heads, n_blocks, span, dim)
+
+    kb, vb = windows(k), windows(v)
+    qp = F.pad(q, (0, 0, 0, n_blocks * block - seq_q))
+    qb = (
+        qp.view(batch, kv_heads, group, n_blocks, block, dim)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch * kv_heads, n_blocks, group * block, dim)
+    )
+
+    device = q.device
+    row = torch.arange(block, device=device)[:, None]
+    col = torch.arange(span, device=device)[None, :]
+    base = (col >= row) & (col <= row + window - 1)  # [block, span]
+    key_abs = first_key + torch.arange(n_blocks, device=device)[:, None] * block + col  # [n_blocks, span]
+    own = (col == row + window - 1)[None]  # the query's own key
+    if key_padding_mask is None:
+        mask = base[None] & (key_abs >= 0)[:, None, :]  # [n_blocks, block, span]
+        mask = mask.repeat(1, group, 1)[None]  # [1, n_blocks, group*block, span]
+    else:
+        kpm = F.pad(key_padding_mask, (max(0, -first_key), 0), value=False)[:, max(0, first_key) :]
+        kpm = F.pad(kpm, (0, n_blocks * block + window - 1 - kpm.shape[1]), value=False)
+        key_ok = kpm.unfold(1, span, block)  # [B, n_blocks, span]
+        mask = base[None, None] & (key_ok[:, :, None, :] | own[None])  # [B, n_blocks, block, span]
+        mask = (
+            mask.repeat(1, 1, group, 1)[:, None]
+            .expand(batch, kv_heads, n_blocks, group * block, span)
+            .reshape(batch * kv_heads, n_blocks, group * block, span)
+        )
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+    out = (
+        out.view(batch, kv_heads, n_blocks, group, block, dim)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch, q_heads, n_blocks * block, dim)
+    )
+    return out[:, :, :seq_q]
+
+
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    select: Tensor,
+    window: int | None,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    chunk: int = PACKED_CHUNK,
+) -> Tensor:
+    """Attention for the selected (token, head) pairs only; other rows of the result are zero.
+
+    Args:
+        select: ``[B, Hq, Sq]`` bool, the pairs to compute.
+        window: ``None`` for full causal attention (keys ``0..p``), else keys ``p-window+1..p``.
+
+    Per (batch, head) the selected queries are gathered in position order into a packed
+    ``[B, Hq, M, D]`` tensor (``M`` = the largest count); each chunk of packed rows attends
+    only the key range its rows need, under a ``[B, Hq, chunk, keys]`` mask.
+    """
+    batch, q_heads, seq_q, dim = q.shape
+    seq_kv = k.shape[2]
+    first_query = seq_kv - seq_q
+    counts = select.sum(-1)
+    packed = int(counts.max())
+    result = q.new_zeros(q.shape)
+    if packed == 0:
+        return result
+    order = torch.argsort((~select).to(torch.uint8), dim=-1, stable=True)[..., :packed]  # [B, Hq, M]
+    valid = torch.arange(packed, device=q.device) < counts[..., None]
+    positions = first_query + order
+    gather_index = order[..., None].expand(-1, -1, -1, dim)
+    q_packed = q.gather(2, gather_index)
+
+    outputs = []
+    for start in range(0, packed, chunk):
+        pos = positions[..., start : start + chunk]
+        ok = valid[..., start : start + chunk]
+        hi = int(pos.masked_fill(~ok, -1).max()) + 1
+        lo = 0 if window is None else max(0, int(pos.masked_fill(~ok, seq_kv).min()) - window + 1)
+        kpos = torch.arange(lo, hi, device=q.device)
+        allowed = kpos <= pos[..., None]
+        if window is not None:
+            allowed = allowed & (kpos > pos[..., None] - window)
+        if key_padding_mask is not None:
+            allowed = allowed & (key_padding_mask[:, None, None, lo:hi] | (kpos == pos[..., None]))
+        allowed = allowed | ~ok[..., None]  # padding rows: any finite result, discarded below
+        outputs.append(
+            F.scaled_dot_product_attention(
+                q_packed[..., start : start + chunk, :],
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                attn_mask=allowed,
+                scale=scale,
+                enable_gqa=k.shape[1] != q_heads,
+            )
+        )
+    return result.scatter(2, gather_index, torch.cat(outputs, dim=2))
+
+
+def full_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Full causal attention for every query (queries at the last ``Sq`` positions)."""
+    seq_q, seq_kv = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if key_padding_mask is None and seq_q == seq_kv:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if key_padding_mask is None and seq_q == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    everything = torch.ones(q.shape[:3], dtype=torch.bool, device=q.device)
+    return packed_attention(q, k, v, everything, None, scale, key_padding_mask, chunk=256)
+
+
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Sliding-window attention for every query; full attention when the window covers everything."""
+    if window >= k.shape[2]:
+        return full_attention(q, k, v, scale, key_padding_mask)
+    return band_attention(q, k, v, window, scale, key_padding_mask)
+
+
+def split_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """AHA attention that computes each branch only for the pairs routed to it.
+
+    Bool routes and binary float gates (the STE's forward values) take the split path.
+    When a float gate requires grad, ``d out / d g = full - local`` needs both branches at
+    every pair, so the branch not computed by the split is added without grad. Soft gates
+    (values strictly between 0 and 1) compute both branches densely and mix them.
+    """
+    if window >= k.shape[2]:  # the window covers every key: both branches are full attention
+        out = full_attention(q, k, v, scale, key_padding_mask)
+        if route.dtype != torch.bool and route.requires_grad:
+            out = out + 0.0 * route[..., None].to(out.dtype)  # keep the graph; d out / d g = 0
+        return out
+    if not is_binary(route):
+        g = route[..., None].to(q.dtype)
+        full = full_attention(q, k, v, scale, key_padding_mask)
+        local = band_attention(q, k, v, window, scale, key_padding_mask)
+        return g * full + (1 - g) * local
+
+    hard = route if route.dtype == torch.bool else route > 0.5
+    global_fraction = float(hard.float().mean())
+    if global_fraction <= DENSE_GLOBAL_ABOVE:
+        local = band_attention(q, k, v, window, scale, key_padding_mask)
+        full = packed_attention(q, k, v, hard, None, scale, key_padding_mask) if hard.any() else None
+    else:
+        full = full_attention(q, k, v, scale, key_padding_mask)
+        local = packed_attention(q, k, v, ~hard, window, scale, key_padding_mask) if not hard.all() else None
+    if full is None:
+        out = local
+    elif local is None:
+        out = full
+    else:
+        out = torch.where(hard[..., None], full, local)
+
+    if route.dtype != torch.bool and route.requires_grad:
+        with torch.no_grad():
+            dense_full = full if global_fraction > DENSE_GLOBAL_ABOVE else full_attention(q, k, v, scale, key_padding_mask)
+            dense_local = local if global_fraction <= DENSE_GLOBAL_ABOVE else band_attention(q, k, v, window, scale, key_padding_mask)
+            branch_gap = dense_full.detach() - dense_local.detach()
+        g = route[..., None].to(q.dtype)
+        out = out + (g - g.detach()) * branch_gap
+    return out

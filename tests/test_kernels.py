@@ -1,0 +1,193 @@
+"""The AHA operator: every implementation against the dense reference and the SDPA ground truths."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aha import AhaInputError, aha_attention
+
+FAST_IMPLS = ["split"]
+
+
+def make_qkv(batch, q_heads, kv_heads, seq_q, seq_kv, dim, dtype=torch.float32, requires_grad=False):
+    q = torch.randn(batch, q_heads, seq_q, dim, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(batch, kv_heads, seq_kv, dim, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(batch, kv_heads, seq_kv, dim, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+def sliding_window_sdpa(q, k, v, window):
+    """Independent ground truth: SDPA with an explicit lower-right band mask."""
+    seq_q, seq_kv = q.shape[2], k.shape[2]
+    qpos = torch.arange(seq_kv - seq_q, seq_kv)[:, None]
+    kpos = torch.arange(seq_kv)[None, :]
+    mask = (kpos <= qpos) & (kpos > qpos - window)
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask
+    )
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_all_global_equals_sdpa_causal(impl, kv_heads):
+    q, k, v = make_qkv(2, 4, kv_heads, 67, 67, 16)
+    route = torch.ones(2, 4, 67, dtype=torch.bool)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(aha_attention(q, k, v, route, 8, impl=impl), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("window", [1, 5, 16, 64])
+def test_all_local_equals_sliding_window(impl, window):
+    q, k, v = make_qkv(2, 6, 3, 50, 50, 8)
+    route = torch.zeros(2, 6, 50, dtype=torch.bool)
+    expected = sliding_window_sdpa(q, k, v, window)
+    torch.testing.assert_close(aha_attention(q, k, v, route, window, impl=impl), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_window_covering_sequence_is_full_attention(impl):
+    q, k, v = make_qkv(1, 2, 2, 30, 30, 8)
+    route = torch.rand(1, 2, 30) < 0.5
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(aha_attention(q, k, v, route, 30, impl=impl), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aha_attention(q, k, v, route, 1000, impl=impl), expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3]),
+    seq_q=st.integers(1, 90),
+    prefix=st.integers(0, 40),
+    dim=st.sampled_from([4, 8, 16]),
+    window=st.integers(1, 140),
+    rho=st.sampled_from([0.0, 0.05, 0.3, 0.7, 1.0]),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_paths_match_reference_on_random_routes(batch, kv_heads, group, seq_q, prefix, dim, window, rho, padded, seed):
+    torch.manual_seed(seed)
+    q, k, v = make_qkv(batch, kv_heads * group, kv_heads, seq_q, seq_q + prefix, dim)
+    route = torch.rand(batch, kv_heads * group, seq_q) < rho
+    kpm = None
+    if padded:
+        lengths = torch.randint(1, seq_q + prefix + 1, (batch,))
+        kpm = torch.arange(seq_q + prefix)[None, :] >= (seq_q + prefix - lengths)[:, None]  # left padding
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
+    for impl in ["auto", *FAST_IMPLS] + (["decode"] if seq_q == 1 else []):
+        out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{impl}: {m}")
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.9])
+def test_bf16_matches_reference_loosely(rho):
+    q, k, v = make_qkv(1, 4, 2, 200, 200, 32, dtype=torch.bfloat16)
+    route = torch.rand(1, 4, 200) < rho
+    expected = aha_attention(q, k, v, route, 24, impl="reference")
+    out = aha_attention(q, k, v, route, 24, impl="split")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_soft_gate_mixes_branches():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 8)
+    g = torch.rand(1, 2, 40)
+    full = aha_attention(q, k, v, torch.ones(1, 2, 40, dtype=torch.bool), 6, impl="reference")
+    local = aha_attention(q, k, v, torch.zeros(1, 2, 40, dtype=torch.bool), 6, impl="reference")
+    expected = g[..., None] * full + (1 - g[..., None]) * local
+    for impl in ["reference", *FAST_IMPLS]:
+        torch.testing.assert_close(aha_attention(q, k, v, g, 6, impl=impl), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("binary", [True, False])
+def test_gate_gradient_is_branch_difference(impl, binary):
+    q, k, v = make_qkv(1, 4, 2, 45, 45, 8)
+    g = (torch.rand(1, 4, 45) < 0.3).float() if binary else torch.rand(1, 4, 45)
+    g.requires_grad_(True)
+    out = aha_attention(q, k, v, g, 7, impl=impl)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    full = aha_attention(q, k, v, torch.ones(1, 4, 45, dtype=torch.bool), 7, impl="reference")
+    local = aha_attention(q, k, v, torch.zeros(1, 4, 45, dtype=torch.bool), 7, impl="reference")
+    torch.testing.assert_close(g.grad, (upstream * (full - local)).sum(-1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("rho", [0.0, 0.2, 0.8, 1.0])
+@pytest.mark.parametrize("gate", [False, True])
+def test_qkv_gradients_match_reference(impl, rho, gate):
+    route = torch.rand(2, 6, 37) < rho
+    if gate:
+        route = route.float().requires_grad_(True)
+    grads = []
+    for name in ["reference", impl]:
+        torch.manual_seed(1)
+        q, k, v = make_qkv(2, 6, 3, 37, 45, 8, requires_grad=True)
+        r = route.detach().clone().requires_grad_(True) if gate else route
+        out = aha_attention(q, k, v, r, 9, impl=name)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([q.grad, k.grad, v.grad] + ([r.grad] if gate else []))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_default_scale_is_inverse_sqrt_dim():
+    q, k, v = make_qkv(1, 2, 2, 10, 10, 16)
+    route = torch.ones(1, 2, 10, dtype=torch.bool)
+    a = aha_attention(q, k, v, route, 4)
+    b = aha_attention(q, k, v, route, 4, scale=1 / math.sqrt(16))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(q=a["q"][0]), "4 dims"),
+        (lambda a: a.update(k=torch.randn(1, 3, 10, 8), v=torch.randn(1, 3, 10, 8)), "multiple of kv_heads"),
+        (lambda a: a.update(k=torch.randn(1, 2, 5, 8), v=torch.randn(1, 2, 5, 8)), "seq_kv >= seq_q"),
+        (lambda a: a.update(v=torch.randn(1, 2, 11, 8)), "same shape"),
+        (lambda a: a.update(window=0), "window must be >= 1"),
+        (lambda a: a.update(window=2.5), "window must be an int"),
+        (lambda a: a.update(route=torch.ones(1, 4, 9, dtype=torch.bool)), "route must have shape"),
+        (lambda a: a.update(route=torch.ones(1, 4, 10, dtype=torch.long)), "route must be bool"),
+        (lambda a: a.update(route=torch.full((1, 4, 10), 1.5)), "lie in \\[0, 1\\]"),
+        (lambda a: a.update(route=torch.full((1, 4, 10), float("nan"))), "NaN"),
+        (lambda a: a.update(k=torch.randn(1, 2, 10, 8, dtype=torch.float64)), "share a dtype"),
+        (lambda a: a.update(q=torch.randint(0, 3, (1, 4, 10, 8))), "floating-point"),
+        (lambda a: a.update(impl="nope"), "unknown impl"),
+        (lambda a: a.update(key_padding_mask=torch.ones(1, 9, dtype=torch.bool)), "key_padding_mask must have shape"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    args = dict(
+        q=torch.randn(1, 4, 10, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8),
+        route=torch.ones(1, 4, 10, dtype=torch.bool), window=4, impl="auto", key_padding_mask=None,
+    )
+    change(args)
+    with pytest.raises(AhaInputError, match=message):
+        aha_attention(args["q"], args["k"], args["v"], args["route"], args["window"], impl=args["impl"],
+                      key_padding_mask=args["key_padding_mask"])
+
+
+def test_decode_rejects_multi_token_queries():
+    q, k, v = make_qkv(1, 2, 2, 3, 10, 8)
+    with pytest.raises(AhaInputError, match="seq_q == 1"):
+        aha_attention(q, k, v, torch.ones(1, 2, 3, dtype=torch.bool), 4, impl="decode")
+
+
+def test_decode_never_reads_out_of_window_keys_for_local_heads():
+    q, k, v = make_qkv(1, 4, 2, 1, 100, 8)
+    route = torch.tensor([[[False], [False], [True], [False]]])
+    out = aha_attention(q, k, v, route, 10, impl="decode")
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 0, :90] = float("nan")  # KV head 0 serves query heads 0-1, both local
+    v2[:, 0, :90] = float("nan")
+    torch.testing.assert_close(aha_attention(q, k2, v2, route, 10, impl="decode"), out)
