@@ -7,6 +7,18 @@ keys ("Here", ``g = 0`` / False). See :func:`aha_attention` for the operator and
 """
 
 from aha.kernels import IMPLEMENTATIONS, AhaInputError, aha_attention, choose_impl
+from aha.hf import (
+    SUPPORTED_ARCHITECTURES,
+    AhaSettings,
+    UnsupportedModelError,
+    convert,
+    force_routing,
+    from_pretrained,
+    is_aha_model,
+    router_logits,
+    track_routing,
+)
+from aha.models import load_model, load_smollm2
 from aha.router import OPEN_BIAS, Router, RouterInit, route_from_logits
 from aha.stats import RoutingStats, ideal_cost_ratio
 
@@ -15,7 +27,18 @@ __version__ = "0.1.0"
 __all__ = [
     "IMPLEMENTATIONS",
     "OPEN_BIAS",
+    "SUPPORTED_ARCHITECTURES",
     "AhaInputError",
+    "AhaSettings",
+    "UnsupportedModelError",
+    "convert",
+    "force_routing",
+    "from_pretrained",
+    "is_aha_model",
+    "load_model",
+    "load_smollm2",
+    "router_logits",
+    "track_routing",
     "Router",
     "RouterInit",
     "RoutingStats",

