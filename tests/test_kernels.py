@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from aha import AhaInputError, aha_attention
 
-FAST_IMPLS = ["split"]
+FAST_IMPLS = ["split", "cpp"]
 
 
 def make_qkv(batch, q_heads, kv_heads, seq_q, seq_kv, dim, dtype=torch.float32, requires_grad=False):
@@ -86,12 +86,13 @@ def test_fast_paths_match_reference_on_random_routes(batch, kv_heads, group, seq
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{impl}: {m}")
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("rho", [0.1, 0.9])
-def test_bf16_matches_reference_loosely(rho):
+def test_bf16_matches_reference_loosely(impl, rho):
     q, k, v = make_qkv(1, 4, 2, 200, 200, 32, dtype=torch.bfloat16)
     route = torch.rand(1, 4, 200) < rho
     expected = aha_attention(q, k, v, route, 24, impl="reference")
-    out = aha_attention(q, k, v, route, 24, impl="split")
+    out = aha_attention(q, k, v, route, 24, impl=impl)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 

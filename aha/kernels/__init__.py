@@ -3,8 +3,12 @@
 Implementations (all share :data:`AttentionImpl`'s signature):
 
 * ``reference`` -- dense masked attention, the ground truth (O(seq_q * seq_kv) memory).
-* ``split`` -- the CPU fast path: dense kernel for the majority branch, packed queries for
-  the minority branch, merged per (token, head); differentiable.
+* ``cpp`` -- the CPU fast path: a C++ flash-style kernel in which every query reads one
+  contiguous key range, tiled by route so it only computes what each query needs; forward and
+  backward; compiled on first use (``make install`` builds it ahead).
+* ``split`` -- the pure-PyTorch CPU path (fallback when the C++ kernel is unavailable): dense
+  kernel for the majority branch, packed queries for the minority branch, merged per
+  (token, head); differentiable.
 * ``decode`` -- one query per head against a long cache; local heads read only the window.
 * ``flex`` -- FlexAttention with queries sorted by route so tiles are skipped (GPU; CPU forward only).
 
@@ -20,15 +24,17 @@ import torch
 from torch import Tensor
 
 from aha.kernels._checks import AhaInputError, check_inputs, is_binary
+from aha.kernels.cpp import cpp_attention, cpp_supports
 from aha.kernels.decode import decode_attention
 from aha.kernels.reference import reference_attention
 from aha.kernels.split import split_attention
 
 AttentionImpl = Callable[[Tensor, Tensor, Tensor, Tensor, int, float, "Tensor | None"], Tensor]
-ImplName = Literal["auto", "reference", "split", "decode", "flex"]
+ImplName = Literal["auto", "reference", "cpp", "split", "decode", "flex"]
 
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {
     "reference": reference_attention,
+    "cpp": cpp_attention,
     "split": split_attention,
     "decode": decode_attention,
 }
@@ -42,18 +48,20 @@ def _flex_available(q: Tensor, needs_grad: bool) -> bool:
     return "flex" in IMPLEMENTATIONS and (q.is_cuda or not needs_grad)
 
 
-def choose_impl(q: Tensor, k: Tensor, route: Tensor, window: int) -> str:
+def choose_impl(q: Tensor, k: Tensor, route: Tensor, window: int, key_padding_mask: Tensor | None = None) -> str:
     """The implementation ``impl="auto"`` uses for these inputs.
 
     Decode steps (one query, hard routes, no grad) use ``decode``; CUDA inputs use ``flex`` when
-    it is importable; everything else uses ``split`` (which itself falls back to SDPA causal
-    when most pairs are global).
+    it is importable; CPU inputs use ``cpp`` when the C++ kernel is built and covers them
+    (fp32/bf16/fp16, padding without holes), else ``split``.
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or route.requires_grad)
     if q.shape[2] == 1 and not needs_grad and is_binary(route):
         return "decode"
     if q.is_cuda and _flex_available(q, needs_grad):
         return "flex"
+    if cpp_supports(q, key_padding_mask):
+        return "cpp"
     return "split"
 
 
@@ -97,7 +105,7 @@ def aha_attention(
     check_inputs(q, k, v, route, window, key_padding_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    name = choose_impl(q, k, route, window) if impl == "auto" else impl
+    name = choose_impl(q, k, route, window, key_padding_mask) if impl == "auto" else impl
     if name not in IMPLEMENTATIONS:
         raise AhaInputError(f"unknown impl {impl!r}; choose one of {['auto', *IMPLEMENTATIONS]}")
     if name == "decode" and (q.shape[2] != 1 or not is_binary(route)):

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aha.kernels._checks import is_binary
+from aha.kernels.gating import apply_route
 
 # Below this global fraction the band runs densely and global pairs are packed; above it,
 # full causal attention runs densely and local pairs are packed.
 DENSE_GLOBAL_ABOVE = 0.5
-PACKED_CHUNK = 64
 
 
 def band_block_size(window: int) -> int:
@@ -103,7 +102,7 @@ def packed_attention(
     window: int | None,
     scale: float,
     key_padding_mask: Tensor | None = None,
-    chunk: int = PACKED_CHUNK,
+    chunk: int = 64,
 ) -> Tensor:
     """Attention for the selected (token, head) pairs only; other rows of the result are zero.
 
@@ -178,6 +177,34 @@ def local_attention(
     return band_attention(q, k, v, window, scale, key_padding_mask)
 
 
+def packed_chunk(global_fraction: float) -> int:
+    """Packed rows per SDPA call: the staircase of key ranges in a chunk wastes about
+    ``chunk / (global_fraction * seq)`` of the useful work, so sparse routes want small chunks;
+    dense ones amortise the per-call overhead over larger chunks (measured on 2 Zen 4 cores)."""
+    if global_fraction <= 0.1:
+        return 32
+    return 64 if global_fraction <= 0.2 else 128
+
+
+def routed_split(
+    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """AHA attention for a bool route ``[B, Hq, Sq]`` (True = global): the majority branch runs
+    densely, the minority branch only on its packed (token, head) pairs, merged per pair."""
+    global_fraction = float(hard.float().mean())
+    if global_fraction <= DENSE_GLOBAL_ABOVE:
+        out = band_attention(q, k, v, window, scale, key_padding_mask)
+        if hard.any():
+            full = packed_attention(q, k, v, hard, None, scale, key_padding_mask, packed_chunk(global_fraction))
+            out = torch.where(hard[..., None], full, out)
+        return out
+    out = full_attention(q, k, v, scale, key_padding_mask)
+    if not hard.all():
+        local = packed_attention(q, k, v, ~hard, window, scale, key_padding_mask, packed_chunk(1 - global_fraction))
+        out = torch.where(hard[..., None], out, local)
+    return out
+
+
 def split_attention(
     q: Tensor,
     k: Tensor,
@@ -187,44 +214,12 @@ def split_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """AHA attention that computes each branch only for the pairs routed to it.
-
-    Bool routes and binary float gates (the STE's forward values) take the split path.
-    When a float gate requires grad, ``d out / d g = full - local`` needs both branches at
-    every pair, so the branch not computed by the split is added without grad. Soft gates
-    (values strictly between 0 and 1) compute both branches densely and mix them.
-    """
-    if window >= k.shape[2]:  # the window covers every key: both branches are full attention
-        out = full_attention(q, k, v, scale, key_padding_mask)
-        if route.dtype != torch.bool and route.requires_grad:
-            out = out + 0.0 * route[..., None].to(out.dtype)  # keep the graph; d out / d g = 0
-        return out
-    if not is_binary(route):
-        g = route[..., None].to(q.dtype)
-        full = full_attention(q, k, v, scale, key_padding_mask)
-        local = band_attention(q, k, v, window, scale, key_padding_mask)
-        return g * full + (1 - g) * local
-
-    hard = route if route.dtype == torch.bool else route > 0.5
-    global_fraction = float(hard.float().mean())
-    if global_fraction <= DENSE_GLOBAL_ABOVE:
-        local = band_attention(q, k, v, window, scale, key_padding_mask)
-        full = packed_attention(q, k, v, hard, None, scale, key_padding_mask) if hard.any() else None
-    else:
-        full = full_attention(q, k, v, scale, key_padding_mask)
-        local = packed_attention(q, k, v, ~hard, window, scale, key_padding_mask) if not hard.all() else None
-    if full is None:
-        out = local
-    elif local is None:
-        out = full
-    else:
-        out = torch.where(hard[..., None], full, local)
-
-    if route.dtype != torch.bool and route.requires_grad:
-        with torch.no_grad():
-            dense_full = full if global_fraction > DENSE_GLOBAL_ABOVE else full_attention(q, k, v, scale, key_padding_mask)
-            dense_local = local if global_fraction <= DENSE_GLOBAL_ABOVE else band_attention(q, k, v, window, scale, key_padding_mask)
-            branch_gap = dense_full.detach() - dense_local.detach()
-        g = route[..., None].to(q.dtype)
-        out = out + (g - g.detach()) * branch_gap
-    return out
+    """AHA attention that computes each branch only for the pairs routed to it (see :func:`routed_split`);
+    gates and windows covering every key follow :func:`aha.kernels.gating.apply_route`."""
+    return apply_route(
+        route,
+        window >= k.shape[2],
+        routed=lambda hard: routed_split(q, k, v, hard, window, scale, key_padding_mask),
+        full=lambda: full_attention(q, k, v, scale, key_padding_mask),
+        local=lambda: band_attention(q, k, v, window, scale, key_padding_mask),
+    )

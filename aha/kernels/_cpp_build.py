@@ -1,0 +1,117 @@
+"""Build and load the C++ CPU kernel (``csrc/aha_cpu.cpp``) with the machine's C++ compiler.
+
+The kernel is compiled once per (source, torch version, compiler, CPU) with
+``-O3 -march=native -fopenmp`` and cached as a shared library under ``~/.cache/aha/``
+(``AHA_CACHE_DIR`` overrides the folder); later processes only load it. ``make install`` builds
+it ahead of time (``python -m aha.kernels._cpp_build``); otherwise the first call that needs it
+compiles it (about 15 s). ``AHA_DISABLE_CPP=1`` turns it off. When it cannot be built, the
+pure-PyTorch implementations are used and :func:`cpp_kernel_error` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "aha_cpu.cpp"
+
+_lock = threading.Lock()
+_loaded = False
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    """Folder holding the compiled kernels (``AHA_CACHE_DIR`` or ``~/.cache/aha``)."""
+    return Path(os.environ.get("AHA_CACHE_DIR") or Path.home() / ".cache" / "aha")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compile_command(compiler: str, output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    includes = [arg for path in cpp_extension.include_paths() for arg in ("-isystem", path)]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        compiler, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", str(output),
+        f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}",
+    ]  # fmt: skip
+
+
+def library_path(compiler: str) -> Path:
+    """Where the kernel built from the current source for this torch, compiler and CPU is cached."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), _cpu_signature().encode()):
+        key.update(part)
+    return cache_dir() / f"aha_cpu_{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # compile to a private name and rename: concurrent builders never load a half-written file
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        result = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-4000:]}")
+        os.replace(partial, target)
+
+
+def load_cpp_kernel() -> bool:
+    """Build (if needed) and load the kernel into ``torch.ops.aha``; False when unavailable."""
+    global _loaded, _error
+    with _lock:
+        if _loaded or _error is not None:
+            return _loaded
+        if os.environ.get("AHA_DISABLE_CPP") == "1":
+            _error = "disabled by AHA_DISABLE_CPP=1"
+            return False
+        if sys.platform != "linux":
+            _error = f"the C++ kernel is built on Linux only (this is {sys.platform})"
+            return False
+        compiler = _compiler()
+        if compiler is None:
+            _error = "no C++ compiler found; install g++ (Debian: apt-get install g++) or set CXX"
+            return False
+        try:
+            target = library_path(compiler)
+            if not target.exists():
+                _build(compiler, target)
+            torch.ops.load_library(str(target))
+            _loaded = True
+        except (OSError, RuntimeError) as exc:
+            _error = f"{exc}\nInstall g++ >= 10 or set CXX; the pure-PyTorch paths are used meanwhile."
+        return _loaded
+
+
+def cpp_kernel_error() -> str | None:
+    """Why the C++ kernel is unavailable (None when it loaded or was not tried yet)."""
+    return _error
+
+
+if __name__ == "__main__":
+    if load_cpp_kernel():
+        print(f"aha: C++ CPU kernel ready ({library_path(_compiler() or '')})")
+    else:
+        print(f"aha: C++ CPU kernel unavailable, using the PyTorch paths: {cpp_kernel_error()}", file=sys.stderr)

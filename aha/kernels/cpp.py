@@ -1,0 +1,122 @@
+"""``cpp``: the dedicated C++ CPU kernel (``csrc/aha_cpu.cpp``), forward and backward.
+
+Every query row reads one contiguous key range (global: ``[0, p]``, local: ``[p - window + 1, p]``);
+per (batch, head) the local and the global rows are each tiled in position order, so a tile
+reads only the keys its rows need, and masking is inline on the boundary key blocks only. It
+never materialises a mask or a ``seq x seq`` score matrix; the backward recomputes the scores
+from the saved log-sum-exp. fp32, bf16 and fp16 (computed in fp32), GQA, a KV prefix longer than
+the queries, and left/right key padding are handled in the kernel; a padding mask with holes
+falls back to ``split``. The library is compiled on first use (see :mod:`aha.kernels._cpp_build`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aha.kernels._checks import AhaInputError
+from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
+from aha.kernels.gating import apply_route
+from aha.kernels.split import split_attention
+
+# Query rows per tile (measured on 2 Zen 4 cores, D = 64, w = 256): a local tile of r rows
+# reads r + window - 1 keys for r * window useful scores; global tiles waste the staircase of
+# their rows' end positions. 32 balances that waste against per-tile overhead for both.
+LOCAL_TILE_ROWS = 32
+GLOBAL_TILE_ROWS = 32
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cpp_available() -> bool:
+    """True when the C++ kernel is built and loaded (building it on first call)."""
+    return load_cpp_kernel()
+
+
+def key_start(key_padding_mask: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+    """First real key per batch row ``[batch]`` int32, or None when a row's real keys are not
+    one contiguous run (the kernel needs ``False* True* False*``: left and/or right padding)."""
+    if key_padding_mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    count = key_padding_mask.sum(1)
+    first = key_padding_mask.to(torch.uint8).argmax(1)
+    positions = torch.arange(key_padding_mask.shape[1], device=device)
+    run = (positions >= first[:, None]) & (positions < (first + count)[:, None])
+    return first.to(torch.int32) if torch.equal(run, key_padding_mask) else None
+
+
+def cpp_supports(q: Tensor, key_padding_mask: Tensor | None) -> bool:
+    """Whether the kernel itself (rather than the ``split`` fallback) computes these inputs."""
+    if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or not cpp_available():
+        return False
+    return key_padding_mask is None or key_start(key_padding_mask, q.shape[0], q.device) is not None
+
+
+class _KernelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, route, starts, window, scale):  # type: ignore[override]
+        out, lse = torch.ops.aha.forward(q, k, v, route, starts, window, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)
+        ctx.save_for_backward(q, k, v, route, starts, out, lse)
+        ctx.window, ctx.scale = window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, route, starts, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aha.backward(
+            dout, q, k, v, out, lse, route, starts, ctx.window, ctx.scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def kernel_attention(q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, starts: Tensor) -> Tensor:
+    """Run the kernel for a bool route ``[B, Hq, Sq]`` (True = global); differentiable in q, k, v.
+
+    Shapes: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (last dim contiguous or copied),
+    ``starts`` ``[B]`` int32 first real key -> ``[B, Hq, Sq, D]``. A head_dim that is not a
+    multiple of 16 is zero-padded (scores and the kept output columns are unchanged).
+    """
+    dim = q.shape[-1]
+    pad = -dim % 16
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    hard = hard.contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = _KernelFunction.apply(q, k, v, hard, starts, window, scale)
+    else:
+        out = torch.ops.aha.forward(q, k, v, hard, starts, window, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)[0]
+    return out[..., :dim] if pad else out
+
+
+def cpp_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """AHA attention with the C++ kernel (see the module docstring); q ``[B, Hq, Sq, D]``,
+    k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` (True / g = 1 = global) -> ``[B, Hq, Sq, D]``.
+
+    Raises:
+        AhaInputError: the kernel is not built (the message says why) or the inputs are not on CPU.
+    """
+    if q.device.type != "cpu":
+        raise AhaInputError(f"impl='cpp' runs on CPU tensors; these are on {q.device}. Use impl='auto'")
+    if not cpp_available():
+        raise AhaInputError(f"impl='cpp' is unavailable: {cpp_kernel_error()}")
+    starts = key_start(key_padding_mask, q.shape[0], q.device)
+    if q.dtype not in KERNEL_DTYPES or starts is None:
+        return split_attention(q, k, v, route, window, scale, key_padding_mask)
+    every = torch.ones(route.shape, dtype=torch.bool, device=q.device)
+    return apply_route(
+        route,
+        window >= k.shape[2],
+        routed=lambda hard: kernel_attention(q, k, v, hard, window, scale, starts),
+        full=lambda: kernel_attention(q, k, v, every, window, scale, starts),
+        local=lambda: kernel_attention(q, k, v, ~every, window, scale, starts),
+    )
