@@ -36,8 +36,8 @@ from transformers import (
 )
 
 from aha.hf.attention import ATTN_IMPLEMENTATION
-from aha.hf.projection import RoutedQueryProjection, RouterLayout, routed_query_projection
-from aha.router import RouterInit
+from aha.hf.projection import FusedRouterQueryProjection, RouterLayout, routed_query_projection
+from aha.router import Router, RouterInit
 
 
 class UnsupportedModelError(ValueError):
@@ -124,11 +124,24 @@ class AhaModelMixin:
         """Default to ``"aha"`` (routed attention); an explicit ``attn_implementation`` still wins."""
         return super().get_correct_attn_implementation(requested_attention or ATTN_IMPLEMENTATION, is_init_check)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """Initialise router weights missing from a checkpoint with the configured ``router_init``."""
-        super()._init_weights(module)
-        if isinstance(module, RoutedQueryProjection) and not module.router_parameters_initialized():
-            module.reset_router_parameters(AhaSettings.from_config(self.config).router_init)
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' weight initialisation, then ``router_init`` for routers a checkpoint lacked.
+
+        transformers marks the tensors it loaded ``_is_hf_initialized``; loaded routers are left
+        alone. (Overriding ``_init_weights`` would not do: the decoder layers are initialised by
+        the inner base model's own ``_init_weights``.)
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, Router) and not any(_loaded(p) for p in module.parameters()):
+                module.reset_parameters()
+            elif isinstance(module, FusedRouterQueryProjection) and not _loaded(module.weight):
+                module.reset_router_parameters(AhaSettings.from_config(self.config).router_init)
+
+
+def _loaded(tensor: torch.Tensor) -> bool:
+    return getattr(tensor, "_is_hf_initialized", False)
 
 
 # One config class and one model class per supported family. The `aha` field is the settings dict.

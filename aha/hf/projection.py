@@ -59,10 +59,6 @@ class RoutedQueryProjection(nn.Linear):
         self.forced_route: Tensor | None = None
         self.route_observers: list[RouteObserver] = []
 
-    def router_parameters_initialized(self) -> bool:
-        """True when transformers' loader already filled the router weights from a checkpoint."""
-        raise NotImplementedError
-
     def reset_router_parameters(self, init: RouterInit) -> None:
         """(Re-)initialise only the router weights with :class:`aha.Router`'s ``init`` scheme."""
         raise NotImplementedError
@@ -105,9 +101,6 @@ class SeparateRouterQueryProjection(RoutedQueryProjection):
         self._init_routing_state(num_heads, out_features)
         self.router = Router(in_features, num_heads, init=router_init, bias=router_bias).to(device=device, dtype=dtype)
 
-    def router_parameters_initialized(self) -> bool:
-        return all(getattr(p, "_is_hf_initialized", False) for p in self.router.parameters())
-
     def reset_router_parameters(self, init: RouterInit) -> None:
         self.router.init = init
         self.router.reset_parameters()
@@ -133,9 +126,6 @@ class FusedRouterQueryProjection(RoutedQueryProjection):
     ):
         super().__init__(in_features, query_features + num_heads, bias=bias, device=device, dtype=dtype)
         self._init_routing_state(num_heads, query_features)
-
-    def router_parameters_initialized(self) -> bool:
-        return getattr(self.weight, "_is_hf_initialized", False)
 
     def reset_router_parameters(self, init: RouterInit) -> None:
         fresh = Router(self.in_features, self.num_heads, init=init, bias=self.bias is not None)

@@ -1,0 +1,127 @@
+"""Saving and loading AHA models: our loader, AutoModelForCausalLM, and the released AHA-OLMO2 layout."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import aha
+from aha.hf import FusedRouterQueryProjection, routers
+from aha.hf.testing import TINY, tiny_model
+
+WINDOW = 5
+
+
+def tokens(batch: int = 2, seq: int = 24) -> torch.Tensor:
+    return torch.randint(3, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(("family", "layout"), [("llama", "separate"), ("qwen2", "fused"), ("olmo2", "fused"), ("qwen3", "separate")])
+def test_save_then_load_reproduces_logits_exactly_with_both_loaders(tmp_path, family, layout):
+    model = aha.convert(tiny_model(family), window=WINDOW, router_init="random", router_layout=layout, layers=[1])
+    ids = tokens()
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == f"aha_{family}"
+    assert saved["aha"] == {
+        "window": WINDOW,
+        "threshold": 0.5,
+        "router_layout": layout,
+        "router_init": "random",
+        "router_bias": True,
+        "layers": [1],
+    }
+
+    for loaded in (aha.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert type(loaded) is type(model) and not loaded.training
+        assert loaded.config._attn_implementation == "aha" and list(routers(loaded)) == [1]
+        torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+
+
+def test_an_explicit_attn_implementation_loads_the_unrouted_baseline(tmp_path):
+    model = aha.convert(tiny_model("llama"), window=WINDOW, router_init="random")
+    ids = tokens()
+    model.save_pretrained(tmp_path)
+    baseline = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    with aha.force_routing(model, "global"):
+        torch.testing.assert_close(logits(baseline, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fresh_aha_model_from_config_starts_with_open_routers():
+    base = tiny_model("llama")
+    settings = aha.AhaSettings(window=WINDOW)
+    fields = {key: value for key, value in base.config.to_dict().items() if key != "model_type"}
+    config = AutoConfig.for_model("aha_llama", **fields, aha=settings.to_dict())
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with aha.track_routing(model) as stats:
+        logits(model, tokens())
+    assert stats.global_fraction == 1.0
+
+
+def write_released_aha_olmo2(folder, base, router_rows: list[torch.Tensor]) -> None:
+    """A folder in the released AHA-OLMO2 format: model_type "faolmo", q_proj = [queries; one router row per head]."""
+    state = base.state_dict()
+    for index, rows in enumerate(router_rows):
+        key = f"model.layers.{index}.self_attn.q_proj.weight"
+        state[key] = torch.cat([state[key], rows])
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, folder / "model.safetensors")
+    config = base.config.to_dict() | {
+        "model_type": "faolmo",
+        "architectures": ["FAOlmoForCausalLM"],
+        "attention_implementation": "greedy",
+        "local_window_size": WINDOW,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_the_released_aha_olmo2_layout_loads_and_routes(tmp_path):
+    base = tiny_model("olmo2")
+    heads, hidden = TINY["num_attention_heads"], TINY["hidden_size"]
+    router_rows = [torch.randn(heads, hidden, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    write_released_aha_olmo2(tmp_path, base, router_rows)
+
+    model, info = aha.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.aha["window"] == WINDOW and model.config.aha["router_layout"] == "fused"
+    q_proj = routers(model)[0]
+    assert isinstance(q_proj, FusedRouterQueryProjection) and q_proj.bias is None
+    torch.testing.assert_close(q_proj.weight[-heads:], router_rows[0], rtol=0, atol=0)
+
+    ids = tokens()
+    with aha.track_routing(model) as stats:
+        routed = logits(model, ids)
+    # OLMo-2 attention reads the raw residual stream: for layer 0, the token embeddings
+    embeddings = base.model.embed_tokens(ids)
+    expected_logits = (embeddings @ router_rows[0].T).transpose(1, 2)
+    torch.testing.assert_close(aha.router_logits(model)[0], expected_logits, rtol=1e-5, atol=1e-5)
+    assert 0.2 < stats.global_fraction < 0.8
+    with aha.force_routing(model, "global"):
+        torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=1e-5, atol=1e-5)
+    assert (routed - logits(base, ids)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("layout", ["separate", "fused"])
+def test_loading_plain_weights_into_an_aha_class_initialises_the_missing_routers(tmp_path, layout):
+    base = tiny_model("llama")
+    ids = tokens()
+    base.save_pretrained(tmp_path)
+    fields = {key: value for key, value in base.config.to_dict().items() if key != "model_type"}
+    config = AutoConfig.for_model("aha_llama", **fields, aha=aha.AhaSettings(window=WINDOW, router_layout=layout).to_dict())
+    if layout == "fused":  # the widened q_proj cannot take the plain checkpoint's q_proj
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, config=config)
+        return
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == [
+        f"model.layers.{i}.self_attn.q_proj.router.proj.{name}" for i in range(2) for name in ("bias", "weight")
+    ]
+    torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=1e-5, atol=1e-5)  # open routers
