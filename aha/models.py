@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -48,38 +49,48 @@ def smollm2_gguf() -> Path:
     return gguf
 
 
-def smollm2_path() -> Path:
-    """The cached fp32 safetensors folder of SmolLM2-135M-Instruct, created on first use.
+def build_cached(target: Path, build: Callable[[Path], None]) -> Path:
+    """Create the cache folder ``target`` with ``build(folder)`` unless it exists; return it.
 
-    The conversion writes into a temporary folder next to the cache entry and renames it into
-    place, so an interrupted conversion never leaves a half-written cache behind.
+    ``build`` writes into a temporary sibling folder that is renamed to ``target`` only once it
+    returns, so a crash or an error part-way never leaves a half-written ``target`` (at most a
+    hidden ``.<name>.*`` temporary). If another process finishes first, its copy is kept.
     """
-    version = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
-    target = cache_dir() / f"{SMOLLM2}-instruct-{version}"
-    if (target / "config.json").is_file():
+    if target.is_dir():
         return target
-    gguf = smollm2_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = gguf_model.config
-        del config.quantization_config  # a GGUF-"quantized" model refuses save_pretrained; the weights are fp32 now
-        plain = LlamaForCausalLM(config)
-        plain.load_state_dict(gguf_model.state_dict())
-        plain.tie_weights()
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        build(staging)
         staging.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary shared folder
         try:
             staging.rename(target)
-        except OSError:  # another process finished first; its copy is complete
-            if not (target / "config.json").is_file():
+        except OSError:
+            if not target.is_dir():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a Llama GGUF to an fp32 safetensors model folder (with its tokenizer)."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # a GGUF-"quantized" model refuses save_pretrained; the weights are fp32 now
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.tie_weights()
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def smollm2_path() -> Path:
+    """The cached fp32 safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    version = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
+    target = cache_dir() / f"{SMOLLM2}-instruct-{version}"
+    return build_cached(target, lambda folder: convert_gguf(smollm2_gguf(), folder))
 
 
 def load_model(

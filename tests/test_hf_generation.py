@@ -1,0 +1,98 @@
+"""Generation with transformers' cache on converted models: cache == no cache, chunked prefill, left padding."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import aha
+import aha.kernels
+from aha.hf.testing import TINY, tiny_model
+
+WINDOW = 5
+PROMPT = 12
+NEW = 14  # prompt + new tokens span several windows
+
+
+def tokens(batch: int = 1, seq: int = PROMPT, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def routed_model(family: str = "llama"):
+    return aha.convert(tiny_model(family), window=WINDOW, router_init="random")
+
+
+def generate(model, ids, **kwargs):
+    settings = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    return model.generate(ids, **(settings | kwargs))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "olmo2"])
+@pytest.mark.parametrize("route", [None, "local"])
+def test_greedy_generation_with_cache_equals_generation_without(family, route):
+    model = routed_model(family)
+    ids = tokens()
+    with aha.force_routing(model, route):
+        cached = generate(model, ids)
+        uncached = generate(model, ids, use_cache=False)
+    assert cached.sequences.shape == (1, PROMPT + NEW)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_generation_with_cache_equals_generation_without():
+    model = routed_model()
+    ids = tokens()
+    torch.manual_seed(3)
+    cached = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    uncached = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True, top_k=20, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_decoding_runs_through_the_decode_path(monkeypatch):
+    calls = []
+    decode = aha.kernels.IMPLEMENTATIONS["decode"]
+
+    def spy(q, k, v, route, *args):
+        calls.append((q.shape[2], k.shape[2]))
+        return decode(q, k, v, route, *args)
+
+    monkeypatch.setitem(aha.kernels.IMPLEMENTATIONS, "decode", spy)
+    model = routed_model()
+    model.generate(tokens(), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    layers = TINY["num_hidden_layers"]
+    assert calls == [(1, PROMPT + step) for step in (1, 2) for _ in range(layers)]
+
+
+def test_chunked_prefill_equals_one_shot_prefill():
+    model = routed_model("qwen3")
+    ids = tokens(batch=2, seq=30)
+    with torch.no_grad():
+        one_shot = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        chunks = [model(ids[:, start:stop], cache=cache, use_cache=True).logits for start, stop in ((0, 9), (9, 10), (10, 23), (23, 30))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), one_shot, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_generation_with_left_padding_equals_one_prompt_at_a_time():
+    model = routed_model()
+    prompts = [tokens(seq=PROMPT, seed=4)[0], tokens(seq=PROMPT - 5, seed=5)[0]]
+    batch = torch.full((2, PROMPT), TINY["pad_token_id"])
+    mask = torch.zeros(2, PROMPT, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, PROMPT - len(prompt) :] = prompt
+        mask[row, PROMPT - len(prompt) :] = 1
+    together = generate(model, batch, attention_mask=mask).sequences[:, PROMPT:]
+    alone = [generate(model, prompt[None]).sequences[0, len(prompt) :] for prompt in prompts]
+    assert together.tolist() == [item.tolist() for item in alone]
+
+
+def test_track_routing_during_generation_counts_every_position_once():
+    model = routed_model()
+    with aha.track_routing(model) as stats:
+        model.generate(tokens(), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    positions = PROMPT + NEW - 1  # the last generated token is never fed back
+    heads, layers = TINY["num_attention_heads"], TINY["num_hidden_layers"]
+    assert stats.position_total.tolist() == [heads * layers] * positions
+    assert stats.total_pairs.sum() == positions * heads * layers
+    assert 0.0 < stats.global_fraction < 1.0
