@@ -31,7 +31,9 @@ def router_logits(model: nn.Module) -> list[Tensor]:
     In layer order (see :func:`routers` for the indices). ``sigmoid(logit) > threshold`` means
     global. The autograd graph is kept when the forward ran with grad enabled, so a sparsity
     penalty such as ``mean(sigmoid(logits))`` can be added to the loss. Each forward overwrites
-    them (during generation: the logits of the last step only).
+    them (during generation: the logits of the last step only). With gradient checkpointing keep
+    transformers' default ``use_reentrant=False``: reentrant checkpointing runs the forward
+    without a graph, so these logits would carry no gradient.
 
     Raises:
         RuntimeError: before the first forward pass.
@@ -49,7 +51,8 @@ def track_routing(model: nn.Module) -> Iterator[RoutingStats]:
     Row ``i`` of the statistics is the ``i``-th converted layer (the layer index itself when all
     layers are converted). Padding tokens (False in the ``attention_mask``) are not counted; queries
     decoded against a KV cache count at their cache position (``first_position`` = cache length).
-    Forced routes (:func:`force_routing`) are counted as used.
+    Forced routes (:func:`force_routing`) are counted as used. Meant for evaluation: under
+    gradient checkpointing the backward pass re-runs the forward and would count it twice.
 
     Yields:
         The statistics object, filled in as the model runs.

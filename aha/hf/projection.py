@@ -137,7 +137,7 @@ class FusedRouterQueryProjection(RoutedQueryProjection):
     def forward(self, hidden_states: Tensor) -> Tensor:
         """``[batch, seq, hidden]`` -> queries ``[batch, seq, heads * head_dim]``; records the logits."""
         queries, logits = super().forward(hidden_states).split([self.query_features, self.num_heads], dim=-1)
-        self.last_logits = logits.transpose(1, 2)
+        self.last_logits = logits.transpose(1, 2).contiguous()  # a copy: does not pin the whole projection output
         return queries
 
 
