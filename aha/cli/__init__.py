@@ -26,3 +26,7 @@ def version() -> None:
     import aha
 
     typer.echo(f"aha {aha.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
+
+
+from aha.cli import bench as _bench  # noqa: E402,F401  (registers `aha bench`)
+from aha.cli import eval as _eval  # noqa: E402,F401  (registers `aha eval`, `aha sweep`, `aha lm-eval`)

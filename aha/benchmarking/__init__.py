@@ -1,0 +1,201 @@
+"""The ``aha bench`` suite: benchmark groups that each return tables of JSON-ready rows.
+
+A group is a function ``(BenchConfig) -> list[Section]`` registered with :func:`register_group`;
+``kernels`` (attention prefill, forward+backward, decode, peak memory; in
+:mod:`aha.benchmarking.kernels`) is built in, and further groups (for example an end-to-end
+model benchmark) register themselves the same way in their own module, imported at the bottom
+of this file. :func:`run_benchmarks` runs the selected groups into one report that
+:func:`print_report` renders as tables and :func:`write_report` saves as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from aha.benchmarking.timing import TimingPolicy
+
+SCHEMA = "aha-bench/1"
+
+
+@dataclass
+class Column:
+    """How a table shows one row key: ``fmt`` is a format spec (``".1f"``) or empty for str()."""
+
+    key: str
+    header: str
+    fmt: str = ""
+
+
+@dataclass
+class Section:
+    """One result table: ``rows`` are flat JSON-ready dicts, ``columns`` choose what is printed."""
+
+    name: str
+    title: str
+    columns: list[Column]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchConfig:
+    """What to run. :meth:`quick` is the CI smoke configuration; the defaults are the full sweep.
+
+    Kernel sweep shapes follow issues 2 and 6: ``batch`` x ``heads`` x seq x ``head_dim`` with
+    i.i.d. Bernoulli(rho) routes per (batch, head, query).
+    """
+
+    quick: bool = False
+    threads: int = 2
+    timing: TimingPolicy = field(default_factory=TimingPolicy)
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    seq_lens: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
+    rhos: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.07, 0.1, 0.3, 0.5, 1.0])
+    windows: list[int] = field(default_factory=lambda: [256])
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    impls: list[str] = field(default_factory=lambda: ["auto"])
+    train_seq_lens: list[int] = field(default_factory=lambda: [1024, 4096])
+    train_rhos: list[float] = field(default_factory=lambda: [0.0, 0.07, 0.3, 1.0])
+    decode_lens: list[int] = field(default_factory=lambda: [4096, 16384, 65536])
+    memory_len: int = 16384
+    parts: list[str] = field(default_factory=lambda: ["prefill", "train", "decode", "memory"])
+    seed: int = 0
+
+    @classmethod
+    def quick_config(cls) -> "BenchConfig":
+        """A sweep that finishes in well under a minute on 2 cores (CI smoke test)."""
+        return cls(
+            quick=True,
+            timing=TimingPolicy(rounds=2, min_sample_s=0.03, retries=1, max_wait_s=1.0),
+            seq_lens=[1024],
+            rhos=[0.07, 1.0],
+            dtypes=["float32"],
+            train_seq_lens=[512],
+            train_rhos=[0.07],
+            decode_lens=[4096],
+            memory_len=2048,
+        )
+
+
+BenchGroup = Callable[[BenchConfig], list[Section]]
+GROUPS: dict[str, BenchGroup] = {}
+
+
+def register_group(name: str) -> Callable[[BenchGroup], BenchGroup]:
+    """Decorator adding a benchmark group to :data:`GROUPS` under ``name``."""
+
+    def add(group: BenchGroup) -> BenchGroup:
+        GROUPS[name] = group
+        return group
+
+    return add
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """Where and with what the numbers were measured."""
+    import aha
+    from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
+
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "aha": aha.__version__,
+        "cpp_kernel": load_cpp_kernel(),
+        "cpp_kernel_error": cpp_kernel_error(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def run_benchmarks(config: BenchConfig, groups: list[str]) -> dict[str, Any]:
+    """Run ``groups`` (names in :data:`GROUPS`) and return the JSON-ready report."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown benchmark group(s) {unknown}; choose from {sorted(GROUPS)}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        results = {name: [asdict(section) for section in GROUPS[name](config)] for name in groups}
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"schema": SCHEMA, "meta": machine_info(config.threads), "config": asdict(config), "groups": results}
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt and isinstance(value, (int, float)):
+        return format(value, fmt)
+    return str(value)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Render every section of a report as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    meta = report["meta"]
+    console.print(
+        f"[bold]aha bench[/bold]  {meta['date']}  {meta['cpu']}  threads={meta['threads']}  "
+        f"torch {meta['torch']}  C++ kernel: {'yes' if meta['cpp_kernel'] else 'no'}"
+    )
+    for group, sections in report["groups"].items():
+        for section in sections:
+            table = Table(title=f"{group}: {section['title']}", title_justify="left")
+            for column in section["columns"]:
+                table.add_column(column["header"], justify="right")
+            for row in section["rows"]:
+                table.add_row(*(_cell(row.get(c["key"]), c["fmt"]) for c in section["columns"]))
+            console.print(table)
+            for note in section["notes"]:
+                console.print(f"  {note}", style="dim")
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    """Save the report as ``out_dir/bench-<UTC timestamp>.json`` and return the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"bench-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+from aha.benchmarking import kernels as _kernels  # noqa: E402,F401  (registers the "kernels" group)
+
+__all__ = [
+    "GROUPS",
+    "SCHEMA",
+    "BenchConfig",
+    "Column",
+    "Section",
+    "TimingPolicy",
+    "print_report",
+    "register_group",
+    "run_benchmarks",
+    "write_report",
+]

@@ -1,0 +1,302 @@
+"""The ``kernels`` benchmark group: AHA attention against SDPA causal, measured in the same run.
+
+Sections (``BenchConfig.parts``):
+
+* ``prefill`` -- forward over n queries with i.i.d. Bernoulli(rho) routes;
+* ``train`` -- forward + backward (gradients of q, k, v) with hard routes;
+* ``decode`` -- one query per head against a cache of n keys, 1 of ``heads`` heads global,
+  against SDPA over all heads and over the global head alone;
+* ``memory`` -- extra peak resident memory of one prefill forward, AHA vs SDPA, each in a
+  fresh process (AHA must not materialise anything of size n x n).
+
+Each row carries the measured cost ratio AHA / SDPA (median of per-round ratios) beside the
+ideal ``rho + (1 - rho) * 2w/n`` (:func:`aha.stats.ideal_cost_ratio`), and both as speedups.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aha.benchmarking import BenchConfig, Column, Section, register_group
+from aha.benchmarking.timing import Samples, measure_round_robin, median_ratio
+from aha.kernels import aha_attention, choose_impl
+from aha.stats import ideal_cost_ratio
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_RATIO_COLUMNS = [
+    Column("cost_ratio", "AHA/SDPA", ".3f"),
+    Column("ideal_cost_ratio", "ideal", ".3f"),
+    Column("speedup", "speedup", ".2f"),
+    Column("ideal_speedup", "ideal speedup", ".2f"),
+    Column("noise", "noise", ".2f"),
+]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _qkv(cfg: BenchConfig, seq_q: int, seq_kv: int, dtype: torch.dtype, grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    device = _device()
+    q = torch.randn(cfg.batch, cfg.heads, seq_q, cfg.head_dim, dtype=dtype, device=device, requires_grad=grad)
+    k = torch.randn(cfg.batch, cfg.kv_heads, seq_kv, cfg.head_dim, dtype=dtype, device=device, requires_grad=grad)
+    v = torch.randn(cfg.batch, cfg.kv_heads, seq_kv, cfg.head_dim, dtype=dtype, device=device, requires_grad=grad)
+    return q, k, v
+
+
+def _route(cfg: BenchConfig, seq: int, rho: float, generator: torch.Generator) -> Tensor:
+    return (torch.rand(cfg.batch, cfg.heads, seq, generator=generator) < rho).to(_device())
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _synced(fn: Callable[[], object]) -> Callable[[], None]:
+    def call() -> None:
+        fn()
+        _synchronize()
+
+    return call
+
+
+def _noise(samples: Samples) -> float:
+    return max(samples.noise)
+
+
+def _ratio_fields(samples: Samples, baseline: Samples, ideal: float) -> dict[str, Any]:
+    ratio = median_ratio(samples, baseline)
+    return {
+        "ms": samples.median * 1e3,
+        "sdpa_ms": baseline.median * 1e3,
+        "cost_ratio": ratio,
+        "ideal_cost_ratio": ideal,
+        "speedup": 1.0 / ratio,
+        "ideal_speedup": 1.0 / ideal,
+        "noise": max(_noise(samples), _noise(baseline)),
+    }
+
+
+def _routed_rows(cfg: BenchConfig, bench: str, seq_lens: list[int], rhos: list[float], grad: bool) -> list[dict[str, Any]]:
+    """Prefill (grad=False) or forward+backward (grad=True) rows, one round-robin per (dtype, n)."""
+    rows = []
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for dtype_name in cfg.dtypes:
+        dtype = DTYPES[dtype_name]
+        for n in seq_lens:
+            q, k, v = _qkv(cfg, n, n, dtype, grad)
+            grad_out = torch.randn_like(q)
+            routes = {rho: _route(cfg, n, rho, generator) for rho in rhos}
+
+            def timed(attend: Callable[[], Tensor]) -> Callable[[], None]:
+                if not grad:
+                    return _synced(attend)
+                return _synced(lambda: torch.autograd.grad(attend(), (q, k, v), grad_out))
+
+            candidates: dict[str, Callable[[], None]] = {"sdpa": timed(lambda: _sdpa(q, k, v))}
+            cases = []
+            for window in cfg.windows:
+                for rho in rhos:
+                    for impl in cfg.impls:
+                        route = routes[rho]
+                        name = f"{impl} w={window} rho={rho}"
+                        candidates[name] = timed(
+                            lambda route=route, window=window, impl=impl: aha_attention(q, k, v, route, window, impl=impl)
+                        )
+                        cases.append((name, window, rho, impl))
+            with torch.set_grad_enabled(grad):
+                samples = measure_round_robin(candidates, cfg.timing)
+                used = {impl: choose_impl(q, k, routes[rhos[0]], cfg.windows[0]) for impl in cfg.impls}
+            for name, window, rho, impl in cases:
+                fraction = float(routes[rho].float().mean())
+                rows.append(
+                    {
+                        "bench": bench,
+                        "n": n,
+                        "rho": rho,
+                        "global_fraction": fraction,
+                        "window": window,
+                        "dtype": dtype_name,
+                        "impl": used[impl] if impl == "auto" else impl,
+                        **_ratio_fields(samples[name], samples["sdpa"], ideal_cost_ratio(fraction, window, n)),
+                    }
+                )
+    return rows
+
+
+def prefill_section(cfg: BenchConfig) -> Section:
+    """Forward time of AHA attention vs SDPA causal over the (dtype, n, window, rho) sweep."""
+    return Section(
+        name="prefill",
+        title=f"prefill forward, B={cfg.batch} H={cfg.heads}/{cfg.kv_heads} D={cfg.head_dim}",
+        columns=[
+            Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
+            Column("impl", "impl"), Column("ms", "AHA ms", ".1f"), Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
+        ],  # fmt: skip
+        rows=_routed_rows(cfg, "prefill", cfg.seq_lens, cfg.rhos, grad=False),
+        notes=[
+            "AHA/SDPA: median over rounds of the per-round time ratio; ideal = rho + (1-rho)*2w/n;",
+            "noise: most CPU cores other processes used during a sample of that row.",
+        ],
+    )
+
+
+def train_section(cfg: BenchConfig) -> Section:
+    """Forward + backward (q, k, v gradients, hard routes) vs SDPA causal forward + backward."""
+    return Section(
+        name="train",
+        title=f"forward+backward, B={cfg.batch} H={cfg.heads}/{cfg.kv_heads} D={cfg.head_dim}",
+        columns=[
+            Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
+            Column("impl", "impl"), Column("ms", "AHA ms", ".1f"), Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
+        ],  # fmt: skip
+        rows=_routed_rows(cfg, "train", cfg.train_seq_lens, cfg.train_rhos, grad=True),
+        notes=["Hard (bool) routes: training with the STE gate adds a no-grad full + local pass for d out/d g."],
+    )
+
+
+def decode_section(cfg: BenchConfig) -> Section:
+    """One decode step, 1 of ``heads`` heads global, vs the global head alone and all heads full."""
+    rows = []
+    window = cfg.windows[0]
+    for dtype_name in cfg.dtypes:
+        dtype = DTYPES[dtype_name]
+        for n in cfg.decode_lens:
+            q, k, v = _qkv(cfg, 1, n, dtype)
+            route = torch.zeros(cfg.batch, cfg.heads, 1, dtype=torch.bool, device=q.device)
+            route[:, 0] = True
+            candidates = {
+                "aha": _synced(lambda: aha_attention(q, k, v, route, window)),
+                "global_head": _synced(lambda: _sdpa(q[:, :1], k[:, :1], v[:, :1], causal=False)),
+                "full": _synced(lambda: _sdpa(q, k, v, causal=False)),
+            }
+            with torch.no_grad():
+                samples = measure_round_robin(candidates, cfg.timing)
+            fraction = 1.0 / cfg.heads
+            ideal = fraction + (1.0 - fraction) * min(1.0, window / n)
+            vs_full = median_ratio(samples["aha"], samples["full"])
+            rows.append(
+                {
+                    "bench": "decode",
+                    "n": n,
+                    "window": window,
+                    "dtype": dtype_name,
+                    "impl": choose_impl(q, k, route, window),
+                    "us": samples["aha"].median * 1e6,
+                    "global_head_us": samples["global_head"].median * 1e6,
+                    "full_us": samples["full"].median * 1e6,
+                    "vs_global_head": median_ratio(samples["aha"], samples["global_head"]),
+                    "cost_ratio": vs_full,
+                    "ideal_cost_ratio": ideal,
+                    "speedup": 1.0 / vs_full,
+                    "ideal_speedup": 1.0 / ideal,
+                    "noise": max(_noise(s) for s in samples.values()),
+                }
+            )
+    return Section(
+        name="decode",
+        title=f"decode step, B={cfg.batch} H={cfg.heads}/{cfg.kv_heads} D={cfg.head_dim}, 1 head global",
+        columns=[
+            Column("n", "cache"), Column("window", "w"), Column("dtype", "dtype"), Column("impl", "impl"),
+            Column("us", "AHA us", ".0f"), Column("global_head_us", "global head alone us", ".0f"),
+            Column("vs_global_head", "AHA/global head", ".2f"), Column("full_us", "SDPA all heads us", ".0f"),
+            *_RATIO_COLUMNS,
+        ],  # fmt: skip
+        rows=rows,
+        notes=["AHA/global head: the issue-6 target is <= 1.5; ideal (vs all heads) = 1/H + (1-1/H) * w/n."],
+    )
+
+
+_MEMORY_PROBE = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from aha import aha_attention
+kind, n, heads, kv_heads, dim, window, rho, threads = sys.argv[1], *map(int, sys.argv[2:7]), float(sys.argv[7]), int(sys.argv[8])
+torch.set_num_threads(threads)
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def call(n):
+    q = torch.randn(1, heads, n, dim); k = torch.randn(1, kv_heads, n, dim); v = torch.randn(1, kv_heads, n, dim)
+    route = torch.rand(1, heads, n) < rho
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = status_kib("VmRSS")
+    with torch.no_grad():
+        if kind == "aha":
+            out = aha_attention(q, k, v, route, window)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    return status_kib("VmHWM") - before
+call(256)  # loads libraries and warms the allocator
+print(json.dumps({"peak_kib": call(n)}))
+"""
+
+
+def _peak_extra_mib(kind: str, cfg: BenchConfig, n: int, window: int, rho: float) -> float:
+    args = [kind, n, cfg.heads, cfg.kv_heads, cfg.head_dim, window, rho, cfg.threads]
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, *map(str, args)], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+
+
+def memory_section(cfg: BenchConfig) -> Section:
+    """Extra peak RSS of one fp32 CPU prefill forward (inputs excluded), AHA vs SDPA causal."""
+    n, window, rho = cfg.memory_len, cfg.windows[0], 0.07
+    aha_mib = _peak_extra_mib("aha", cfg, n, window, rho)
+    sdpa_mib = _peak_extra_mib("sdpa", cfg, n, window, rho)
+    mib = 1024 * 1024
+    row = {
+        "bench": "memory",
+        "n": n,
+        "rho": rho,
+        "window": window,
+        "dtype": "float32",
+        "aha_peak_mib": aha_mib,
+        "sdpa_peak_mib": sdpa_mib,
+        "output_mib": cfg.batch * cfg.heads * n * cfg.head_dim * 4 / mib,
+        "dense_scores_mib": cfg.batch * cfg.heads * n * n * 4 / mib,
+    }
+    return Section(
+        name="memory",
+        title="peak memory of one prefill forward (fp32, CPU, fresh process each)",
+        columns=[
+            Column("n", "n"), Column("rho", "rho"), Column("window", "w"),
+            Column("aha_peak_mib", "AHA extra peak MiB", ".1f"), Column("sdpa_peak_mib", "SDPA extra peak MiB", ".1f"),
+            Column("output_mib", "output MiB", ".1f"), Column("dense_scores_mib", "n x n scores MiB", ".0f"),
+        ],  # fmt: skip
+        rows=[row],
+        notes=["Extra peak = peak RSS during the call (VmHWM, reset before it) minus RSS before it; inputs excluded, output included."],
+    )
+
+
+SECTIONS: dict[str, Callable[[BenchConfig], Section]] = {
+    "prefill": prefill_section,
+    "train": train_section,
+    "decode": decode_section,
+    "memory": memory_section,
+}
+
+
+@register_group("kernels")
+def kernel_benchmarks(cfg: BenchConfig) -> list[Section]:
+    """The sections of ``cfg.parts`` in order (``memory`` only on CPU)."""
+    unknown = [p for p in cfg.parts if p not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown kernel benchmark part(s) {unknown}; choose from {list(SECTIONS)}")
+    return [SECTIONS[p](cfg) for p in cfg.parts if not (p == "memory" and torch.cuda.is_available())]

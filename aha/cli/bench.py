@@ -1,0 +1,59 @@
+"""``aha bench``: run the benchmark suite, print tables and write JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from aha.cli import app
+
+
+def _csv(value: Optional[str], cast: type) -> Optional[list]:
+    return None if value is None else [cast(x) for x in value.split(",") if x.strip()]
+
+
+@app.command()
+def bench(
+    groups: str = typer.Option("kernels", help="Comma-separated benchmark groups to run."),
+    quick: bool = typer.Option(False, "--quick", help="CI smoke sweep: finishes in well under a minute."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the JSON report (bench-<timestamp>.json)."),
+    threads: int = typer.Option(2, help="torch threads (the targets are stated for 2)."),
+    parts: Optional[str] = typer.Option(None, help="Kernel sections: prefill,train,decode,memory."),
+    n: Optional[str] = typer.Option(None, help="Prefill sequence lengths, e.g. 1024,4096,16384."),
+    rho: Optional[str] = typer.Option(None, help="Global fractions, e.g. 0,0.07,1."),
+    window: Optional[str] = typer.Option(None, help="Local windows, e.g. 256."),
+    dtype: Optional[str] = typer.Option(None, help="float32,bfloat16,float16."),
+    impl: Optional[str] = typer.Option(None, help="AHA implementations to time, e.g. auto,cpp,split."),
+    train_n: Optional[str] = typer.Option(None, help="Sequence lengths of the forward+backward section."),
+    decode_n: Optional[str] = typer.Option(None, help="Cache lengths of the decode section."),
+    rounds: Optional[int] = typer.Option(None, help="Round-robin rounds per measurement."),
+) -> None:
+    """Benchmark AHA attention against SDPA causal (ratios measured in the same run, noise-robust)."""
+    from aha.benchmarking import BenchConfig, print_report, run_benchmarks, write_report
+
+    config = BenchConfig.quick_config() if quick else BenchConfig()
+    config.threads = threads
+    overrides = {
+        "parts": _csv(parts, str),
+        "seq_lens": _csv(n, int),
+        "rhos": _csv(rho, float),
+        "windows": _csv(window, int),
+        "dtypes": _csv(dtype, str),
+        "impls": _csv(impl, str),
+        "train_seq_lens": _csv(train_n, int),
+        "decode_lens": _csv(decode_n, int),
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if rounds is not None:
+        config.timing.rounds = rounds
+    try:
+        report = run_benchmarks(config, _csv(groups, str) or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    print_report(report)
+    if out is not None:
+        typer.echo(f"wrote {write_report(report, out)}")

@@ -1,0 +1,67 @@
+"""The benchmark suite: timing helpers and the `aha bench --quick` smoke run with its JSON schema."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from aha.benchmarking import GROUPS, SCHEMA, BenchConfig, run_benchmarks
+from aha.benchmarking.timing import Samples, TimingPolicy, measure_round_robin, median_ratio
+from aha.cli import app
+from aha.stats import ideal_cost_ratio
+
+
+def test_median_ratio_pairs_samples_by_round():
+    slow = Samples(seconds=[2.0, 9.0, 4.0], noise=[0, 0, 0])
+    fast = Samples(seconds=[1.0, 3.0, 1.0], noise=[0, 0, 0])
+    assert median_ratio(slow, fast) == 3.0  # ratios 2, 3, 4
+
+
+def test_round_robin_samples_every_candidate_every_round():
+    calls = {"a": 0, "b": 0}
+
+    def bump(name):
+        calls[name] += 1
+
+    policy = TimingPolicy(rounds=3, min_sample_s=0.0, retries=0, max_wait_s=0.0)
+    samples = measure_round_robin({"a": lambda: bump("a"), "b": lambda: bump("b")}, policy)
+    assert [len(samples[n].seconds) for n in "ab"] == [3, 3]
+    assert all(s >= 0 for n in "ab" for s in samples[n].noise)
+    assert calls == {"a": 5, "b": 5}  # warm-up + calibration + one call per round
+
+
+def test_unknown_group_is_rejected():
+    with pytest.raises(ValueError, match="unknown benchmark group"):
+        run_benchmarks(BenchConfig.quick_config(), ["nope"])
+
+
+ROW_KEYS = {
+    "prefill": {"n", "rho", "window", "dtype", "impl", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
+    "train": {"n", "rho", "window", "dtype", "impl", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
+    "decode": {"n", "dtype", "impl", "us", "global_head_us", "full_us", "vs_global_head", "cost_ratio"},
+    "memory": {"n", "aha_peak_mib", "sdpa_peak_mib", "output_mib", "dense_scores_mib"},
+}
+
+
+def test_quick_bench_cli_writes_a_complete_report(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "prefill forward" in result.output
+    (path,) = tmp_path.glob("bench-*.json")
+    report = json.loads(path.read_text())
+    assert report["schema"] == SCHEMA
+    assert set(report["meta"]) >= {"date", "cpu", "threads", "torch", "command", "cpp_kernel"}
+    assert set(GROUPS) >= set(report["groups"]) == {"kernels"}
+    sections = {s["name"]: s for s in report["groups"]["kernels"]}
+    assert list(sections) == ["prefill", "train", "decode", "memory"]
+    for name, section in sections.items():
+        assert section["rows"], name
+        for row in section["rows"]:
+            assert ROW_KEYS[name] <= set(row), (name, set(ROW_KEYS[name]) - set(row))
+            numbers = [v for k, v in row.items() if isinstance(v, float) and k != "noise"]
+            assert all(math.isfinite(x) and x >= 0 for x in numbers), row
+    for row in sections["prefill"]["rows"] + sections["train"]["rows"]:
+        assert row["ideal_cost_ratio"] == pytest.approx(ideal_cost_ratio(row["global_fraction"], row["window"], row["n"]))
+        assert row["speedup"] == pytest.approx(1 / row["cost_ratio"])
+    assert {r["rho"] for r in sections["prefill"]["rows"]} == {0.07, 1.0}
