@@ -211,3 +211,17 @@ def test_packed_sequences_are_rejected_with_a_clear_error():
     position_ids = torch.cat([torch.arange(12), torch.arange(12)])[None]
     with pytest.raises(aha.AhaInputError, match="packed sequences"):
         logits(model, tokens(batch=1), position_ids=position_ids, use_cache=False)
+
+
+def test_lora_wrapped_models_keep_routing():
+    peft = pytest.importorskip("peft")
+    model = aha.convert(tiny_model("llama"), window=WINDOW, router_init="random")
+    ids = tokens()
+    expected = logits(model, ids)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert list(routers(wrapped)) == [0, 1]
+    torch.testing.assert_close(logits(wrapped, ids), expected, rtol=1e-5, atol=1e-5)  # LoRA B starts at zero
+    with aha.track_routing(wrapped) as stats, aha.force_routing(wrapped, "local", layers=[0]):
+        logits(wrapped, ids)
+    assert stats.per_layer()[0] == 0 and 0 < stats.per_layer()[1] < 1
+    assert [item.shape for item in aha.router_logits(wrapped)] == [(2, 4, SEQ)] * 2

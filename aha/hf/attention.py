@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask
 
 from aha.kernels import AhaInputError, aha_attention
-from aha.hf.projection import RoutedQueryProjection
+from aha.hf.projection import find_router
 
 ATTN_IMPLEMENTATION = "aha"
 
@@ -82,7 +82,8 @@ def aha_attention_forward(
 
     Args:
         module: the attention layer; ``module.config.aha`` holds the AHA settings and
-            ``module.q_proj`` the router (absent on layers left unconverted: they run all-global).
+            ``module.q_proj`` the router (see :func:`~aha.hf.projection.find_router`; layers left
+            unconverted run all-global).
         query: ``[batch, q_heads, seq_q, head_dim]`` (after RoPE).
         key, value: ``[batch, kv_heads, seq_kv, head_dim]`` (the whole cache when decoding).
         attention_mask: ``[batch, seq_kv]`` bool key padding mask from :func:`aha_key_padding_mask`.
@@ -107,17 +108,17 @@ def aha_attention_forward(
             f"AHA attention takes a 2D [batch, seq] padding mask, got a {attention_mask.dim()}D mask; pass the "
             "tokenizer's attention_mask instead of a prepared 4D mask"
         )
-    q_proj = module.q_proj
-    if isinstance(q_proj, RoutedQueryProjection):
-        route = q_proj.route(settings["threshold"], straight_through=module.training)
+    router = find_router(module)
+    if router is not None:
+        route = router.route(settings["threshold"], straight_through=module.training)
     else:
         batch, heads, seq_q, _ = query.shape
         route = torch.ones(batch, heads, seq_q, dtype=torch.bool, device=query.device)
     output = aha_attention(query, key, value, route, settings["window"], scale=scaling, key_padding_mask=attention_mask)
-    if isinstance(q_proj, RoutedQueryProjection) and q_proj.route_observers:
+    if router is not None and router.route_observers:
         seq_q = query.shape[2]
         valid = None if attention_mask is None else attention_mask[:, -seq_q:]
-        for observer in q_proj.route_observers:
+        for observer in router.route_observers:
             observer(route, key.shape[2] - seq_q, valid)
     return output.transpose(1, 2), None
 

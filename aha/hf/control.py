@@ -8,21 +8,28 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from aha.hf.modeling import AhaSettings, decoder_layers, is_aha_model
-from aha.hf.projection import FORCE_GLOBAL, FORCE_LEARNED, FORCE_LOCAL, RoutedQueryProjection
+from aha.hf.projection import FORCE_GLOBAL, FORCE_LEARNED, FORCE_LOCAL, RoutedQueryProjection, find_router
 from aha.stats import RoutingStats
 
 ForcedRoute = Literal["global", "local"]
 _FORCE_CODES: dict[ForcedRoute | None, int] = {"global": FORCE_GLOBAL, "local": FORCE_LOCAL, None: FORCE_LEARNED}
 
 
+def aha_model(model: nn.Module) -> PreTrainedModel:
+    """The AHA model itself, or the one inside a wrapper (a PEFT model, DistributedDataParallel, ...)."""
+    found = next((module for module in model.modules() if is_aha_model(module)), None)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} is not an AHA model; convert it first with aha.convert(model)")
+    return found
+
+
 def routers(model: nn.Module) -> dict[int, RoutedQueryProjection]:
     """The routed query projections of a converted model, keyed by decoder-layer index (ascending)."""
-    if not is_aha_model(model):
-        raise TypeError(f"{type(model).__name__} is not an AHA model; convert it first with aha.convert(model)")
-    found = {index: layer.self_attn.q_proj for index, layer in enumerate(decoder_layers(model))}
-    return {index: q_proj for index, q_proj in found.items() if isinstance(q_proj, RoutedQueryProjection)}
+    found = {index: find_router(layer.self_attn) for index, layer in enumerate(decoder_layers(aha_model(model)))}
+    return {index: router for index, router in found.items() if router is not None}
 
 
 def router_logits(model: nn.Module) -> list[Tensor]:
@@ -58,10 +65,11 @@ def track_routing(model: nn.Module) -> Iterator[RoutingStats]:
         The statistics object, filled in as the model runs.
     """
     projections = list(routers(model).values())
+    config = aha_model(model).config
     stats = RoutingStats(
-        window=AhaSettings.from_config(model.config).window,
+        window=AhaSettings.from_config(config).window,
         num_layers=len(projections),
-        num_heads=model.config.num_attention_heads,
+        num_heads=config.num_attention_heads,
     )
     observers = []
     for row, q_proj in enumerate(projections):
@@ -103,7 +111,7 @@ def force_routing(
     missing = [index for index in chosen if index not in by_layer]
     if missing:
         raise ValueError(f"layers {missing} are not converted to AHA; converted layers: {list(by_layer)}")
-    num_heads = model.config.num_attention_heads
+    num_heads = aha_model(model).config.num_attention_heads
     head_index = torch.arange(num_heads) if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
     if head_index.numel() and not bool(((head_index >= 0) & (head_index < num_heads)).all()):
         raise ValueError(f"heads must be in 0..{num_heads - 1}, got {list(head_index.tolist())}")

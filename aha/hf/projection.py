@@ -141,6 +141,15 @@ class FusedRouterQueryProjection(RoutedQueryProjection):
         return queries
 
 
+def find_router(attention: nn.Module) -> RoutedQueryProjection | None:
+    """The :class:`RoutedQueryProjection` of an attention layer, or None if the layer is not converted.
+
+    Looks inside ``attention.q_proj`` too, so wrappers that keep the original module as a child
+    (PEFT's LoRA layers keep it as ``base_layer``) still route.
+    """
+    return next((m for m in attention.q_proj.modules() if isinstance(m, RoutedQueryProjection)), None)
+
+
 def routed_query_projection(
     q_proj: nn.Linear,
     num_heads: int,
