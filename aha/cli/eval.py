@@ -1,0 +1,141 @@
+"""``aha eval``, ``aha sweep`` and ``aha lm-eval``: measure a routed model and make it visible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aha.cli import app
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes comma-separated integers, e.g. 512,1024, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{flag} needs at least one value")
+    return values
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes comma-separated numbers, e.g. 0.1,0.5,0.9, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{flag} needs at least one value")
+    return values
+
+
+def _words(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def load_routed_model(model_name: str, window: int | None, dtype: str):
+    """Load ``model_name`` with :func:`aha.load_model`; convert a plain model with open routers at ``window``.
+
+    An AHA model keeps its own window (``--window`` must then be omitted or equal to it).
+    """
+    import torch
+
+    import aha
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    model, tokenizer = aha.load_model(model_name, dtype=getattr(torch, dtype))
+    if aha.is_aha_model(model):
+        own = aha.AhaSettings.from_config(model.config).window
+        if window is not None and window != own:
+            raise typer.BadParameter(f"{model_name} is an AHA model with window {own}; omit --window or pass {own}")
+    elif window is None:
+        raise typer.BadParameter(
+            f"{model_name} is not an AHA model: pass --window to convert it with open routers "
+            "(then 'aha' equals 'full'; train it with `aha train` to learn routes)"
+        )
+    else:
+        model = aha.convert(model, window=window).eval()
+    return model, tokenizer
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="AHA model folder (e.g. a training run's final model), or a plain model with --window")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="report folder: eval.json, PNG plots, token_view.html")] = Path("report/eval"),
+    window: Annotated[int | None, typer.Option(help="convert a plain model at this window (open routers)")] = None,
+    tasks: Annotated[str, typer.Option(help="comma-separated: perplexity, passkey")] = "perplexity,passkey",
+    modes: Annotated[str, typer.Option(help="comma-separated routing modes: full, local, aha")] = "full,local,aha",
+    data: Annotated[list[str], typer.Option(help="held-out data spec(s), as for `aha train --data` (repeatable)")] = ["default"],  # noqa: B006
+    heldout_fraction: Annotated[float, typer.Option(help="held-out share of documents; use the training run's value")] = 0.1,
+    seq_len: Annotated[int, typer.Option(help="tokens per held-out sequence")] = 1024,
+    max_sequences: Annotated[int, typer.Option(help="held-out sequences scored (evenly spaced over the corpora)")] = 16,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 1,
+    passkey_lengths: Annotated[str, typer.Option(help="passkey prompt lengths in tokens")] = "512,1024,2048,4096",
+    passkey_depths: Annotated[str, typer.Option(help="needle depths in [0, 1] (0 = start of the haystack)")] = "0.1,0.5,0.9",
+    passkey_trials: Annotated[int, typer.Option(help="prompts per (length, depth)")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of passkeys and haystack starts")] = 0,
+    dtype: Annotated[str, typer.Option(help="weight dtype: float32, bfloat16 or float16")] = "float32",
+) -> None:
+    """Held-out perplexity (overall and by position) and passkey retrieval, each for the AHA model,
+    forced full attention and forced sliding window, with routing statistics; writes a report folder."""
+    from rich.console import Console
+
+    from aha.evaluation.run import EvalSettings, run_evaluation
+    from aha.evaluation.tables import passkey_table, perplexity_table
+
+    try:
+        settings = EvalSettings(
+            tasks=_words(tasks),
+            modes=_words(modes),
+            data=data,
+            heldout_fraction=heldout_fraction,
+            seq_len=seq_len,
+            max_sequences=max_sequences,
+            batch_size=batch_size,
+            passkey_lengths=_ints(passkey_lengths, "--passkey-lengths"),
+            passkey_depths=_floats(passkey_depths, "--passkey-depths"),
+            passkey_trials=passkey_trials,
+            seed=seed,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    routed, tokenizer = load_routed_model(model, window, dtype)
+    run = run_evaluation(routed, tokenizer, out, settings, model_name=model)
+    console = Console()
+    if run.perplexity is not None:
+        console.print(perplexity_table(run.perplexity))
+    if run.passkey is not None:
+        console.print(passkey_table(run.passkey))
+    console.print(f"report: {out}/ ({', '.join(Path(p).name for p in run.files.values())})")
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def lm_eval_command(ctx: typer.Context) -> None:
+    """lm-evaluation-harness with AHA models: exactly the `lm_eval` command line (all flags pass through),
+    run after `import aha`, so saved AHA models load with routing active. `--model aha` (same --model_args
+    as `hf`) also reports the global fraction of the run (and writes aha_routing.json under --output_path).
+
+    Example: aha lm-eval --model aha --model_args pretrained=runs/aha/final --tasks hellaswag --device cpu
+    """
+    from rich.console import Console
+
+    from aha.evaluation.harness import run_lm_eval_cli
+
+    try:
+        summaries = run_lm_eval_cli(ctx.args)
+    except ImportError as error:
+        raise typer.BadParameter(str(error)) from None
+    for summary in summaries:
+        Console().print(
+            f"AHA routing over the run: global fraction {summary['global_fraction']:.1%}, "
+            f"full-attention operations replaced {summary['operations_replaced']:.1%}, "
+            f"attention compute ratio {summary['compute_ratio']:.1%} (window {summary['window']})"
+        )

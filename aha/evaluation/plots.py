@@ -1,0 +1,111 @@
+"""Matplotlib figures of where and how much a routed model attends globally.
+
+All functions write one PNG and return its path. Polarity: "global fraction" is the share of
+(token, head) decisions routed to full causal attention (``g = 1``); the rest went local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FixedLocator, PercentFormatter
+
+from aha.stats import RoutingStats
+
+
+@dataclass(frozen=True)
+class WindowPoint:
+    """One routed model of a window sweep: its window, global fraction and held-out perplexity."""
+
+    window: int
+    global_fraction: float
+    perplexity: float
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_global_fraction_vs_window(
+    points: Sequence[WindowPoint],
+    path: str | Path,
+    *,
+    full_attention_perplexity: float | None = None,
+    title: str = "Global attention needed vs window",
+) -> Path:
+    """The long-tail curve: global fraction (left axis) and perplexity (right axis) per window.
+
+    Args:
+        points: one point per window (any order).
+        full_attention_perplexity: drawn as a dashed reference line when given.
+    """
+    if not points:
+        raise ValueError("plot_global_fraction_vs_window needs at least one WindowPoint")
+    points = sorted(points, key=lambda p: p.window)
+    windows = [p.window for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(windows, [p.global_fraction for p in points], "o-", color="tab:red", label="global fraction")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(windows))
+    ax.set_xticklabels([str(w) for w in windows])
+    ax.set_xlabel("local window w (tokens)")
+    ax.set_ylabel("global fraction (token, head pairs)", color="tab:red")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+    ppl_ax = ax.twinx()
+    ppl_ax.plot(windows, [p.perplexity for p in points], "s--", color="tab:blue", label="perplexity (AHA)")
+    if full_attention_perplexity is not None:
+        ppl_ax.axhline(full_attention_perplexity, color="tab:blue", alpha=0.5, linestyle=":", label="perplexity (full)")
+    ppl_ax.set_ylabel("held-out perplexity", color="tab:blue")
+    handles = ax.get_legend_handles_labels()[0] + ppl_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_layer_head_heatmap(stats: RoutingStats, path: str | Path, *, title: str = "Global fraction per layer and head") -> Path:
+    """Heatmap ``[num_layers, num_heads]`` of :meth:`RoutingStats.per_head` (layer 0 at the top)."""
+    table = stats.per_head().numpy()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * stats.num_heads, 1.2 + 0.22 * stats.num_layers))
+    image = ax.imshow(table, aspect="auto", cmap="Reds", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(stats.num_heads))
+    ax.set_yticks(range(0, stats.num_layers, max(1, stats.num_layers // 15)))
+    fig.colorbar(image, ax=ax, label="global fraction", format=PercentFormatter(1.0))
+    ax.set_title(f"{title}\n(overall {stats.global_fraction:.1%}, window {stats.window})")
+    return _save(fig, path)
+
+
+def plot_global_fraction_vs_position(
+    stats: RoutingStats, path: str | Path, *, bucket: int = 32, title: str = "Global fraction vs token position"
+) -> Path:
+    """Global fraction averaged over buckets of ``bucket`` query positions, with the window marked."""
+    per_bucket = stats.per_position(bucket).numpy()
+    if per_bucket.size == 0:
+        raise ValueError("these RoutingStats saw no tokens; run a forward pass under aha.track_routing first")
+    starts = np.arange(per_bucket.size) * bucket
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.step(starts, per_bucket, where="post", color="tab:red")
+    ax.axvline(stats.window, color="gray", linestyle="--", label=f"window = {stats.window}")
+    ax.set_xlabel("query position (0-based)")
+    ax.set_ylabel("global fraction")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    return _save(fig, path)

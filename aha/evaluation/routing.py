@@ -1,0 +1,77 @@
+"""The three routing modes every evaluation compares, and routing capture helpers.
+
+* ``"full"``: every (token, head) forced global -- the original model's full causal attention;
+* ``"local"``: every pair forced local -- pure sliding-window attention at the model's window;
+* ``"aha"``: the routes the routers learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+import aha
+from aha.router import route_from_logits
+from aha.stats import RoutingStats
+
+RoutingMode = Literal["full", "local", "aha"]
+#: All modes, in the order tables list them.
+MODES: tuple[RoutingMode, ...] = get_args(RoutingMode)
+_FORCED = {"full": "global", "local": "local", "aha": None}
+
+
+def check_modes(modes: Iterable[str]) -> list[RoutingMode]:
+    """The modes as a list; raises ``ValueError`` naming the valid ones on an unknown mode."""
+    modes = list(modes)
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"unknown routing modes {unknown}; choose from {list(MODES)}")
+    return modes  # type: ignore[return-value]
+
+
+@contextmanager
+def routing_mode(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
+    """Run the block with ``model`` in routing ``mode`` (see the module docstring)."""
+    check_modes([mode])
+    with aha.force_routing(model, _FORCED[mode]):
+        yield
+
+
+def merge_routing_stats(parts: Iterable[RoutingStats]) -> RoutingStats:
+    """One :class:`aha.RoutingStats` holding the sum of ``parts`` (same window and shape)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    merged = RoutingStats(first.window, first.num_layers, first.num_heads)
+    length = max(part.position_total.numel() for part in parts)
+    merged.position_global = torch.zeros(length, dtype=torch.float64)
+    merged.position_total = torch.zeros(length, dtype=torch.float64)
+    for part in parts:
+        if (part.window, part.num_layers, part.num_heads) != (first.window, first.num_layers, first.num_heads):
+            raise ValueError("cannot merge routing statistics of models with different windows or shapes")
+        merged.global_pairs += part.global_pairs
+        merged.total_pairs += part.total_pairs
+        merged.position_global[: part.position_global.numel()] += part.position_global
+        merged.position_total[: part.position_total.numel()] += part.position_total
+        merged.computed_scores += part.computed_scores
+        merged.full_scores += part.full_scores
+    return merged
+
+
+@torch.no_grad()
+def capture_routes(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """The learned hard routes of one text: ``[num_converted_layers, num_heads, seq]`` bool, True = global.
+
+    Args:
+        model: an AHA-converted model.
+        input_ids: ``[seq]`` or ``[1, seq]`` token ids.
+    """
+    ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
+    model(input_ids=ids)
+    threshold = aha.AhaSettings.from_config(model.config).threshold
+    return torch.stack([route_from_logits(logits, threshold)[0][0].cpu() for logits in aha.router_logits(model)])

@@ -1,0 +1,216 @@
+"""One call that evaluates a routed model and writes its report folder (what ``aha eval`` runs).
+
+Output folder::
+
+    eval.json                      everything measured (schema: :meth:`EvalRun.to_dict`)
+    routing_layer_head.png         AHA global fraction per layer x head on held-out text
+    routing_position.png           AHA global fraction vs token position on held-out text
+    passkey_answer_layer_head.png  AHA global fraction per layer x head at the passkey answer steps
+    token_view.html                one text, each token shaded by how many heads routed it global
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+
+import aha
+from aha.data import build_datasets
+from aha.evaluation.passkey import (
+    DEFAULT_CONTEXT_LENGTHS,
+    DEFAULT_DEPTHS,
+    PasskeyPromptBuilder,
+    PasskeyResult,
+    evaluate_passkey,
+    greedy_answer,
+    stop_token_ids,
+)
+from aha.evaluation.perplexity import (
+    PerplexityReport,
+    compare_routing_modes,
+    full_length_subset,
+)
+from aha.evaluation.plots import (
+    plot_global_fraction_vs_position,
+    plot_layer_head_heatmap,
+)
+from aha.evaluation.routing import (
+    MODES,
+    RoutingMode,
+    capture_routes,
+    check_modes,
+    routing_mode,
+)
+from aha.evaluation.token_view import write_token_view
+
+Task = Literal["perplexity", "passkey"]
+TASKS: tuple[Task, ...] = get_args(Task)
+
+
+@dataclass
+class EvalSettings:
+    """What :func:`run_evaluation` measures.
+
+    Args:
+        tasks: ``"perplexity"`` and/or ``"passkey"``.
+        modes: routing modes compared (see :mod:`aha.evaluation.routing`).
+        data: data specs of the held-out text (see :mod:`aha.data`); use the training run's specs.
+        heldout_fraction: held-out share of documents; must equal the training run's so no
+            training document is scored.
+        seq_len: tokens per held-out sequence.
+        max_sequences: held-out sequences scored (evenly spaced over the corpora).
+        batch_size: sequences per forward pass.
+        passkey_lengths, passkey_depths, passkey_trials: the passkey grid (see :func:`evaluate_passkey`).
+        seed: passkeys and haystack starts.
+    """
+
+    tasks: Sequence[Task] = TASKS
+    modes: Sequence[RoutingMode] = MODES
+    data: Sequence[str] = ("default",)
+    heldout_fraction: float = 0.1
+    seq_len: int = 1024
+    max_sequences: int = 16
+    batch_size: int = 1
+    passkey_lengths: Sequence[int] = DEFAULT_CONTEXT_LENGTHS
+    passkey_depths: Sequence[float] = DEFAULT_DEPTHS
+    passkey_trials: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [task for task in self.tasks if task not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown evaluation tasks {unknown}; choose from {list(TASKS)}")
+        check_modes(self.modes)
+
+
+@dataclass
+class EvalRun:
+    """What :func:`run_evaluation` measured and wrote."""
+
+    model: str
+    settings: EvalSettings
+    perplexity: PerplexityReport | None
+    passkey: PasskeyResult | None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in vars(self.settings).items()},
+            "perplexity": self.perplexity.to_dict() if self.perplexity else None,
+            "passkey": self.passkey.to_dict() if self.passkey else None,
+            "files": self.files,
+        }
+
+
+def _token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def _passkey_token_view(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, path: Path) -> Path:
+    """Token view of one passkey prompt plus the AHA model's answer (needle early, beyond the window if possible)."""
+    window = aha.AhaSettings.from_config(model.config).window
+    lengths = sorted(settings.passkey_lengths)
+    length = next((n for n in lengths if n >= 2 * window), lengths[-1])
+    prompt = PasskeyPromptBuilder(tokenizer).build(length, 0.1, "48213", rng=random.Random(settings.seed))
+    with routing_mode(model, "aha"):
+        answer_ids, _, _ = greedy_answer(model, prompt.input_ids, max_new_tokens=16, eos_token_ids=stop_token_ids(model, tokenizer))
+    ids = prompt.input_ids + answer_ids
+    answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+    return write_token_view(
+        _token_strings(tokenizer, ids),
+        capture_routes(model, torch.tensor(ids)),
+        path,
+        title="Where the AHA model attends globally: passkey retrieval",
+        subtitle=(
+            f"window {window}; {len(prompt.input_ids)}-token prompt, needle ends at token {prompt.needle_end} "
+            f"({prompt.needle_distance} tokens before the answer); passkey {prompt.passkey}, answer {answer!r}. "
+            "Shade = share of heads that routed the token's query to full attention."
+        ),
+    )
+
+
+def run_evaluation(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    settings: EvalSettings | None = None,
+    *,
+    model_name: str = "",
+    progress: bool = True,
+) -> EvalRun:
+    """Evaluate an AHA model (perplexity and/or passkey, in every routing mode) and write the report folder.
+
+    Args:
+        model: an AHA-converted causal LM (``aha.convert`` or a saved AHA model), in eval mode.
+        tokenizer: its (fast) tokenizer.
+        out_dir: the report folder (created; files listed in the module docstring).
+        settings: what to measure (default :class:`EvalSettings`).
+        model_name: recorded in ``eval.json``.
+    """
+    if not aha.is_aha_model(model):
+        raise TypeError("run_evaluation needs an AHA model; convert it first with aha.convert(model, window=...)")
+    settings = settings or EvalSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    run = EvalRun(model=model_name, settings=settings, perplexity=None, passkey=None)
+
+    if "perplexity" in settings.tasks:
+        heldout = build_datasets(
+            list(settings.data), tokenizer, seq_len=settings.seq_len, heldout_fraction=settings.heldout_fraction
+        ).heldout
+        sequences = full_length_subset(heldout, settings.max_sequences)
+        run.perplexity = compare_routing_modes(
+            model, sequences, modes=settings.modes, batch_size=settings.batch_size, progress=progress
+        )
+        aha_stats = run.perplexity.results.get("aha")
+        if aha_stats is not None:
+            stats = aha_stats.routing
+            run.files["routing_layer_head"] = str(plot_layer_head_heatmap(stats, out / "routing_layer_head.png"))
+            run.files["routing_position"] = str(
+                plot_global_fraction_vs_position(stats, out / "routing_position.png", bucket=max(1, settings.seq_len // 64))
+            )
+
+    if "passkey" in settings.tasks:
+        run.passkey = evaluate_passkey(
+            model,
+            tokenizer,
+            context_lengths=settings.passkey_lengths,
+            depths=settings.passkey_depths,
+            trials_per_cell=settings.passkey_trials,
+            modes=settings.modes,
+            seed=settings.seed,
+            progress=progress,
+        )
+        if run.passkey.answer_stats is not None:
+            run.files["passkey_answer_layer_head"] = str(
+                plot_layer_head_heatmap(
+                    run.passkey.answer_stats,
+                    out / "passkey_answer_layer_head.png",
+                    title="Global fraction at the passkey answer steps",
+                )
+            )
+        run.files["token_view"] = str(_passkey_token_view(model, tokenizer, settings, out / "token_view.html"))
+    elif run.perplexity is not None:
+        first = sequences[0]["input_ids"]
+        run.files["token_view"] = str(
+            write_token_view(
+                _token_strings(tokenizer, first.tolist()),
+                capture_routes(model, first),
+                out / "token_view.html",
+                subtitle=f"first held-out sequence ({first.numel()} tokens), window {run.perplexity.window}",
+            )
+        )
+
+    run.files["json"] = str(out / "eval.json")
+    (out / "eval.json").write_text(json.dumps(run.to_dict(), indent=2))
+    return run

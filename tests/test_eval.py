@@ -1,0 +1,323 @@
+"""Evaluation: perplexity by routing mode and position, passkey retrieval, routing capture, report, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import string
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+import aha
+from aha.cli import app
+from aha.evaluation.passkey import (
+    PasskeyPromptBuilder,
+    PasskeyResult,
+    PasskeyTrial,
+    evaluate_passkey,
+    extract_passkey,
+    greedy_answer,
+    load_haystack,
+)
+from aha.evaluation.perplexity import (
+    compare_routing_modes,
+    evaluate_perplexity,
+    full_length_subset,
+    position_bucket_edges,
+)
+from aha.evaluation.routing import (
+    capture_routes,
+    check_modes,
+    merge_routing_stats,
+    routing_mode,
+)
+
+WINDOW = 8
+SPECIALS = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """One token per printable character plus four special tokens; a minimal chat template."""
+    vocab = {**{s: i for i, s in enumerate(SPECIALS)}, **{c: i + len(SPECIALS) for i, c in enumerate(string.printable)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<|end|>", additional_special_tokens=SPECIALS[2:]
+    )
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def routed_llama(vocab_size: int, *, seed: int = 0) -> LlamaForCausalLM:
+    """A random 2-layer Llama (4 query heads, 2 KV heads), converted with random routers (about half global)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        pad_token_id=0, eos_token_id=1,
+    )
+    return aha.convert(LlamaForCausalLM(config), window=WINDOW, router_init="random").eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return routed_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def haystack():
+    return load_haystack()
+
+
+def _sequences(n: int, seq_len: int, vocab: int, *, padded: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` random sequences; the last ``padded`` ones keep only their first half (right padding)."""
+    torch.manual_seed(1)
+    items = []
+    for i in range(n):
+        ids = torch.randint(len(SPECIALS), vocab, (seq_len,))
+        mask = torch.ones(seq_len, dtype=torch.long)
+        if i >= n - padded:
+            mask[seq_len // 2 :] = 0
+            ids[seq_len // 2 :] = 0
+        items.append({"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask})
+    return items
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_position_bucket_edges():
+    assert position_bucket_edges(64, 8) == [0, 8, 16, 32, 63]
+    assert position_bucket_edges(64, 256) == [0, 63]
+
+
+def test_local_equals_full_below_the_window_only(model, tokenizer):
+    report = compare_routing_modes(model, _sequences(4, 48, len(tokenizer)), batch_size=2, progress=False)
+    full, local, routed = (report.results[m] for m in ("full", "local", "aha"))
+    # a local query at position p < window sees the same keys as a global one, in every layer
+    assert full.buckets[0].end == WINDOW
+    assert local.buckets[0].perplexity == pytest.approx(full.buckets[0].perplexity, rel=1e-5)
+    assert all(abs(lo.perplexity / fu.perplexity - 1) > 1e-4 for lo, fu in zip(local.buckets[1:], full.buckets[1:]))
+    assert full.routing.global_fraction == 1.0 and full.routing.compute_ratio == 1.0
+    assert local.routing.global_fraction == 0.0 and local.routing.compute_ratio < 1.0
+    assert 0.2 < routed.routing.global_fraction < 0.8
+    assert [b.global_fraction for b in local.buckets] == [0.0] * len(local.buckets)
+    summary = report.to_dict()
+    assert set(summary["modes"]) == {"full", "local", "aha"}
+    assert summary["perplexity_vs_full"]["local"] == pytest.approx(local.perplexity / full.perplexity - 1)
+    json.dumps(summary, allow_nan=False)
+
+
+def test_perplexity_matches_the_model_loss_and_skips_padding(model, tokenizer):
+    items = _sequences(3, 40, len(tokenizer), padded=1)
+    result = evaluate_perplexity(model, items, mode="full", progress=False)
+    with routing_mode(model, "full"), torch.no_grad():
+        losses = [model(input_ids=it["input_ids"][None], labels=it["labels"][None]).loss for it in items]
+    targets = [int((it["labels"][1:] != -100).sum()) for it in items]
+    expected = sum(loss.item() * n for loss, n in zip(losses, targets)) / sum(targets)
+    assert result.tokens == sum(targets) == 39 + 39 + 19
+    assert result.nll == pytest.approx(expected, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
+    real_tokens = sum(int(it["attention_mask"].sum()) for it in items)
+    assert result.routing.total_pairs.sum().item() == real_tokens * 2 * 4  # layers x heads, padding excluded
+
+
+def test_full_length_subset_skips_padded_sequences_and_spreads_the_pick():
+    items = _sequences(10, 16, 50, padded=3)  # 7 full-length sequences, indices 0..6
+    subset = full_length_subset(items, max_sequences=3)
+    assert subset.indices == [0, 3, 6]
+    with pytest.raises(ValueError, match="lower --seq-len"):
+        full_length_subset(_sequences(2, 16, 50, padded=2), max_sequences=None)
+
+
+def test_unknown_mode_is_rejected(model):
+    with pytest.raises(ValueError, match="choose from"):
+        check_modes(["full", "sliding"])
+    with pytest.raises(ValueError, match="choose from"):
+        compare_routing_modes(model, _sequences(1, 16, 50), modes=["global"], progress=False)
+
+
+# ---------------------------------------------------------------- routing capture
+
+
+def test_capture_routes_agrees_with_track_routing(model, tokenizer):
+    ids = _sequences(1, 64, len(tokenizer))[0]["input_ids"]
+    with aha.track_routing(model) as stats:
+        routes = capture_routes(model, ids)
+    assert routes.shape == (2, 4, 64) and routes.dtype == torch.bool
+    assert routes.float().mean().item() == pytest.approx(stats.global_fraction)
+    assert torch.allclose(routes.float().mean(-1).double(), stats.per_head())
+
+
+def test_merge_routing_stats_equals_one_tracker_over_both_passes(model, tokenizer):
+    a, b = (s["input_ids"][None] for s in _sequences(2, 30, len(tokenizer)))
+    with torch.no_grad(), aha.track_routing(model) as both:
+        with aha.track_routing(model) as first:
+            model(input_ids=a)
+        with aha.track_routing(model) as second:
+            model(input_ids=b[:, :20])
+    merged = merge_routing_stats([first, second])
+    assert merged.to_dict() == both.to_dict()
+    assert torch.equal(merged.position_total, both.position_total)
+    with pytest.raises(ValueError, match="nothing"):
+        merge_routing_stats([])
+
+
+# ---------------------------------------------------------------- passkey
+
+
+def test_extract_passkey():
+    assert extract_passkey("The pass key is 48213.") == "48213"
+    assert extract_passkey("12 then 48213") == "12"
+    assert extract_passkey("no digits") is None
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_passkey_prompts_hide_the_needle_at_the_requested_depth(tokenizer, haystack, chat):
+    builder = PasskeyPromptBuilder(tokenizer, haystack=haystack, chat=chat)
+    prompts = [builder.build(2000, depth, "48213", rng=random.Random(0)) for depth in (0.0, 0.5, 1.0)]
+    for prompt in prompts:
+        assert 1800 <= len(prompt.input_ids) <= 2000
+        text = tokenizer.decode(prompt.input_ids)
+        assert text.count("48213") == 2
+        needle_text = tokenizer.decode(prompt.input_ids[prompt.needle_end - 30 : prompt.needle_end + 1])
+        assert needle_text.endswith("48213 is the pass key.")
+        assert text.endswith("<|assistant|>" if chat else "The pass key is")
+    distances = [p.needle_distance for p in prompts]
+    assert distances[0] > 1500 and distances[1] == pytest.approx(900, abs=200) and distances[2] < 120
+    with pytest.raises(ValueError, match="use at least"):
+        builder.build(100, 0.5, "48213", rng=random.Random(0))
+    with pytest.raises(ValueError, match="depth"):
+        builder.build(2000, 1.5, "48213", rng=random.Random(0))
+
+
+def test_greedy_answer_matches_generate_and_tracks_answer_steps_apart(model, tokenizer):
+    prompt = torch.randint(len(SPECIALS), len(tokenizer), (50,)).tolist()
+    new_ids, prompt_stats, answer_stats = greedy_answer(model, prompt, max_new_tokens=6, eos_token_ids={-1})
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert new_ids == reference[0, 50:].tolist()
+    # prompt: 49 queries prefilled; answer steps: the last prompt token plus 5 generated tokens
+    assert prompt_stats.position_total.numel() == 49
+    assert answer_stats.total_pairs.sum().item() == 6 * 2 * 4
+    assert answer_stats.position_total[:49].sum().item() == 0 and answer_stats.position_total[49:].sum().item() == 6 * 2 * 4
+
+
+def test_evaluate_passkey_compares_modes_on_the_same_prompts(model, tokenizer, haystack):
+    result = evaluate_passkey(
+        model, tokenizer, context_lengths=(600,), depths=(0.1, 0.9), max_new_tokens=4, haystack=haystack, progress=False
+    )
+    assert result.window == WINDOW
+    assert [t.mode for t in result.trials] == ["full", "local", "aha"] * 2
+    for mode in ("full", "local"):
+        assert all(t.answer_global_fraction is None for t in result.trials if t.mode == mode)
+    routed = [t for t in result.trials if t.mode == "aha"]
+    assert all(0 < t.answer_global_fraction < 1 for t in routed)
+    steps = sum(min(4, t.answer_tokens + 1) for t in routed)  # one query per answer step, EOS step included
+    assert result.answer_stats.total_pairs.sum().item() == steps * 2 * 4
+    assert {t.passkey for t in result.trials if t.depth == 0.1} != {t.passkey for t in result.trials if t.depth == 0.9}
+    summary = result.to_dict()
+    assert summary["aha_routing"]["answer_steps"]["global_fraction"] == result.answer_stats.global_fraction
+    json.dumps(summary, allow_nan=False)
+
+
+def test_passkey_accuracy_splits_by_needle_distance_against_the_window():
+    def trial(mode, distance, correct, length=1024):
+        return PasskeyTrial(mode, length, length, 0.5, distance, "11111", "", 0, correct)
+
+    result = PasskeyResult(
+        window=100,
+        trials=[trial("local", 50, True), trial("local", 100, False), trial("local", 900, False, 2048), trial("full", 900, True)],
+    )
+    assert result.accuracy("local") == pytest.approx(1 / 3)
+    assert result.accuracy("local", beyond_window=False) == 1.0
+    assert result.accuracy("local", beyond_window=True) == 0.0
+    assert result.accuracy("local", context_length=2048) == 0.0
+    assert result.accuracy("aha") is None
+    assert result.to_dict()["accuracy"]["full"]["needle_beyond_window"] == 1.0
+
+
+# ---------------------------------------------------------------- report and CLI
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, model, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-aha")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory, haystack):
+    folder = tmp_path_factory.mktemp("texts")
+    for i in range(12):  # 12 documents of 3000 characters; the held-out split takes about 10% of them
+        (folder / f"doc{i}.txt").write_text(haystack[i * 3000 : (i + 1) * 3000])
+    return folder
+
+
+def test_aha_eval_cli_writes_the_report(saved_model, text_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval", "--model", str(saved_model), "--out", str(out), "--data", str(text_folder),
+            "--heldout-fraction", "0.3", "--seq-len", "64", "--max-sequences", "4",
+            "--passkey-lengths", "400,600", "--passkey-depths", "0.2", "--seed", "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Held-out perplexity" in result.output and "Passkey retrieval" in result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["perplexity"]["modes"]) == {"full", "local", "aha"}
+    assert report["perplexity"]["sequences"] == 4 and report["perplexity"]["window"] == WINDOW
+    assert len(report["passkey"]["trials"]) == 2 * 3
+    assert report["passkey"]["aha_routing"]["answer_steps"]["per_head"]
+    for name in ("routing_layer_head.png", "routing_position.png", "passkey_answer_layer_head.png", "token_view.html"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "needle ends at token" in (out / "token_view.html").read_text()
+
+
+def test_aha_eval_cli_needs_a_window_for_a_plain_model(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    plain.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "plain"), "--tasks", "passkey"])
+    assert result.exit_code != 0 and "pass --window" in result.output
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "plain"), "--tasks", "ppl"])
+    assert result.exit_code != 0 and "choose from" in result.output
+
+
+# ---------------------------------------------------------------- real model
+
+
+@pytest.mark.real_model
+def test_smollm2_passkey_needs_global_attention_beyond_the_window():
+    """Full attention finds a needle 400+ tokens back; pure sliding window (w=64) cannot."""
+    model, tokenizer = aha.load_smollm2()
+    model = aha.convert(model, window=64).eval()
+    result = evaluate_passkey(
+        model, tokenizer, context_lengths=(512,), depths=(0.1,), modes=("full", "local"), max_new_tokens=10, progress=False
+    )
+    full, local = result.trials
+    assert full.needle_distance > 64
+    assert full.correct, full.answer
+    assert not local.correct, local.answer
