@@ -105,9 +105,8 @@ def test_only_the_chosen_layers_are_routed():
     with aha.force_routing(model, "global"):
         torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)
     assert [item.shape for item in aha.router_logits(model)] == [(2, 4, SEQ)]
-    with pytest.raises(ValueError, match="not converted"):
-        with aha.force_routing(model, "local", layers=[0]):
-            pass
+    with pytest.raises(ValueError, match="not converted"), aha.force_routing(model, "local", layers=[0]):
+        pass
 
 
 def test_router_logits_follow_every_forward_and_keep_the_graph_in_training():
@@ -170,12 +169,10 @@ def test_force_routing_restores_and_nests():
     torch.testing.assert_close(logits(model, ids), learned, rtol=0, atol=0)
     assert (partly - local).abs().max() > 0
     assert all(q_proj.forced_route is None for q_proj in routers(model).values())
-    with pytest.raises(ValueError, match="'global', 'local' or None"):
-        with aha.force_routing(model, "all"):
-            pass
-    with pytest.raises(ValueError, match="heads must be in 0..3"):
-        with aha.force_routing(model, "local", heads=[4]):
-            pass
+    with pytest.raises(ValueError, match="'global', 'local' or None"), aha.force_routing(model, "all"):
+        pass
+    with pytest.raises(ValueError, match="heads must be in 0..3"), aha.force_routing(model, "local", heads=[4]):
+        pass
 
 
 def test_fused_layout_widens_q_proj_by_one_row_per_head():

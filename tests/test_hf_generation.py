@@ -22,7 +22,7 @@ def routed_model(family: str = "llama"):
 
 
 def generate(model, ids, **kwargs):
-    settings = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    settings = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
     return model.generate(ids, **(settings | kwargs))
 
 

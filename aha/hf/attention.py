@@ -13,15 +13,20 @@ Importing :mod:`aha` registers two functions under the name ``"aha"``:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    prepare_padding_mask,
+)
 
-from aha.kernels import AhaInputError, aha_attention
 from aha.hf.projection import find_router
+from aha.kernels import AhaInputError, aha_attention
 
 ATTN_IMPLEMENTATION = "aha"
 

@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from aha.hf.modeling import AhaSettings, decoder_layers, is_aha_model
-from aha.hf.projection import FORCE_GLOBAL, FORCE_LEARNED, FORCE_LOCAL, RoutedQueryProjection, find_router
+from aha.hf.projection import (
+    FORCE_GLOBAL,
+    FORCE_LEARNED,
+    FORCE_LOCAL,
+    RoutedQueryProjection,
+    find_router,
+)
 from aha.stats import RoutingStats
 
 ForcedRoute = Literal["global", "local"]

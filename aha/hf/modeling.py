@@ -11,7 +11,6 @@ has run ``import aha``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -36,7 +35,11 @@ from transformers import (
 )
 
 from aha.hf.attention import ATTN_IMPLEMENTATION
-from aha.hf.projection import FusedRouterQueryProjection, RouterLayout, routed_query_projection
+from aha.hf.projection import (
+    FusedRouterQueryProjection,
+    RouterLayout,
+    routed_query_projection,
+)
 from aha.router import Router, RouterInit
 
 
@@ -58,9 +61,10 @@ class AhaSettings:
             original exactly -- the choice for fine-tuning a pretrained model. ``"random"``: small
             random weight, zero bias, about half the pairs global -- for learning routes from
             scratch.
-        router_bias: whether routers have a bias (``"open"`` needs one). With the fused layout on
-            a bias-free ``q_proj`` the bias is added to the whole widened ``q_proj`` (query rows
-            zero); the released AHA-OLMO2 checkpoint has none.
+        router_bias: whether routers have a bias (``"open"`` needs one). With the fused layout
+            the router bias is the tail of ``q_proj.bias``: on a bias-free ``q_proj`` a bias is
+            added (query rows zero), and a ``q_proj`` that has a bias (Qwen2) always gives the
+            router one. The released AHA-OLMO2 checkpoint has none.
         layers: indices of the converted layers, or None for all. Other layers run full attention.
     """
 
@@ -330,11 +334,7 @@ def from_pretrained(name_or_path: str | Path, **kwargs: Any) -> PreTrainedModel:
     Plain checkpoints come back unconverted (call :func:`convert`); AHA checkpoints come back
     routed. ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
     """
-    config_file = Path(name_or_path) / "config.json"
-    if config_file.is_file():
-        config_dict = json.loads(config_file.read_text())
-        if config_dict.get("model_type") == RELEASED_AHA_OLMO2_MODEL_TYPE:
-            return AhaOlmo2ForCausalLM.from_pretrained(
-                name_or_path, config=released_aha_olmo2_config(config_dict), **kwargs
-            )
+    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
+    if config_dict.get("model_type") == RELEASED_AHA_OLMO2_MODEL_TYPE:
+        return AhaOlmo2ForCausalLM.from_pretrained(name_or_path, config=released_aha_olmo2_config(config_dict), **kwargs)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

@@ -20,7 +20,8 @@ Polarity: ``sigmoid(logit) > threshold`` means **global** (full causal attention
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -58,10 +59,6 @@ class RoutedQueryProjection(nn.Linear):
         self.last_logits: Tensor | None = None
         self.forced_route: Tensor | None = None
         self.route_observers: list[RouteObserver] = []
-
-    def reset_router_parameters(self, init: RouterInit) -> None:
-        """(Re-)initialise only the router weights with :class:`aha.Router`'s ``init`` scheme."""
-        raise NotImplementedError
 
     def route(self, threshold: float, *, straight_through: bool) -> Tensor:
         """The route for :func:`aha.aha_attention` from :attr:`last_logits`, overrides applied.
@@ -101,10 +98,6 @@ class SeparateRouterQueryProjection(RoutedQueryProjection):
         self._init_routing_state(num_heads, out_features)
         self.router = Router(in_features, num_heads, init=router_init, bias=router_bias).to(device=device, dtype=dtype)
 
-    def reset_router_parameters(self, init: RouterInit) -> None:
-        self.router.init = init
-        self.router.reset_parameters()
-
     def forward(self, hidden_states: Tensor) -> Tensor:
         """``[batch, seq, hidden]`` -> queries ``[batch, seq, heads * head_dim]``; records the logits."""
         self.last_logits = self.router(hidden_states)
@@ -128,6 +121,7 @@ class FusedRouterQueryProjection(RoutedQueryProjection):
         self._init_routing_state(num_heads, query_features)
 
     def reset_router_parameters(self, init: RouterInit) -> None:
+        """(Re-)initialise only the router rows with :class:`aha.Router`'s ``init`` scheme."""
         fresh = Router(self.in_features, self.num_heads, init=init, bias=self.bias is not None)
         with torch.no_grad():
             self.weight[self.query_features :].copy_(fresh.proj.weight)
@@ -160,8 +154,9 @@ def routed_query_projection(
 ) -> RoutedQueryProjection:
     """Build the routed replacement of ``q_proj``; its query output equals ``q_proj``'s exactly.
 
-    The query weights are shared (separate layout) or copied (fused layout); the router weights
-    get ``router_init``. Works on meta tensors too (transformers' deferred loading).
+    The query weights are shared (separate layout) or copied into a new trainable parameter
+    (fused layout); the router weights get ``router_init``. Works on meta tensors too
+    (transformers' deferred loading).
     """
     device, dtype = q_proj.weight.device, q_proj.weight.dtype
     if layout == "separate":
@@ -195,5 +190,4 @@ def routed_query_projection(
         elif routed.bias is not None:  # a router bias on a bias-free q_proj: the query rows stay zero
             routed.bias[: q_proj.out_features].zero_()
     routed.reset_router_parameters(router_init)
-    routed.weight.requires_grad_(q_proj.weight.requires_grad)
     return routed
