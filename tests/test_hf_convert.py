@@ -222,3 +222,13 @@ def test_lora_wrapped_models_keep_routing():
         logits(wrapped, ids)
     assert stats.per_layer()[0] == 0 and 0 < stats.per_layer()[1] < 1
     assert [item.shape for item in aha.router_logits(wrapped)] == [(2, 4, SEQ)] * 2
+
+
+def test_caches_and_models_aha_attention_cannot_serve_fail_clearly():
+    model = aha.convert(tiny_model("llama"), window=WINDOW)
+    with pytest.raises(aha.AhaInputError, match="use the default DynamicCache"):
+        model.generate(tokens(batch=1, seq=8), max_new_tokens=2, cache_implementation="static")
+    plain = tiny_model("llama")
+    plain.set_attn_implementation("aha")
+    with pytest.raises(aha.AhaInputError, match="aha.convert"):
+        logits(plain, tokens())
