@@ -39,12 +39,15 @@ IMPLEMENTATIONS: dict[str, AttentionImpl] = {
     "decode": decode_attention,
 }
 
+try:
+    from aha.kernels.flex import flex_attention_aha
+except ImportError:  # a torch without torch.nn.attention.flex_attention
+    pass
+else:
+    IMPLEMENTATIONS["flex"] = flex_attention_aha
+
 
 def _flex_available(q: Tensor, needs_grad: bool) -> bool:
-    try:
-        from aha.kernels import flex  # noqa: F401  (optional: needs torch.nn.attention.flex_attention)
-    except ImportError:
-        return False
     return "flex" in IMPLEMENTATIONS and (q.is_cuda or not needs_grad)
 
 

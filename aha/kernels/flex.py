@@ -1,0 +1,170 @@
+"""``flex``: FlexAttention with queries sorted by route, so whole tiles of work are skipped.
+
+With i.i.d. per-token routes almost every 128-query tile holds a global query, so a per-token
+mask over queries in their natural order skips nothing. Here each (batch, head) reorders its
+queries -- local ones first, then global ones, each in position order (a stable sort on the
+route) -- so a tile of sorted queries needs only the keys of its rows' ranges: a band for local
+tiles, a prefix for global tiles. The ``BlockMask`` is built directly from those ranges
+(:func:`route_block_mask`, O(B * H * blocks^2) integers) instead of ``create_block_mask``, which
+evaluates the mask on every (query, key) pair on each call. The output is scattered back to the
+original order.
+
+Device support (torch 2.13): CUDA forward and backward; CPU forward only (FlexAttention has no
+CPU backward), through the inductor C++ template. Each new shape compiles (seconds on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from aha.kernels._checks import AhaInputError
+from aha.kernels.gating import apply_route
+
+BLOCK = 128
+
+# Compiled on first use; tests on CPU switch this off to run FlexAttention's eager (dense) path.
+USE_COMPILE = True
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def _flex() -> Callable[..., Tensor]:
+    global _compiled_flex
+    if not USE_COMPILE:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+class SortedRoute:
+    """Per (batch, head) order of the queries (local first, then global, each by position).
+
+    Attributes (``[B, Hq, Sq_padded]`` with ``Sq_padded`` a multiple of :data:`BLOCK`; padding
+    rows attend nothing):
+        order: original query index of each sorted row, ``[B, Hq, Sq]``.
+        position, is_global: absolute position and route of each sorted row.
+        lo, hi: inclusive key range of each sorted row (empty: ``lo > hi``).
+    """
+
+    def __init__(self, hard: Tensor, seq_kv: int, window: int, key_padding_mask: Tensor | None) -> None:
+        batch, heads, seq_q = hard.shape
+        device = hard.device
+        padded = -(-seq_q // BLOCK) * BLOCK
+        self.order = torch.argsort(hard.to(torch.uint8), dim=-1, stable=True)
+        self.is_global = F.pad(hard.gather(-1, self.order), (0, padded - seq_q))
+        position = (seq_kv - seq_q + self.order).to(torch.int32)
+        self.position = F.pad(position, (0, padded - seq_q), value=-1)
+        start = torch.zeros(batch, dtype=torch.int32, device=device)
+        if key_padding_mask is not None:
+            start = key_padding_mask.to(torch.uint8).argmax(-1).to(torch.int32)  # first real key
+        start = start[:, None, None]
+        lo = torch.where(self.is_global, start, torch.maximum(start, self.position - window + 1))
+        # a query before the first real key still sees its own key (its output is zeroed later)
+        self.lo = torch.where(self.position >= 0, torch.minimum(lo, self.position), torch.iinfo(torch.int32).max)
+        self.hi = self.position
+
+
+def route_block_mask(sorted_route: SortedRoute, seq_q: int, seq_kv: int, mask_mod: Callable, key_padding_mask: Tensor | None) -> BlockMask:
+    """The BlockMask of sorted queries: a KV block is needed by a query tile when it meets the
+    union of the tile's row ranges, and "full" (no mask_mod call) when it lies inside every
+    row's range, is complete and holds no padding."""
+    lo = sorted_route.lo.unflatten(-1, (-1, BLOCK))  # [B, H, q_blocks, BLOCK]
+    hi = sorted_route.hi.unflatten(-1, (-1, BLOCK))
+    live = lo <= hi
+    big = torch.iinfo(torch.int32).max
+    union_lo = torch.where(live, lo, big).amin(-1)
+    union_hi = torch.where(live, hi, -1).amax(-1)
+    shared_lo = torch.where(live, lo, -1).amax(-1)
+    shared_hi = torch.where(live, hi, big).amin(-1)
+    shared_hi = torch.where(live.all(-1), shared_hi, -1)  # a tile with padding rows is never full
+
+    kv_blocks = -(-seq_kv // BLOCK)
+    first = torch.arange(kv_blocks, device=lo.device, dtype=torch.int32) * BLOCK
+    last = first + BLOCK - 1
+    needed = (first <= union_hi[..., None]) & (last >= union_lo[..., None])
+    full = (first >= shared_lo[..., None]) & (last <= shared_hi[..., None]) & (last < seq_kv)
+    if key_padding_mask is not None:
+        complete = F.pad(key_padding_mask, (0, kv_blocks * BLOCK - seq_kv)).unflatten(-1, (-1, BLOCK)).all(-1)
+        full = full & complete[:, None, None, :]
+    partial = needed & ~full
+
+    def compact(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        counts = blocks.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~blocks).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+        return counts, indices
+
+    kv_num, kv_indices = compact(partial)
+    full_num, full_indices = compact(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(seq_q, seq_kv)
+    )
+
+
+def route_mask_mod(sorted_route: SortedRoute, window: int, key_padding_mask: Tensor | None) -> Callable[..., Any]:
+    """``mask_mod(b, h, q_idx, kv_idx)`` over sorted queries: keys ``..p`` for global rows,
+    ``p-window+1..p`` for local ones, real keys only (own key always, so no row is empty)."""
+    position, is_global = sorted_route.position, sorted_route.is_global
+    key_ok = None
+    if key_padding_mask is not None:
+        kv_padded = -(-key_padding_mask.shape[-1] // BLOCK) * BLOCK
+        key_ok = F.pad(key_padding_mask, (0, kv_padded - key_padding_mask.shape[-1]))
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        p = position[b, h, q_idx]
+        allowed = (kv_idx <= p) & (is_global[b, h, q_idx] | (kv_idx > p - window))
+        if key_ok is not None:
+            allowed = (allowed & key_ok[b, kv_idx]) | (kv_idx == p)
+        return allowed
+
+    return mask_mod
+
+
+def flex_routed(
+    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """AHA attention for a bool route ``[B, Hq, Sq]`` (True = global) via sorted FlexAttention;
+    q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
+    seq_q, seq_kv, dim = q.shape[2], k.shape[2], q.shape[3]
+    sorted_route = SortedRoute(hard, seq_kv, window, key_padding_mask)
+    mask_mod = route_mask_mod(sorted_route, window, key_padding_mask)
+    block_mask = route_block_mask(sorted_route, seq_q, seq_kv, mask_mod, key_padding_mask)
+    index = sorted_route.order[..., None].expand(-1, -1, -1, dim)
+    out_sorted = _flex()(
+        q.gather(2, index), k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return torch.empty_like(out_sorted).scatter(2, index, out_sorted)
+
+
+def flex_attention_aha(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """AHA attention with FlexAttention (see the module docstring); shapes as :func:`flex_routed`.
+
+    Raises:
+        AhaInputError: gradients are needed on CPU, where FlexAttention has no backward.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, route))
+    if needs_grad and q.device.type == "cpu":
+        raise AhaInputError(
+            "impl='flex' has no backward on CPU (FlexAttention in torch 2.13 is forward-only there); "
+            "use impl='cpp' or impl='auto' for training, or run under torch.no_grad()"
+        )
+    every = torch.ones(route.shape, dtype=torch.bool, device=q.device)
+    return apply_route(
+        route,
+        window >= k.shape[2],
+        routed=lambda hard: flex_routed(q, k, v, hard, window, scale, key_padding_mask),
+        full=lambda: flex_routed(q, k, v, every, window, scale, key_padding_mask),
+        local=lambda: flex_routed(q, k, v, ~every, window, scale, key_padding_mask),
+    )
