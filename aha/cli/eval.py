@@ -85,7 +85,7 @@ def eval_command(
     from rich.console import Console
 
     from aha.evaluation.run import EvalSettings, run_evaluation
-    from aha.evaluation.tables import passkey_table, perplexity_table
+    from aha.evaluation.tables import passkey_table, perplexity_table, position_table
 
     try:
         settings = EvalSettings(
@@ -108,6 +108,7 @@ def eval_command(
     console = Console()
     if run.perplexity is not None:
         console.print(perplexity_table(run.perplexity))
+        console.print(position_table(run.perplexity))
     if run.passkey is not None:
         console.print(passkey_table(run.passkey))
     console.print(f"report: {out}/ ({', '.join(Path(p).name for p in run.files.values())})")

@@ -37,7 +37,7 @@ from aha.evaluation.routing import (
     routing_mode,
 )
 from aha.evaluation.run import EvalRun, EvalSettings, run_evaluation
-from aha.evaluation.tables import passkey_table, perplexity_table
+from aha.evaluation.tables import passkey_table, perplexity_table, position_table
 from aha.evaluation.token_view import write_token_view
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "plot_global_fraction_vs_position",
     "plot_global_fraction_vs_window",
     "plot_layer_head_heatmap",
+    "position_table",
     "routing_mode",
     "run_evaluation",
     "write_token_view",

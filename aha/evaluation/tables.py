@@ -10,7 +10,8 @@ from aha.evaluation.passkey import PasskeyResult
 from aha.evaluation.perplexity import PerplexityReport
 from aha.evaluation.routing import MODES
 
-MODE_LABELS = {"full": "full attention", "local": "sliding window", "aha": "AHA (routed)"}
+#: Printed under every table: what the three rows are.
+MODES_NOTE = "full = every pair global; local = every pair local (sliding window); aha = learned routes"
 
 
 def _percent(x: float | None) -> str:
@@ -18,28 +19,38 @@ def _percent(x: float | None) -> str:
 
 
 def perplexity_table(report: PerplexityReport, *, title: str | None = None) -> Table:
-    """One row per mode: perplexity (overall and per position bucket) and routing statistics."""
+    """One row per mode: held-out perplexity, its change vs full attention, and the routing statistics."""
     table = Table(title=title or f"Held-out perplexity and routing (window {report.window}, {report.sequences} x {report.seq_len} tokens)")
-    table.add_column("mode")
-    table.add_column("perplexity", justify="right")
-    table.add_column("vs full", justify="right")
-    first = next(iter(report.results.values()))
-    for bucket in first.buckets:
-        table.add_column(f"ppl @{bucket.start}-{bucket.end - 1}", justify="right")
-    table.add_column("global fraction", justify="right")
-    table.add_column("ops replaced", justify="right")
-    table.add_column("compute ratio", justify="right")
+    for name in ("mode", "perplexity", "vs full", "global", "ops replaced", "compute"):
+        table.add_column(name, justify="left" if name == "mode" else "right")
     for mode, result in report.results.items():
         vs_full = f"{report.relative_to_full(mode):+.2%}" if "full" in report.results and mode != "full" else ""
         table.add_row(
-            MODE_LABELS.get(mode, mode),
+            mode,
             f"{result.perplexity:.3f}",
             vs_full,
-            *(f"{bucket.perplexity:.3f}" for bucket in result.buckets),
             _percent(result.routing.global_fraction),
             _percent(result.routing.operations_replaced),
             _percent(result.routing.compute_ratio),
         )
+    table.caption = (
+        f"{MODES_NOTE}\nglobal: share of (token, head) pairs routed to full attention; "
+        "compute: attention scores computed / full causal"
+    )
+    return table
+
+
+def position_table(report: PerplexityReport, *, title: str | None = None) -> Table:
+    """Perplexity per query-position bucket (one column per bucket), one row per mode, plus AHA's global fraction."""
+    table = Table(title=title or f"Perplexity by query position (window {report.window})")
+    table.add_column("mode")
+    first = next(iter(report.results.values()))
+    for bucket in first.buckets:
+        table.add_column(f"{bucket.start}-{bucket.end - 1}", justify="right")
+    for mode, result in report.results.items():
+        table.add_row(mode, *(f"{bucket.perplexity:.3f}" for bucket in result.buckets))
+    if "aha" in report.results:
+        table.add_row("aha global", *(_percent(bucket.global_fraction) for bucket in report.results["aha"].buckets))
     return table
 
 
@@ -47,24 +58,28 @@ def passkey_table(result: PasskeyResult, *, title: str | None = None) -> Table:
     """Exact-match accuracy per mode: by context length, and split by needle distance vs window."""
     lengths = sorted({t.context_length for t in result.trials})
     modes = sorted({t.mode for t in result.trials}, key=MODES.index)
-    table = Table(title=title or f"Passkey retrieval, exact match (window {result.window})")
+    table = Table(title=title or f"Passkey retrieval, exact-match accuracy (window {result.window})")
     table.add_column("mode")
     for n in lengths:
-        table.add_column(f"{n} tok", justify="right")
-    table.add_column("needle < window", justify="right")
-    table.add_column("needle >= window", justify="right")
+        table.add_column(str(n), justify="right")
+    table.add_column("near", justify="right")
+    table.add_column("far", justify="right")
     table.add_column("all", justify="right")
     for mode in modes:
         table.add_row(
-            MODE_LABELS[mode],
+            mode,
             *(_percent(result.accuracy(mode, context_length=n)) for n in lengths),
             _percent(result.accuracy(mode, beyond_window=False)),
             _percent(result.accuracy(mode, beyond_window=True)),
             _percent(result.accuracy(mode)),
         )
+    table.caption = (
+        f"{MODES_NOTE}\ncolumns: prompt length in tokens; near / far: needle less / at least "
+        f"{result.window} tokens (the window) before the answer"
+    )
     if result.answer_stats is not None and result.prompt_stats is not None:
-        table.caption = (
-            f"AHA global fraction: {result.answer_stats.global_fraction:.1%} at the answer steps vs "
+        table.caption += (
+            f"\nAHA global fraction: {result.answer_stats.global_fraction:.1%} at the answer steps vs "
             f"{result.prompt_stats.global_fraction:.1%} over the prompts"
         )
     return table
