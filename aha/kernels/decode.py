@@ -1,8 +1,10 @@
 """Decode path: one new query per (batch, head) against a long KV cache.
 
-Local heads read only the last ``window`` keys of the cache (a slice view, no copy);
-global heads read the whole cache, one SDPA call per (batch, KV head) that has at least
-one global query head. Out-of-window keys are never touched for local heads.
+Local heads read only the last ``window`` keys of the cache; global heads read the whole cache.
+Out-of-window keys are never touched for local heads. On CPU the C++ kernel does this in one
+call (split-KV over threads, bf16 read as bf16); elsewhere, or without the kernel, local heads
+take one SDPA call over a slice view of the window and global heads one SDPA call per
+(batch, KV head) that has a global query head.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from aha.kernels.cpp import cpp_supports, kernel_attention, key_start
 
 
 def decode_attention(
@@ -25,6 +29,10 @@ def decode_attention(
 
     Shapes: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool -> ``[B, Hq, 1, D]``.
     """
+    if cpp_supports(q, key_padding_mask):
+        starts = key_start(key_padding_mask, q.shape[0], q.device)
+        assert starts is not None  # cpp_supports checked it
+        return kernel_attention(q, k, v, route, window, scale, starts)
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads

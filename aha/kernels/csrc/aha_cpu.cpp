@@ -546,9 +546,114 @@ void backward_impl(const Problem& pb, const T* q, const T* k, const T* v, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode (one query per head): memory-bound, so each key row is read once with a dot product
+// (no tile padding), and long key ranges are split into chunks that threads share, merged
+// afterwards through their softmax statistics (split-KV, as in flash-decoding).
+
+constexpr int64_t kDecodeChunk = 2048;
+
+inline float hsum(vfloat x) {
+  float s = 0.0f;
+#pragma GCC unroll 16
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+template <typename T>
+void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bool* route, const int32_t* key_start,
+                 T* out, float* lse) {
+  const int64_t D = pb.dim;
+  const int64_t group = pb.group();
+  const int64_t rows = pb.batch * pb.q_heads;
+  const int64_t pos = pb.seq_kv - 1;
+  struct Chunk {
+    int64_t row, j0, j1;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<double> costs;
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t start = key_start[row / pb.q_heads];
+    const int64_t lo = route[row] ? start : std::max<int64_t>(start, pos - pb.window + 1);
+    for (int64_t j0 = lo; j0 <= pos; j0 += kDecodeChunk) {
+      chunks.push_back({row, j0, std::min(pos + 1, j0 + kDecodeChunk)});
+      costs.push_back(double(chunks.back().j1 - j0) + 64.0);
+    }
+  }
+  std::fill(out, out + rows * D, from_float<T>(0.0f));  // rows that attend nothing (padded queries)
+  std::fill(lse, lse + rows, kNegInf);
+  std::vector<float> part_m(chunks.size()), part_l(chunks.size()), part_o(chunks.size() * D);
+  struct Scratch {
+    AlignedBuffer qrow, krow, scores, acc;
+    explicit Scratch(int64_t D) : qrow(D), krow(D), scores(kDecodeChunk + kLanes), acc(D) {}
+  };
+  std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
+  run_tasks(largest_first(costs), [&](int64_t index, int64_t slot) {
+    if (index < 0) {
+      if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(D);
+      return;
+    }
+    Scratch& sc = *scratch[slot];
+    const Chunk& c = chunks[index];
+    const int64_t b = c.row / pb.q_heads, h = c.row % pb.q_heads;
+    const T* kh = k + b * pb.k_sb + (h / group) * pb.k_sh;
+    const T* vh = v + b * pb.v_sb + (h / group) * pb.v_sh;
+    float* qr = sc.qrow.get();
+    widen_row(q + b * pb.q_sb + h * pb.q_sh, qr, D);
+    for (int64_t d = 0; d < D; ++d) qr[d] *= pb.scale * kLog2e;
+    float* s = sc.scores.get();
+    const int64_t n = c.j1 - c.j0;
+    float m = kNegInf;
+    for (int64_t j = 0; j < n; ++j) {
+      auto [kr, unused] = rows_as_float(kh, pb.k_st, c.j0 + j, 1, D, sc.krow.get());
+      vfloat dot{};
+      for (int64_t d = 0; d < D; d += kLanes) dot += vload(kr + d) * vload(qr + d);
+      s[j] = hsum(dot);
+      m = std::max(m, s[j]);
+    }
+    std::fill(s + n, s + round_up(n, kLanes), kNegInf);
+    vfloat sum{};
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const vfloat p = vexp2(vload(s + j) - m);
+      vstore(s + j, p);
+      sum += p;
+    }
+    const float l = hsum(sum);
+    float* acc = sc.acc.get();
+    std::fill(acc, acc + D, 0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      auto [vr, unused] = rows_as_float(vh, pb.v_st, c.j0 + j, 1, D, sc.krow.get());
+      const vfloat pv = vsplat(s[j]);
+      for (int64_t d = 0; d < D; d += kLanes) vstore(acc + d, vload(acc + d) + pv * vload(vr + d));
+    }
+    part_m[index] = m;
+    part_l[index] = l;
+    std::copy(acc, acc + D, part_o.begin() + index * D);
+  });
+  // merge the chunks of each row (they are consecutive in `chunks`)
+  std::vector<float> merged(D);
+  for (size_t first = 0; first < chunks.size();) {
+    size_t last = first;
+    float m = kNegInf;
+    while (last < chunks.size() && chunks[last].row == chunks[first].row) m = std::max(m, part_m[last++]);
+    float l = 0.0f;
+    std::fill(merged.begin(), merged.end(), 0.0f);
+    for (size_t i = first; i < last; ++i) {
+      const float w = std::exp2(part_m[i] - m);
+      l += w * part_l[i];
+      for (int64_t d = 0; d < D; ++d) merged[d] += w * part_o[i * D + d];
+    }
+    const int64_t row = chunks[first].row;
+    for (int64_t d = 0; d < D; ++d) out[row * D + d] = from_float<T>(merged[d] / l);
+    lse[row] = (m + std::log2(l)) * kLn2;
+    first = last;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Op wrappers.
 
-Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window, double scale) {
+Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& route,
+                 const at::Tensor& key_start, int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "aha: q, k, v must be [batch, heads, seq, dim]");
   TORCH_CHECK(q.device().is_cpu(), "aha: the C++ kernel runs on CPU tensors only");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "aha: q, k, v dtypes differ");
@@ -568,13 +673,14 @@ Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   pb.q_sb = q.stride(0), pb.q_sh = q.stride(1), pb.q_st = q.stride(2);
   pb.k_sb = k.stride(0), pb.k_sh = k.stride(1), pb.k_st = k.stride(2);
   pb.v_sb = v.stride(0), pb.v_sh = v.stride(1), pb.v_st = v.stride(2);
+  TORCH_CHECK(route.scalar_type() == at::kBool && route.is_contiguous() && route.numel() == pb.batch * pb.q_heads * pb.seq_q,
+              "aha: route must be a contiguous bool tensor [batch, q_heads, seq_q]");
+  TORCH_CHECK(key_start.scalar_type() == at::kInt && key_start.numel() == pb.batch, "aha: key_start must be int32 [batch]");
   return pb;
 }
 
 Tiling tiles_for(const Problem& pb, const at::Tensor& route, const at::Tensor& key_start, int64_t local_rows,
                  int64_t global_rows) {
-  TORCH_CHECK(route.scalar_type() == at::kBool && route.is_contiguous(), "aha: route must be a contiguous bool tensor");
-  TORCH_CHECK(key_start.scalar_type() == at::kInt && key_start.numel() == pb.batch, "aha: key_start must be int32 [batch]");
   TORCH_CHECK(local_rows >= 1 && local_rows <= 256 && global_rows >= 1 && global_rows <= 256, "aha: tile rows in [1, 256]");
   const at::Tensor ks = key_start.contiguous();
   return make_tiles(pb, route.data_ptr<bool>(), ks.data_ptr<int32_t>(), local_rows, global_rows);
@@ -591,10 +697,19 @@ Tiling tiles_for(const Problem& pb, const at::Tensor& route, const at::Tensor& k
 std::tuple<at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& route, const at::Tensor& key_start, int64_t window,
                                                double scale, int64_t local_rows, int64_t global_rows) {
-  const Problem pb = describe(q, k, v, window, scale);
-  const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
+  const Problem pb = describe(q, k, v, route, key_start, window, scale);
   at::Tensor out = at::empty({pb.batch, pb.q_heads, pb.seq_q, pb.dim}, q.options());
   at::Tensor lse = at::empty({pb.batch, pb.q_heads, pb.seq_q}, q.options().dtype(at::kFloat));
+  if (pb.seq_q == 1) {
+    const at::Tensor ks = key_start.contiguous();
+    AHA_DISPATCH(q.scalar_type(),
+                 decode_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                       v.const_data_ptr<scalar_t>(), route.const_data_ptr<bool>(),
+                                       ks.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
+                                       lse.mutable_data_ptr<float>()));
+    return {out, lse};
+  }
+  const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
   AHA_DISPATCH(q.scalar_type(),
                forward_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                       v.const_data_ptr<scalar_t>(), tl, out.mutable_data_ptr<scalar_t>(),
@@ -608,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_backward(const at::Tensor& do
                                                             const at::Tensor& route, const at::Tensor& key_start,
                                                             int64_t window, double scale, int64_t local_rows,
                                                             int64_t global_rows) {
-  const Problem pb = describe(q, k, v, window, scale);
+  const Problem pb = describe(q, k, v, route, key_start, window, scale);
   const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat, "aha: bad saved tensors");
   const at::Tensor dout_c = dout.contiguous().to(q.scalar_type());
