@@ -140,3 +140,49 @@ def lm_eval_command(ctx: typer.Context) -> None:
             f"full-attention operations replaced {summary['operations_replaced']:.1%}, "
             f"attention compute ratio {summary['compute_ratio']:.1%} (window {summary['window']})"
         )
+
+
+@app.command("sweep")
+def sweep_command(
+    windows: Annotated[str, typer.Option(help="comma-separated local windows")] = "16,32,64,128,256,512,1024",
+    out: Annotated[Path, typer.Option(help="sweep folder: one training run per window, sweep.json, long_tail.png")] = Path("runs/sweep"),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="training recipe: a YAML/TOML file of `aha train` options", exists=True, dir_okay=False)] = None,
+    model: Annotated[str | None, typer.Option(help="base model (default: the recipe's, else smollm2-135m)")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="training data spec(s), as for `aha train --data` (repeatable)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps per window")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per training sequence")] = None,
+    lambda_init: Annotated[float | None, typer.Option(help="fixed sparsity weight lambda, the same for every window")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per optimizer step")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (interrupted windows resume from the last one)")] = None,
+    eval_sequences: Annotated[int, typer.Option(help="held-out sequences scored per window (the same for every window)")] = 16,
+    eval_seq_len: Annotated[int | None, typer.Option(help="their length (default: the training seq-len)")] = None,
+) -> None:
+    """Train (short) and evaluate one routed model per window, then plot the global fraction needed vs
+    window with perplexity (the long-tail curve). Re-running skips finished windows and resumes an
+    interrupted one from its last checkpoint. Other training options come from --config."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from aha.evaluation.sweep import run_sweep
+    from aha.train import load_config
+
+    overrides = {
+        "model": model, "data": data or None, "steps": steps, "seq_len": seq_len,
+        "lambda_init": lambda_init, "grad_accum": grad_accum, "checkpoint_every": checkpoint_every,
+    }
+    try:
+        recipe = load_config(config, overrides)
+        result = run_sweep(recipe, _ints(windows, "--windows"), out, eval_sequences=eval_sequences,
+                           eval_seq_len=eval_seq_len, log=Console(stderr=True).print)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    table = Table(title=f"Window sweep: {recipe.model}, {recipe.steps} steps per window, lambda {recipe.lambda_init:g}")
+    for name in ("window", "global", "ops replaced", "compute", "perplexity", "same weights, full"):
+        table.add_column(name, justify="right")
+    for p in result.points:
+        table.add_row(str(p.window), f"{p.global_fraction:.1%}", f"{p.operations_replaced:.1%}", f"{p.compute_ratio:.1%}",
+                      f"{p.perplexity:.3f}", f"{p.full_attention_perplexity:.3f}")
+    table.caption = f"original model, full attention: perplexity {result.reference_perplexity:.3f}"
+    console = Console()
+    console.print(table)
+    console.print(f"plot: {result.files['plot']}  data: {result.files['json']}")

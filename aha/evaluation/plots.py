@@ -42,13 +42,14 @@ def plot_global_fraction_vs_window(
     path: str | Path,
     *,
     full_attention_perplexity: float | None = None,
+    full_attention_label: str = "perplexity (full attention)",
     title: str = "Global attention needed vs window",
 ) -> Path:
     """The long-tail curve: global fraction (left axis) and perplexity (right axis) per window.
 
     Args:
         points: one point per window (any order).
-        full_attention_perplexity: drawn as a dashed reference line when given.
+        full_attention_perplexity: drawn as a dotted reference line (labelled ``full_attention_label``) when given.
     """
     if not points:
         raise ValueError("plot_global_fraction_vs_window needs at least one WindowPoint")
@@ -68,7 +69,7 @@ def plot_global_fraction_vs_window(
     ppl_ax = ax.twinx()
     ppl_ax.plot(windows, [p.perplexity for p in points], "s--", color="tab:blue", label="perplexity (AHA)")
     if full_attention_perplexity is not None:
-        ppl_ax.axhline(full_attention_perplexity, color="tab:blue", alpha=0.5, linestyle=":", label="perplexity (full)")
+        ppl_ax.axhline(full_attention_perplexity, color="tab:blue", alpha=0.5, linestyle=":", label=full_attention_label)
     ppl_ax.set_ylabel("held-out perplexity", color="tab:blue")
     handles = ax.get_legend_handles_labels()[0] + ppl_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper right")

@@ -1,0 +1,88 @@
+"""The window sweep: one short training run and one evaluation per window, resumable, with its plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_eval import char_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from aha.cli import app
+from aha.evaluation.passkey import load_haystack
+from aha.evaluation.sweep import run_sweep
+from aha.train import TrainConfig
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    """A tiny plain Llama and a folder of texts, with a 2-step training recipe."""
+    monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path / "cache"))
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+    ))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    haystack = load_haystack()
+    (tmp_path / "texts").mkdir()
+    for i in range(12):
+        (tmp_path / "texts" / f"doc{i}.txt").write_text(haystack[i * 3000 : (i + 1) * 3000])
+    return TrainConfig(
+        model=str(tmp_path / "base"), data=[str(tmp_path / "texts")], heldout_fraction=0.3, seq_len=64,
+        steps=2, grad_accum=1, warmup_steps=0, lambda_init=0.05, router_init="random", checkpoint_every=1, progress=False,
+    )
+
+
+@pytest.mark.slow
+def test_sweep_trains_evaluates_plots_and_resumes(recipe, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    lines: list[str] = []
+    result = run_sweep(recipe, [8, 4], out, eval_sequences=3, progress=False, log=lines.append)
+    assert [p.window for p in result.points] == [4, 8]
+    assert all(0.0 < p.global_fraction < 1.0 for p in result.points)  # random routers, learned routes used
+    assert all(p.compute_ratio < 1.0 and p.perplexity > 1.0 for p in result.points)
+    assert (out / "long_tail.png").stat().st_size > 1000
+    saved = json.loads((out / "sweep.json").read_text())
+    assert [p["window"] for p in saved["points"]] == [4, 8]
+    assert saved["reference_perplexity"] == pytest.approx(result.reference_perplexity)
+
+    # a finished sweep is not redone
+    lines.clear()
+    again = run_sweep(recipe, [4, 8], out, eval_sequences=3, progress=False, log=lines.append)
+    assert again.points == result.points
+    assert not any("training" in line or "evaluating" in line for line in lines), lines
+
+    # an interrupted window resumes from its last checkpoint instead of training from scratch
+    for name in ("model", "summary.json", "sweep_eval.json"):
+        path = out / "w8" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(out / "w8" / "checkpoints" / "step-00000002")
+    lines.clear()
+    capsys.readouterr()
+    resumed = run_sweep(recipe, [4, 8], out, eval_sequences=3, progress=False, log=lines.append)
+    assert any("window 8: training" in line for line in lines) and not any("window 4: training" in line for line in lines)
+    assert "step-00000001" in capsys.readouterr().out  # the trainer says "resumed from .../step-00000001"
+    rows = [json.loads(r) for r in (out / "w8" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert resumed.points == result.points  # CPU fp32 resume is exact
+
+
+def test_sweep_refuses_a_target_global_fraction(recipe, tmp_path):
+    recipe.target_global = 0.1
+    with pytest.raises(ValueError, match="fixed sparsity weight"):
+        run_sweep(recipe, [4, 8], tmp_path / "sweep")
+
+
+def test_aha_sweep_cli_reports_a_bad_recipe(recipe, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(f"model: {recipe.model}\ntarget_global: 0.1\n")
+    result = CliRunner().invoke(app, ["sweep", "--config", str(config), "--windows", "4,8", "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "--lambda-init" in result.output
+    result = CliRunner().invoke(app, ["sweep", "--windows", "4,x", "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "comma-separated integers" in result.output
