@@ -1,0 +1,155 @@
+"""Training configuration: one dataclass, loadable from YAML or TOML, mirrored by the CLI flags.
+
+Precedence: dataclass defaults < config file < command-line flags. Every field is a flag
+(``lambda_init`` -> ``--lambda-init``); :func:`load_config` and :func:`merge_overrides` do the layering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import tomllib
+import yaml
+
+Trainable = Literal["all", "routers", "lora"]
+Precision = Literal["auto", "fp32", "bf16"]
+ForcedRouting = Literal["global", "local"]
+
+#: Fields that may differ when resuming a run: they do not change the training trajectory.
+RESUME_MUTABLE_FIELDS = frozenset({"out", "eval_every", "eval_sequences", "checkpoint_every", "keep_checkpoints", "progress"})
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (see each field's help, also shown by ``aha train --help``)."""
+
+    # model and routing
+    model: str = _help("model name (e.g. smollm2-135m) or path, loaded with aha.load_model", default="smollm2-135m")
+    window: int = _help("local window: keys a local query sees, its own included", default=256)
+    threshold: float = _help("a (token, head) goes global when sigmoid(router logit) > threshold", default=0.5)
+    router_init: Literal["open", "random"] = _help("'open': all heads start global (the converted model equals the original)", default="open")
+    force_routing: ForcedRouting | None = _help(
+        "train a baseline with routing fixed ('global' = the un-routed model fine-tuned the same way); routers are frozen", default=None
+    )
+    # what trains
+    trainable: Trainable = _help(
+        "what trains: 'all' parameters (router-only training tends to collapse to all-local), 'routers' only, "
+        "or 'lora' (routers + LoRA adapters on the k/v/o and MLP projections)",
+        default="all",
+    )
+    lora_rank: int = _help("LoRA rank (trainable='lora')", default=16)
+    lora_alpha: float = _help("LoRA alpha (trainable='lora')", default=32.0)
+    # data
+    data: list[str] = _help("data specs: built-in corpus names, 'default', files, folders, or hf:<dataset>[:split]", default_factory=lambda: ["default"])
+    text_field: str = _help("text key of JSONL rows / datasets columns", default="text")
+    heldout_fraction: float = _help("share of documents held out (by a hash of the document id)", default=0.1)
+    min_doc_tokens: int = _help("skip documents shorter than this many tokens", default=2)
+    seq_len: int = _help("tokens per training sequence (one document per sequence, right-padded)", default=1024)
+    # objective
+    lambda_init: float = _help("sparsity weight lambda on mean(g_soft); with --target-global it is the controller's start", default=3e-4)
+    target_global: float | None = _help("target global fraction; lambda adapts to meet it (e.g. 0.07)", default=None)
+    lambda_lr: float = _help("budget controller's integral rate on log(lambda) per step (see LambdaController)", default=0.1)
+    lambda_gain: float = _help("budget controller's proportional gain on log(lambda) (damps overshoot)", default=5.0)
+    distill: float = _help("weight of KL(teacher || student) to the frozen original model's logits (0 = off)", default=0.0)
+    distill_temperature: float = _help("softmax temperature of the distillation term", default=1.0)
+    # optimisation
+    steps: int = _help("optimizer steps", default=200)
+    batch_size: int = _help("sequences per process per micro-batch", default=1)
+    grad_accum: int = _help("micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)", default=8)
+    lr: float = _help("peak learning rate of the model's parameters (or LoRA adapters)", default=5e-5)
+    router_lr: float = _help("peak learning rate of the router parameters", default=1e-3)
+    weight_decay: float = _help("AdamW weight decay (not applied to routers)", default=0.0)
+    warmup_steps: int = _help("linear warmup steps before the cosine decay", default=10)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
+    precision: Precision = _help("'auto' = bf16 autocast on GPUs that support it, else fp32", default="auto")
+    seed: int = _help("seed of initialisation, data order and RNG", default=0)
+    # bookkeeping
+    out: str = _help("output folder: checkpoints, metrics.jsonl, the final model", default="runs/aha-train")
+    checkpoint_every: int = _help("save a checkpoint every N steps (0 = only at the end)", default=50)
+    keep_checkpoints: int = _help("checkpoints kept (oldest deleted first)", default=2)
+    eval_every: int = _help("held-out perplexity every N steps (0 = only at the end, -1 = never)", default=0)
+    eval_sequences: int = _help("held-out sequences per evaluation", default=32)
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.window < 1:
+            problems.append("window must be >= 1")
+        if not 0 < self.threshold < 1:
+            problems.append("threshold must be in (0, 1)")
+        if self.target_global is not None and not 0 <= self.target_global <= 1:
+            problems.append("target_global must be in [0, 1]")
+        if self.lambda_init < 0 or (self.target_global is not None and self.lambda_init <= 0):
+            problems.append("lambda_init must be >= 0 (> 0 with target_global: the controller works in log space)")
+        if min(self.steps, self.batch_size, self.grad_accum) < 1:
+            problems.append("steps, batch_size and grad_accum must be >= 1")
+        if self.seq_len < 2:
+            problems.append("seq_len must be >= 2")
+        if self.force_routing is not None and (self.target_global is not None or self.trainable == "routers"):
+            problems.append("force_routing fixes the routes: drop target_global and use trainable='all' or 'lora'")
+        for name in ("trainable", "precision", "router_init"):
+            allowed = get_args(_field_types()[name])
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {allowed}")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(TrainConfig)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig`, in declaration order."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of TrainConfig fields (dashes allowed in keys)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        raw = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        raw = tomllib.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} in {path}; valid options: {sorted(known)}")
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the file at ``path`` (if any), then ``overrides`` (entries that are None are ignored)."""
+    values = read_config_file(path) if path is not None else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig(**values)
+
+
+def differing_fields(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Fields that differ between a saved run's config and ``current``, ignoring :data:`RESUME_MUTABLE_FIELDS`."""
+    now = current.to_dict()
+    return sorted(k for k in set(saved) | set(now) if k not in RESUME_MUTABLE_FIELDS and saved.get(k) != now.get(k))
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,255 @@
+"""Training on tiny random models: objective, budget controller, exact resume, distillation, LoRA, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from train_support import copy_task, pretrain_on, save_tiny_model, tiny_llama
+from typer.testing import CliRunner
+
+import aha
+from aha.cli import app
+from aha.train import (
+    LambdaController,
+    TrainConfig,
+    iter_metrics,
+    router_parameters,
+    train,
+)
+from aha.train import trainer as trainer_module
+from aha.train.config import config_fields
+
+COPY_VOCAB = 20  # copy_task's default token ids 0..17, with room to spare
+EXACT_KEYS = ("loss", "ce", "kd", "soft_gate", "global_fraction", "lambda", "lr", "grad_norm", "targets_seen")
+
+
+@pytest.fixture(scope="module")
+def copy_data():
+    return copy_task(400, block=12)
+
+
+@pytest.fixture(scope="module")
+def copy_model_state(copy_data):
+    """A tiny Llama pretrained (full attention) to copy: it needs attention 13 tokens back."""
+    return pretrain_on(copy_data, COPY_VOCAB)
+
+
+def copy_model(state) -> torch.nn.Module:
+    model = tiny_llama(vocab_size=COPY_VOCAB)
+    model.load_state_dict(state)
+    return model
+
+
+def toy_config(out: Path, **overrides) -> TrainConfig:
+    """Window 4 on 25-token copy documents: the second half needs a global head."""
+    settings = dict(
+        model="tiny",
+        window=4,
+        seq_len=25,
+        steps=8,
+        batch_size=8,
+        grad_accum=1,
+        lr=1e-3,
+        router_lr=3e-2,
+        warmup_steps=5,
+        lambda_init=1e-2,
+        out=str(out),
+        checkpoint_every=0,
+        eval_every=-1,
+        eval_sequences=40,
+        progress=False,
+        precision="fp32",
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def train_rows(out: Path) -> list[dict]:
+    return list(iter_metrics(out))
+
+
+def test_loss_decreases(tmp_path, copy_data):
+    result = train(toy_config(tmp_path, steps=100, lr=3e-3, lambda_init=0.0), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    ce = [row["ce"] for row in result.history]
+    assert np.mean(ce[-10:]) < np.mean(ce[:10]) - 0.1
+
+
+def test_sparsity_penalty_lowers_the_global_fraction(tmp_path, copy_data, copy_model_state):
+    fractions = {}
+    for lambda_ in (0.0, 0.3):
+        result = train(toy_config(tmp_path / str(lambda_), steps=120, lambda_init=lambda_), model=copy_model(copy_model_state), data=copy_data)
+        fractions[lambda_] = result.achieved_global
+    assert fractions[0.0] > 0.95  # open routers stay open without a penalty
+    assert fractions[0.3] < fractions[0.0] - 0.1
+
+
+def test_budget_controller_meets_the_target(tmp_path, copy_data, copy_model_state):
+    config = toy_config(tmp_path, steps=400, target_global=0.5, eval_every=0)
+    result = train(config, model=copy_model(copy_model_state), data=copy_data)
+    assert abs(result.achieved_global - 0.5) <= 0.02
+    assert abs(result.evaluation["global_fraction"] - 0.5) <= 0.03  # held-out routing agrees
+    lambdas = [row["lambda"] for row in result.history]
+    assert lambdas[0] == config.lambda_init and len(set(lambdas)) > 100  # lambda really adapted
+
+
+def test_lambda_controller_steps():
+    fixed = LambdaController(0.01)
+    assert fixed.update(0.9) == 0.01  # no target: lambda stays
+    controller = LambdaController(0.01, target=0.2, rate=0.1, gain=5.0)
+    above = controller.update(0.7)
+    assert above == pytest.approx(0.01 * math.exp(0.1 * 0.5 + 5 * 0.5))
+    state = controller.state_dict()
+    assert controller.update(0.0) < above  # below target: lambda falls
+    restored = LambdaController(0.5, target=0.2)
+    restored.load_state_dict(state)
+    assert restored.lambda_ == above and restored.integral == state["integral"]
+
+
+def test_resume_after_a_kill_is_bit_identical(tmp_path, copy_data, monkeypatch):
+    def config(out):
+        return toy_config(out, steps=8, grad_accum=2, batch_size=4, lr=3e-3, target_global=0.5, checkpoint_every=2, keep_checkpoints=2)
+
+    straight = train(config(tmp_path / "straight"), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+
+    real_step = trainer_module._Stepper.step
+    calls = {"n": 0}
+
+    def killed_during_step_6(self, progress):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # after step 5 was logged, before checkpoint 6
+        return real_step(self, progress)
+
+    resumed_out = tmp_path / "resumed"
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer_module._Stepper, "step", killed_during_step_6)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(resumed_out), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    checkpoints = resumed_out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+    assert [row["step"] for row in train_rows(resumed_out)] == [1, 2, 3, 4, 5]
+    (checkpoints / ".tmp-step-00000006").mkdir()  # a save interrupted mid-write: must be ignored
+
+    resumed = train(config(resumed_out), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    assert [row["step"] for row in resumed.history] == [5, 6, 7, 8]
+    rows_straight, rows_resumed = train_rows(tmp_path / "straight"), train_rows(resumed_out)
+    assert [r["step"] for r in rows_resumed] == list(range(1, 9))
+    for a, b in zip(rows_straight, rows_resumed):
+        assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}
+    final_a, final_b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000006", "step-00000008"]  # keep-last-2, tmp cleaned
+
+
+def test_resume_refuses_a_different_config(tmp_path, copy_data):
+    train(toy_config(tmp_path, steps=2), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    with pytest.raises(ValueError, match="window"):
+        train(toy_config(tmp_path, steps=2, window=8), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+
+
+@pytest.mark.parametrize("trainable", ["all", "routers", "lora"])
+def test_distillation_teacher_is_the_original_model(tmp_path, copy_data, copy_model_state, trainable):
+    original = copy_model(copy_model_state)
+    config = toy_config(tmp_path, steps=6, trainable=trainable, distill=1.0, lr=1e-2, router_lr=0.3, lambda_init=0.3)
+    result = train(config, model=copy_model(copy_model_state), data=copy_data)
+    kd = [row["kd"] for row in result.history]
+    assert kd[0] < 1e-9  # open routers, untouched weights: student == teacher
+    assert kd[-1] > 1e-6  # the student moved away from the teacher
+    trained = result.model.state_dict()
+    base = {name: p for name, p in original.state_dict().items()}
+    changed = {name for name in base if not torch.equal(base[name], trained[name])}
+    if trainable == "routers":
+        assert not changed  # frozen base: forcing global routes gives the original model back
+    elif trainable == "lora":
+        assert changed and all(name.split(".")[-2] in trainer_module.LORA_TARGET_MODULES for name in changed)
+    assert router_parameters(result.model) and any(p.abs().sum() > 0 for p in router_parameters(result.model)[::2])
+
+
+def test_all_params_distillation_keeps_a_frozen_teacher(tmp_path, copy_data, copy_model_state):
+    # routes forced global, so a teacher that were the student itself would give KD == 0 forever
+    config = toy_config(tmp_path, steps=6, distill=1.0, lr=1e-2, force_routing="global")
+    result = train(config, model=copy_model(copy_model_state), data=copy_data)
+    assert result.history[0]["kd"] < 1e-9 and result.history[-1]["kd"] > 1e-6
+    assert all(row["global_fraction"] == 1.0 for row in result.history)
+    untouched = copy_model(copy_model_state)
+    aha.convert(untouched, window=4)
+    routers_before, routers_after = router_parameters(untouched), router_parameters(result.model)
+    assert all(torch.equal(a, b) for a, b in zip(routers_before, routers_after))  # forced routes: routers frozen
+
+
+def test_outputs_eval_rows_and_a_reloadable_model(tmp_path, copy_data, copy_model_state):
+    config = toy_config(tmp_path, steps=4, eval_every=2, target_global=0.5, trainable="lora")
+    result = train(config, model=copy_model(copy_model_state), data=copy_data)
+    evals = list(iter_metrics(tmp_path, "eval"))
+    assert [row["step"] for row in evals] == [0, 2, 4]
+    assert all(math.isfinite(row["perplexity"]) and 0 <= row["global_fraction"] <= 1 for row in evals)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["evaluation"]["perplexity"] == evals[-1]["perplexity"]
+    reloaded = aha.from_pretrained(tmp_path / "model")
+    assert aha.is_aha_model(reloaded) and reloaded.config.aha["window"] == 4
+    batch = copy_data.heldout[0]["input_ids"][None]
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(input_ids=batch).logits, result.model(input_ids=batch).logits, atol=1e-5)
+
+
+def test_config_file_and_flags(tmp_path, monkeypatch):
+    captured = []
+    monkeypatch.setattr("aha.train.train", lambda config: captured.append(config) or trainer_module.TrainResult(out=Path(config.out), model=torch.nn.Linear(1, 1)))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"window": 64, "steps": 7, "data": "kjv", "target-global": 0.2}))
+    (tmp_path / "run.toml").write_text('window = 32\ndata = ["a", "b"]\n')
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", "--config", str(tmp_path / "run.yaml"), "--steps", "9"]).exit_code == 0
+    assert runner.invoke(app, ["train", "-c", str(tmp_path / "run.toml"), "--data", "x", "--no-progress"]).exit_code == 0
+    from_yaml, from_toml = captured
+    assert (from_yaml.window, from_yaml.steps, from_yaml.data, from_yaml.target_global) == (64, 9, ["kjv"], 0.2)
+    assert (from_toml.window, from_toml.data, from_toml.progress, from_toml.seq_len) == (32, ["x"], False, TrainConfig().seq_len)
+    (tmp_path / "bad.yaml").write_text("windw: 3\n")
+    failed = runner.invoke(app, ["train", "--config", str(tmp_path / "bad.yaml")])
+    assert failed.exit_code != 0 and "windw" in failed.output
+    command = next(c for c in app.registered_commands if c.name == "train")
+    flags = set(command.callback.__signature__.parameters)
+    assert {f.name for f in config_fields()} <= flags  # every option of the config file is also a flag
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo) == 1 process, same global batch of 4 sequences."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (docs / f"{i}.txt").write_text(" ".join(rng.choice(["ab", "cd", "ef", "gh"], size=int(rng.integers(10, 60)))))
+    common = dict(model=str(model_dir), data=[str(docs)], window=8, seq_len=48, steps=4, batch_size=2, lr=3e-3, router_lr=3e-2,
+                  target_global=0.5, lambda_init=1e-2, checkpoint_every=0, eval_every=-1, progress=False, precision="fp32")
+    env = {**os.environ, "AHA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(yaml.safe_dump({**common, "grad_accum": 1, "out": str(tmp_path / "two")}))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "aha.cli", "train", "--config", str(config_file)]
+    done = subprocess.run(launch, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    os.environ["AHA_CACHE_DIR"] = env["AHA_CACHE_DIR"]
+    try:
+        one = train(TrainConfig(**common, grad_accum=2, out=str(tmp_path / "one")))
+    finally:
+        del os.environ["AHA_CACHE_DIR"]
+    rows_one, rows_two = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
+    assert len(rows_one) == len(rows_two) == 4
+    for a, b in zip(rows_one, rows_two):
+        assert a["targets_seen"] == b["targets_seen"] and a["global_fraction"] == b["global_fraction"]
+        for key in ("loss", "ce", "soft_gate", "lambda", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    two = aha.from_pretrained(tmp_path / "two" / "model").state_dict()
+    for name, value in one.model.state_dict().items():
+        assert torch.allclose(value, two[name], atol=1e-5), name
