@@ -1,0 +1,123 @@
+"""The C++ CPU kernel (impl='cpp' and the decode path): what the shared property tests do not reach."""
+
+import shutil
+
+import pytest
+import torch
+
+from aha import aha_attention, choose_impl
+from aha.kernels import cpp
+from aha.kernels._cpp_build import cpp_kernel_error
+
+needs_kernel = pytest.mark.skipif(not cpp.cpp_available(), reason=f"C++ kernel unavailable: {cpp_kernel_error()}")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_kernel_builds_where_a_compiler_exists():
+    assert cpp.cpp_available(), cpp_kernel_error()
+
+
+def grads_of(impl, q, k, v, route, window, kpm=None):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+    (out * weights).sum().backward()
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("rho", [0.0, 0.15, 1.0])
+def test_long_sequences_cross_key_blocks(dim, rho):
+    """Over 512 keys a tile's range is cut into several blocks merged by the online softmax."""
+    q = torch.randn(1, 4, 1300, dim)
+    k, v = torch.randn(2, 1, 2, 1400, dim)
+    route = torch.rand(1, 4, 1300) < rho
+    want = grads_of("reference", q, k, v, route, 300)
+    got = grads_of("cpp", q, k, v, route, 300)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_half_precision_forward_and_backward(dtype, tol):
+    q = torch.randn(1, 4, 600, 32)
+    k, v = torch.randn(2, 1, 2, 600, 32)
+    route = torch.rand(1, 4, 600) < 0.2
+    want = grads_of("reference", q, k, v, route, 70)
+    got = grads_of("cpp", q.to(dtype), k.to(dtype), v.to(dtype), route, 70)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w, atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_strided_inputs_need_no_copy_and_match():
+    """[batch, seq, heads, dim] projections transposed to [batch, heads, seq, dim] (HF layout)."""
+    q = torch.randn(2, 90, 4, 16).transpose(1, 2)
+    k, v = (torch.randn(2, 90, 2, 16).transpose(1, 2) for _ in range(2))
+    route = torch.rand(2, 4, 90) < 0.3
+    expected = aha_attention(q, k, v, route, 11, impl="reference")
+    torch.testing.assert_close(aha_attention(q, k, v, route, 11, impl="cpp"), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["left", "right", "both", "holes"])
+def test_padding_layouts(layout):
+    q = torch.randn(2, 4, 60, 16)
+    k, v = torch.randn(2, 2, 2, 80, 16)
+    route = torch.rand(2, 4, 60) < 0.3
+    kpm = torch.ones(2, 80, dtype=torch.bool)
+    if layout in ("left", "both"):
+        kpm[0, :30] = False
+    if layout in ("right", "both"):
+        kpm[1, 70:] = False
+    if layout == "holes":
+        kpm[1, 40:45] = False
+    assert (cpp.key_start(kpm, 2, q.device) is None) == (layout == "holes")  # holes fall back to split
+    want = grads_of("reference", q, k, v, route, 9, kpm)
+    got = grads_of("cpp", q, k, v, route, 9, kpm)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_auto_uses_the_kernel_on_cpu():
+    q, k = torch.randn(2, 1, 2, 40, 16)
+    assert choose_impl(q, k, torch.rand(1, 2, 40) < 0.1, 8) == "cpp"
+    assert choose_impl(q.bfloat16(), k.bfloat16(), torch.rand(1, 2, 40) < 0.1, 8) == "cpp"
+    assert choose_impl(q.double(), k.double(), torch.rand(1, 2, 40) < 0.1, 8) == "split"
+
+
+@pytest.fixture(params=["kernel", "sdpa"])
+def decode_path(request, monkeypatch):
+    if request.param == "sdpa":
+        monkeypatch.setattr("aha.kernels.decode.cpp_supports", lambda *args: False)
+    elif not cpp.cpp_available():
+        pytest.skip("C++ kernel unavailable")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("seq_kv, window", [(5000, 256), (300, 400), (2100, 7)])
+def test_decode_paths_match_reference(decode_path, dtype, tol, seq_kv, window):
+    """Long caches are split into chunks across threads and merged; left padding included."""
+    q = torch.randn(2, 6, 1, 64).to(dtype)
+    k, v = torch.randn(2, 2, 3, seq_kv, 64).to(dtype)
+    route = torch.rand(2, 6, 1) < 0.5
+    kpm = torch.ones(2, seq_kv, dtype=torch.bool)
+    kpm[1, : seq_kv // 3] = False
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
+    out = aha_attention(q, k, v, route, window, impl="decode", key_padding_mask=kpm)
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_decode_never_reads_out_of_window_keys(decode_path):
+    q = torch.randn(1, 4, 1, 16)
+    k, v = torch.randn(2, 1, 2, 3000, 16)
+    route = torch.tensor([[[False], [False], [True], [False]]])
+    out = aha_attention(q, k, v, route, 10, impl="decode")
+    k[:, 0, :2990] = float("nan")  # KV head 0 serves query heads 0-1, both local
+    v[:, 0, :2990] = float("nan")
+    torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl="decode"), out)
