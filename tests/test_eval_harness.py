@@ -46,6 +46,26 @@ metric_list:
     higher_is_better: true
 """
     )
+    (folder / "aha_tiny_generate.yaml").write_text(
+        f"""task: aha_tiny_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\nAnswer:"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
     return folder
 
 
@@ -54,10 +74,15 @@ def tokenizer():
     return char_tokenizer()
 
 
-def test_evaluate_harness_scores_a_local_task_with_routing_tracked(task_folder, tokenizer):
+def test_evaluate_harness_scores_local_tasks_with_routing_tracked(task_folder, tokenizer):
+    """A log-likelihood task and a generation task (batched: left padding, routed KV-cache decoding)."""
     model = routed_llama(len(tokenizer))
-    results = evaluate_harness(model, tokenizer, ["aha_tiny_choice"], include_path=task_folder)
+    results = evaluate_harness(
+        model, tokenizer, ["aha_tiny_choice", "aha_tiny_generate"], include_path=task_folder, batch_size=2, log_samples=True
+    )
     assert results["results"]["aha_tiny_choice"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    answers = [sample["resps"][0][0] for sample in results["samples"]["aha_tiny_generate"]]
+    assert len(answers) == 3 and all(0 < len(a) <= 8 and "\n" not in a for a in answers)
     routing = results["aha_routing"]
     assert 0.2 < routing["global_fraction"] < 0.8  # random routers: both routes were used
     assert len(routing["per_layer"]) == 2

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from aha.cli import app
 from aha.evaluation.passkey import load_haystack
 from aha.evaluation.sweep import run_sweep
-from aha.train import TrainConfig
+from aha.train import TrainConfig, trainer
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def recipe(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sweep_trains_evaluates_plots_and_resumes(recipe, tmp_path, capsys):
+def test_sweep_trains_evaluates_plots_and_resumes(recipe, tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     lines: list[str] = []
     result = run_sweep(recipe, [8, 4], out, eval_sequences=3, progress=False, log=lines.append)
@@ -48,6 +48,7 @@ def test_sweep_trains_evaluates_plots_and_resumes(recipe, tmp_path, capsys):
     assert all(0.0 < p.global_fraction < 1.0 for p in result.points)  # random routers, learned routes used
     assert all(p.compute_ratio < 1.0 and p.perplexity > 1.0 for p in result.points)
     assert (out / "long_tail.png").stat().st_size > 1000
+    assert not (out / "w4" / "checkpoints").exists()  # finished windows keep their model, not the resume state
     saved = json.loads((out / "sweep.json").read_text())
     assert [p["window"] for p in saved["points"]] == [4, 8]
     assert saved["reference_perplexity"] == pytest.approx(result.reference_perplexity)
@@ -58,11 +59,19 @@ def test_sweep_trains_evaluates_plots_and_resumes(recipe, tmp_path, capsys):
     assert again.points == result.points
     assert not any("training" in line or "evaluating" in line for line in lines), lines
 
-    # an interrupted window resumes from its last checkpoint instead of training from scratch
-    for name in ("model", "summary.json", "sweep_eval.json"):
-        path = out / "w8" / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(out / "w8" / "checkpoints" / "step-00000002")
+    # Ctrl-C during a window's training loses nothing: the rerun resumes from its last checkpoint
+    shutil.rmtree(out / "w8")
+    save_checkpoint = trainer.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        save_checkpoint(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(recipe, [4, 8], out, eval_sequences=3, progress=False, log=lines.append)
+    assert (out / "w8" / "checkpoints" / "step-00000001").is_dir() and not (out / "w8" / "model").exists()
+    monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
     lines.clear()
     capsys.readouterr()
     resumed = run_sweep(recipe, [4, 8], out, eval_sequences=3, progress=False, log=lines.append)

@@ -9,7 +9,8 @@ Layout of the sweep folder (every step resumable: a finished window is skipped, 
 training resumes from its last checkpoint, an evaluated window is not evaluated again)::
 
     reference.json   the original model's full-attention perplexity on the held-out sequences
-    w<window>/       the training run (config.yaml, metrics.jsonl, checkpoints/, model/, summary.json)
+    w<window>/       the training run (config.yaml, metrics.jsonl, model/, summary.json; its
+                     checkpoints/ exist while it trains and are deleted once its model is saved)
     w<window>/sweep_eval.json   held-out perplexity and routing of that window's model
     sweep.json       every window's point (schema: :meth:`SweepResult.to_dict`)
     long_tail.png    global fraction and perplexity vs window
@@ -21,6 +22,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +169,8 @@ def run_sweep(
             trained = train(config)
             del trained
             gc.collect()
+        # the finished model is saved: the resume checkpoints (weights + optimizer state) are dead weight
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
         eval_file = run / "sweep_eval.json"
         if eval_file.exists():
             point = SweepPoint(**json.loads(eval_file.read_text()))
