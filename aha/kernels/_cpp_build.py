@@ -3,7 +3,7 @@
 The kernel is compiled once per (source, torch version, compiler, CPU) with
 ``-O3 -march=native -fopenmp`` and cached as a shared library under ``~/.cache/aha/``
 (``AHA_CACHE_DIR`` overrides the folder); later processes only load it. ``make install`` builds
-it ahead of time (``python -m aha.kernels._cpp_build``); otherwise the first call that needs it
+it ahead of time (:func:`build_report`); otherwise the first call that needs it
 compiles it (about 15 s). ``AHA_DISABLE_CPP=1`` turns it off. When it cannot be built, the
 pure-PyTorch implementations are used and :func:`cpp_kernel_error` says why.
 """
@@ -110,7 +110,8 @@ def cpp_kernel_error() -> str | None:
     return _error
 
 
-if __name__ == "__main__":
+def build_report() -> None:
+    """Build the kernel now and say where it is or why it is unavailable (``make install`` calls this)."""
     if load_cpp_kernel():
         print(f"aha: C++ CPU kernel ready ({library_path(_compiler() or '')})")
     else:
