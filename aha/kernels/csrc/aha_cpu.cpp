@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -151,9 +152,7 @@ inline T from_float(float x) {
 inline void widen_row(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
 inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(src[i].x) << 16);
 }
 
 inline void widen_row(const c10::Half* src, float* dst, int64_t n) {
@@ -552,11 +551,75 @@ void backward_impl(const Problem& pb, const T* q, const T* k, const T* v, const 
 
 constexpr int64_t kDecodeChunk = 2048;
 
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+
+// Horizontal sum as a tree of vector adds (a lane-by-lane loop is one long dependency chain).
 inline float hsum(vfloat x) {
-  float s = 0.0f;
-#pragma GCC unroll 16
-  for (int i = 0; i < kLanes; ++i) s += x[i];
-  return s;
+  const vfloat8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vfloat4 f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (f[0] + f[2]) + (f[1] + f[3]);
+}
+
+// Softmax statistics (max m, sum l, unnormalised output acc[D]) of one query, pre-scaled to log2
+// units in `qr`, over keys [j0, j0 + n). NV = D / 16 keeps the query and accumulators in
+// registers; NV = 0 handles any D. Two accumulator sets break the FMA dependency between keys.
+template <int NV, typename T>
+void decode_chunk(const float* qr, const T* kh, int64_t k_st, const T* vh, int64_t v_st, int64_t j0, int64_t n,
+                  int64_t D, float* s, float* rows, float& m_out, float& l_out, float* acc_out) {
+  constexpr int kCap = NV > 0 ? NV : 64;
+  const int nv = NV > 0 ? NV : static_cast<int>(D / kLanes);
+  vfloat qv[kCap];
+  for (int i = 0; i < nv; ++i) qv[i] = vload(qr + i * kLanes);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kr = rows_as_float(kh, k_st, j0 + j, 1, D, rows).first;
+    vfloat dot = vload(kr) * qv[0];
+    for (int i = 1; i < nv; ++i) dot += vload(kr + i * kLanes) * qv[i];
+    s[j] = hsum(dot);
+  }
+  std::fill(s + n, s + round_up(n, kLanes), kNegInf);
+  vfloat mx = vsplat(kNegInf);
+  for (int64_t j = 0; j < n; j += kLanes) mx = vmax(mx, vload(s + j));
+  float m = kNegInf;
+  for (int i = 0; i < kLanes; ++i) m = std::max(m, mx[i]);
+  vfloat sum{};
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const vfloat p = vexp2(vload(s + j) - m);
+    vstore(s + j, p);
+    sum += p;
+  }
+  vfloat even[kCap], odd[kCap];
+  for (int i = 0; i < nv; ++i) even[i] = odd[i] = vfloat{};
+  int64_t j = 0;
+  for (; j + 1 < n; j += 2) {
+    const float* v0 = rows_as_float(vh, v_st, j0 + j, 1, D, rows).first;
+    const float* v1 = rows_as_float(vh, v_st, j0 + j + 1, 1, D, rows + D).first;
+    const vfloat p0 = vsplat(s[j]), p1 = vsplat(s[j + 1]);
+    for (int i = 0; i < nv; ++i) {
+      even[i] += p0 * vload(v0 + i * kLanes);
+      odd[i] += p1 * vload(v1 + i * kLanes);
+    }
+  }
+  if (j < n) {
+    const float* v0 = rows_as_float(vh, v_st, j0 + j, 1, D, rows).first;
+    for (int i = 0; i < nv; ++i) even[i] += vsplat(s[j]) * vload(v0 + i * kLanes);
+  }
+  for (int i = 0; i < nv; ++i) vstore(acc_out + i * kLanes, even[i] + odd[i]);
+  m_out = m;
+  l_out = hsum(sum);
+}
+
+template <typename T>
+void decode_chunk_dispatch(const float* qr, const T* kh, int64_t k_st, const T* vh, int64_t v_st, int64_t j0,
+                           int64_t n, int64_t D, float* s, float* rows, float& m, float& l, float* acc) {
+  switch (D / kLanes) {
+    case 1: return decode_chunk<1>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
+    case 2: return decode_chunk<2>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
+    case 4: return decode_chunk<4>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
+    case 8: return decode_chunk<8>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
+    default: return decode_chunk<0>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
+  }
 }
 
 template <typename T>
@@ -583,8 +646,8 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   std::fill(lse, lse + rows, kNegInf);
   std::vector<float> part_m(chunks.size()), part_l(chunks.size()), part_o(chunks.size() * D);
   struct Scratch {
-    AlignedBuffer qrow, krow, scores, acc;
-    explicit Scratch(int64_t D) : qrow(D), krow(D), scores(kDecodeChunk + kLanes), acc(D) {}
+    AlignedBuffer qrow, krow, scores;
+    explicit Scratch(int64_t D) : qrow(D), krow(2 * D), scores(kDecodeChunk + kLanes) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
   run_tasks(largest_first(costs), [&](int64_t index, int64_t slot) {
@@ -600,34 +663,8 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
     float* qr = sc.qrow.get();
     widen_row(q + b * pb.q_sb + h * pb.q_sh, qr, D);
     for (int64_t d = 0; d < D; ++d) qr[d] *= pb.scale * kLog2e;
-    float* s = sc.scores.get();
-    const int64_t n = c.j1 - c.j0;
-    float m = kNegInf;
-    for (int64_t j = 0; j < n; ++j) {
-      auto [kr, unused] = rows_as_float(kh, pb.k_st, c.j0 + j, 1, D, sc.krow.get());
-      vfloat dot{};
-      for (int64_t d = 0; d < D; d += kLanes) dot += vload(kr + d) * vload(qr + d);
-      s[j] = hsum(dot);
-      m = std::max(m, s[j]);
-    }
-    std::fill(s + n, s + round_up(n, kLanes), kNegInf);
-    vfloat sum{};
-    for (int64_t j = 0; j < n; j += kLanes) {
-      const vfloat p = vexp2(vload(s + j) - m);
-      vstore(s + j, p);
-      sum += p;
-    }
-    const float l = hsum(sum);
-    float* acc = sc.acc.get();
-    std::fill(acc, acc + D, 0.0f);
-    for (int64_t j = 0; j < n; ++j) {
-      auto [vr, unused] = rows_as_float(vh, pb.v_st, c.j0 + j, 1, D, sc.krow.get());
-      const vfloat pv = vsplat(s[j]);
-      for (int64_t d = 0; d < D; d += kLanes) vstore(acc + d, vload(acc + d) + pv * vload(vr + d));
-    }
-    part_m[index] = m;
-    part_l[index] = l;
-    std::copy(acc, acc + D, part_o.begin() + index * D);
+    decode_chunk_dispatch(qr, kh, pb.k_st, vh, pb.v_st, c.j0, c.j1 - c.j0, D, sc.scores.get(), sc.krow.get(),
+                          part_m[index], part_l[index], part_o.data() + index * D);
   });
   // merge the chunks of each row (they are consecutive in `chunks`)
   std::vector<float> merged(D);
