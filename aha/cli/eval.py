@@ -75,7 +75,7 @@ def eval_command(
     max_sequences: Annotated[int, typer.Option(help="held-out sequences scored (evenly spaced over the corpora)")] = 16,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 1,
     passkey_lengths: Annotated[str, typer.Option(help="passkey prompt lengths in tokens")] = "512,1024,2048,4096",
-    passkey_depths: Annotated[str, typer.Option(help="needle depths in [0, 1] (0 = start of the haystack)")] = "0.1,0.5,0.9",
+    passkey_depths: Annotated[str, typer.Option(help="needle depths in [0, 1] (0 = start of the haystack, 1 = right before the question)")] = "0.1,0.5,1.0",
     passkey_trials: Annotated[int, typer.Option(help="prompts per (length, depth)")] = 1,
     seed: Annotated[int, typer.Option(help="seed of passkeys and haystack starts")] = 0,
     dtype: Annotated[str, typer.Option(help="weight dtype: float32, bfloat16 or float16")] = "float32",

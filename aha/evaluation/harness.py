@@ -58,6 +58,7 @@ def register_harness_model() -> type:
         instances: ClassVar[list[AhaHarnessLM]] = []
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("backend", "causal")  # AHA model types are not in the harness's static causal-LM list
             super().__init__(*args, **kwargs)
             self._tracking = ExitStack()
             self.routing: RoutingStats | None = None

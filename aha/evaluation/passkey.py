@@ -40,7 +40,8 @@ from aha.evaluation.routing import (
 from aha.stats import RoutingStats
 
 DEFAULT_CONTEXT_LENGTHS = (512, 1024, 2048, 4096)
-DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
+#: 1.0 puts the needle right before the question, inside any window of a few dozen tokens: the control
+DEFAULT_DEPTHS = (0.1, 0.5, 1.0)
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -86,7 +87,8 @@ class PasskeyPrompt:
     Attributes:
         input_ids: the prompt token ids (special tokens of the chat template included).
         passkey: the hidden digits.
-        context_length: the requested prompt length; ``len(input_ids)`` is within a few tokens of it.
+        context_length: the requested prompt length; ``len(input_ids)`` is at most a few tokens
+            more and at most one haystack sentence less (the filler ends on a whole sentence).
         depth: where the needle sits in the haystack (0 = start, farthest back; 1 = end).
         needle_end: index of the needle sentence's last token.
     """
@@ -141,7 +143,8 @@ class PasskeyPromptBuilder:
         return self._count(self._prompt_text(NEEDLE.format(passkey="00000")))
 
     def build(self, context_length: int, depth: float, passkey: str, *, rng: random.Random) -> PasskeyPrompt:
-        """A prompt of about ``context_length`` tokens with the needle at ``depth`` of the filler.
+        """A prompt of about ``context_length`` tokens with the needle at ``depth`` of the filler
+        (at the sentence boundary nearest that fraction of its characters).
 
         ``rng`` picks the sentence of the haystack the filler starts at.
         """
