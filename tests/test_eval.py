@@ -33,6 +33,7 @@ from aha.evaluation.perplexity import (
 from aha.evaluation.routing import (
     capture_routes,
     check_modes,
+    converted_layers,
     merge_routing_stats,
     routing_mode,
 )
@@ -163,6 +164,15 @@ def test_capture_routes_agrees_with_track_routing(model, tokenizer):
     assert routes.shape == (2, 4, 64) and routes.dtype == torch.bool
     assert routes.float().mean().item() == pytest.approx(stats.global_fraction)
     assert torch.allclose(routes.float().mean(-1).double(), stats.per_head())
+
+
+def test_capture_routes_of_a_partly_converted_model_names_its_layers(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = aha.convert(LlamaForCausalLM(config), window=WINDOW, router_init="random", layers=[2, 0]).eval()
+    assert converted_layers(model) == [0, 2]
+    assert capture_routes(model, torch.arange(4, 40)).shape == (2, 4, 36)
 
 
 def test_merge_routing_stats_equals_one_tracker_over_both_passes(model, tokenizer):

@@ -80,8 +80,13 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="seed of passkeys and haystack starts")] = 0,
     dtype: Annotated[str, typer.Option(help="weight dtype: float32, bfloat16 or float16")] = "float32",
 ) -> None:
-    """Held-out perplexity (overall and by position) and passkey retrieval, each for the AHA model,
-    forced full attention and forced sliding window, with routing statistics; writes a report folder."""
+    """Perplexity, passkey retrieval and routing of an AHA model vs full attention vs sliding window.
+
+    Held-out perplexity (overall and by token position) and passkey retrieval, each for the routed model,
+    the same model forced to full attention and forced to pure sliding window at its window, with the
+    routing statistics. Prints the tables and writes the report folder (eval.json, PNG plots,
+    token_view.html). See docs/evaluation.md.
+    """
     from rich.console import Console
 
     from aha.evaluation.run import EvalSettings, run_evaluation
@@ -120,11 +125,13 @@ def eval_command(
     add_help_option=False,
 )
 def lm_eval_command(ctx: typer.Context) -> None:
-    """lm-evaluation-harness with AHA models: exactly the `lm_eval` command line (all flags pass through),
-    run after `import aha`, so saved AHA models load with routing active. `--model aha` (same --model_args
-    as `hf`) also reports the global fraction of the run (and writes aha_routing.json under --output_path).
+    """lm-evaluation-harness on AHA models: the `lm_eval` command line, routing active.
 
-    Example: aha lm-eval --model aha --model_args pretrained=runs/aha/final --tasks hellaswag --device cpu
+    Every flag passes through to `lm_eval` (so `aha lm-eval --help` is its help), run after `import aha` so
+    saved AHA models load with routing active. `--model aha` (same --model_args as `hf`) also reports the
+    global fraction of the run and writes aha_routing.json under --output_path.
+
+    Example: aha lm-eval --model aha --model_args pretrained=runs/smol/model --tasks hellaswag --device cpu
     """
     from rich.console import Console
 
@@ -157,9 +164,13 @@ def sweep_command(
     eval_sequences: Annotated[int, typer.Option(help="held-out sequences scored per window (the same for every window)")] = 16,
     eval_seq_len: Annotated[int | None, typer.Option(help="their length (default: the training seq-len)")] = None,
 ) -> None:
-    """Train (short) and evaluate one routed model per window, then plot the global fraction needed vs
-    window with perplexity (the long-tail curve). Re-running skips finished windows and resumes an
-    interrupted one from its last checkpoint. Other training options come from --config."""
+    """Window sweep: train and evaluate one routed model per window, plot the long-tail curve.
+
+    Every window gets the same short training recipe (a fixed --lambda-init) and the same held-out
+    sequences; the plot shows the global fraction needed and the perplexity vs window. Re-running skips
+    finished windows and resumes an interrupted one from its last checkpoint. Other training options
+    come from --config (the `aha train --config` format).
+    """
     from rich.console import Console
     from rich.table import Table
 

@@ -63,9 +63,16 @@ def merge_routing_stats(parts: Iterable[RoutingStats]) -> RoutingStats:
     return merged
 
 
+def converted_layers(model: nn.Module) -> list[int]:
+    """Decoder-layer indices that have routers, in order: the rows of routing statistics and captures."""
+    return aha.AhaSettings.from_config(model.config).layer_indices(model.config.num_hidden_layers)
+
+
 @torch.no_grad()
 def capture_routes(model: nn.Module, input_ids: Tensor) -> Tensor:
     """The learned hard routes of one text: ``[num_converted_layers, num_heads, seq]`` bool, True = global.
+
+    Row ``i`` is decoder layer ``converted_layers(model)[i]``.
 
     Args:
         model: an AHA-converted model.

@@ -46,6 +46,7 @@ from aha.evaluation.routing import (
     RoutingMode,
     capture_routes,
     check_modes,
+    converted_layers,
     routing_mode,
 )
 from aha.evaluation.token_view import write_token_view
@@ -129,6 +130,7 @@ def _passkey_token_view(model: torch.nn.Module, tokenizer: Any, settings: EvalSe
         _token_strings(tokenizer, ids),
         capture_routes(model, torch.tensor(ids)),
         path,
+        layer_names=[f"layer {i}" for i in converted_layers(model)],
         title="Where the AHA model attends globally: passkey retrieval",
         subtitle=(
             f"window {window}; {len(prompt.input_ids)}-token prompt, needle ends at token {prompt.needle_end} "
@@ -207,6 +209,7 @@ def run_evaluation(
                 _token_strings(tokenizer, first.tolist()),
                 capture_routes(model, first),
                 out / "token_view.html",
+                layer_names=[f"layer {i}" for i in converted_layers(model)],
                 subtitle=f"first held-out sequence ({first.numel()} tokens), window {run.perplexity.window}",
             )
         )
