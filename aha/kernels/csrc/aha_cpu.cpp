@@ -24,6 +24,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -76,24 +80,52 @@ inline vfloat vexp2(vfloat x) {
 
 // ---------------------------------------------------------------------------------------------
 // GEMM micro-kernels: C[M x 16*NV] (+)= A . B, A(m, k) = a[m * a_row + k * a_k], B row k at b + k * ldb.
+// The Dot policy says what one step k is. Fp32Dot: floats, c += a * b. Bf16PairDot (AVX512-BF16):
+// A and B hold pairs of bf16 in 32-bit words and a step adds a two-term dot product per lane
+// (vdpbf16ps), so K counts pairs and each instruction does twice the work.
 
-template <int NV, int R, bool ACCUM>
-inline void gemm_rows(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_k, const float* __restrict b,
-                      int64_t ldb, float* __restrict c, int64_t ldc) {
+struct Fp32Dot {
+  using Elem = float;
+  using Vec = vfloat;
+  static Vec load(const float* p) { return vload(p); }
+  static Vec splat(const float* p) { return vsplat(*p); }
+  static vfloat madd(vfloat c, Vec a, Vec b) { return c + a * b; }
+};
+
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+struct Bf16PairDot {
+  using Elem = uint32_t;
+  using Vec = __m512i;
+  static Vec load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static Vec splat(const uint32_t* p) {
+    int32_t word;
+    std::memcpy(&word, p, sizeof word);  // p may point into bf16 storage
+    return _mm512_set1_epi32(word);
+  }
+  static vfloat madd(vfloat c, Vec a, Vec b) { return (vfloat)_mm512_dpbf16_ps((__m512)c, (__m512bh)a, (__m512bh)b); }
+};
+#else
+constexpr bool kHasBf16Dot = false;
+#endif
+
+template <class Dot, int NV, int R, bool ACCUM>
+inline void gemm_rows(int64_t K, const typename Dot::Elem* __restrict a, int64_t a_row, int64_t a_k,
+                      const typename Dot::Elem* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
   vfloat acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = ACCUM ? vload(c + r * ldc + v * kLanes) : vfloat{};
   for (int64_t k = 0; k < K; ++k) {
-    vfloat bv[NV];
+    typename Dot::Vec bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * kLanes);
+    for (int v = 0; v < NV; ++v) bv[v] = Dot::load(b + k * ldb + v * kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const vfloat av = vsplat(a[r * a_row + k * a_k]);
+      const typename Dot::Vec av = Dot::splat(a + r * a_row + k * a_k);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      for (int v = 0; v < NV; ++v) acc[r][v] = Dot::madd(acc[r][v], av, bv[v]);
     }
   }
 #pragma GCC unroll 16
@@ -102,38 +134,38 @@ inline void gemm_rows(int64_t K, const float* __restrict a, int64_t a_row, int64
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
-template <int NV, int R, bool ACCUM>
-inline void gemm_tail(int64_t rows, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb,
-                      float* c, int64_t ldc) {
+template <class Dot, int NV, int R, bool ACCUM>
+inline void gemm_tail(int64_t rows, int64_t K, const typename Dot::Elem* a, int64_t a_row, int64_t a_k,
+                      const typename Dot::Elem* b, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (R > 0) {
     if (rows == R)
-      gemm_rows<NV, R, ACCUM>(K, a, a_row, a_k, b, ldb, c, ldc);
+      gemm_rows<Dot, NV, R, ACCUM>(K, a, a_row, a_k, b, ldb, c, ldc);
     else
-      gemm_tail<NV, R - 1, ACCUM>(rows, K, a, a_row, a_k, b, ldb, c, ldc);
+      gemm_tail<Dot, NV, R - 1, ACCUM>(rows, K, a, a_row, a_k, b, ldb, c, ldc);
   }
 }
 
-template <int NV, bool ACCUM>
-void gemm_panel(int64_t M, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb,
-                float* c, int64_t ldc) {
+template <class Dot, int NV, bool ACCUM>
+void gemm_panel(int64_t M, int64_t K, const typename Dot::Elem* a, int64_t a_row, int64_t a_k,
+                const typename Dot::Elem* b, int64_t ldb, float* c, int64_t ldc) {
   constexpr int R = NV >= 4 ? 6 : 12;  // R * NV accumulators + NV B vectors fit the 32 vector registers
   int64_t m = 0;
-  for (; m + R <= M; m += R) gemm_rows<NV, R, ACCUM>(K, a + m * a_row, a_row, a_k, b, ldb, c + m * ldc, ldc);
-  gemm_tail<NV, R - 1, ACCUM>(M - m, K, a + m * a_row, a_row, a_k, b, ldb, c + m * ldc, ldc);
+  for (; m + R <= M; m += R) gemm_rows<Dot, NV, R, ACCUM>(K, a + m * a_row, a_row, a_k, b, ldb, c + m * ldc, ldc);
+  gemm_tail<Dot, NV, R - 1, ACCUM>(M - m, K, a + m * a_row, a_row, a_k, b, ldb, c + m * ldc, ldc);
 }
 
 // C[M x N] (+)= A[M x K] . B[K x N] for N a multiple of 16, in column panels of 64, 32 and 16.
-template <bool ACCUM>
-void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb,
-          float* c, int64_t ldc) {
+template <bool ACCUM, class Dot = Fp32Dot>
+void gemm(int64_t M, int64_t N, int64_t K, const typename Dot::Elem* a, int64_t a_row, int64_t a_k,
+          const typename Dot::Elem* b, int64_t ldb, float* c, int64_t ldc) {
   if (M <= 0) return;
   int64_t n = 0;
-  for (; n + 64 <= N; n += 64) gemm_panel<4, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
+  for (; n + 64 <= N; n += 64) gemm_panel<Dot, 4, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
   if (n + 32 <= N) {
-    gemm_panel<2, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
+    gemm_panel<Dot, 2, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
     n += 32;
   }
-  if (n < N) gemm_panel<1, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
+  if (n < N) gemm_panel<Dot, 1, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,11 +283,13 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Key blocks of nearly equal size (at most kMaxKeyBlock) covering [lo, hi].
 inline int64_t key_block_count(int64_t lo, int64_t hi) { return (hi - lo + kMaxKeyBlock) / kMaxKeyBlock; }
 
+template <typename Elem = float>
 struct AlignedBuffer {
-  std::unique_ptr<float[], void (*)(void*)> data{nullptr, std::free};
-  explicit AlignedBuffer(int64_t floats)
-      : data(static_cast<float*>(std::aligned_alloc(64, round_up(std::max<int64_t>(floats, 16) * 4, 64))), std::free) {}
-  float* get() const { return data.get(); }
+  std::unique_ptr<Elem[], void (*)(void*)> data{nullptr, std::free};
+  explicit AlignedBuffer(int64_t count)
+      : data(static_cast<Elem*>(std::aligned_alloc(64, round_up(std::max<int64_t>(count, 16) * sizeof(Elem), 64))),
+             std::free) {}
+  Elem* get() const { return data.get(); }
 };
 
 // Runs task(index, thread_slot) for every index, largest tasks first, balanced dynamically.
@@ -314,6 +348,67 @@ inline void mask_block(float* s, int64_t ld, int64_t j0, int64_t j1, const Tile&
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Online-softmax step for one key block: S^T [nb x padded] (times `to_log2` in log2 units) becomes
+// P^T; the running max m (log2 units) and sum l of every query column are updated and the first
+// M rows of O are rescaled to the new max.
+inline void softmax_block(float* s, int64_t nb, int64_t padded, int64_t M, float to_log2, float* m, float* l,
+                          float* o, int64_t D) {
+  const vfloat c = vsplat(to_log2);
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    const vfloat m_old = vload(m + i);
+    vfloat raw_max = vsplat(kNegInf);
+    for (int64_t j = 0; j < nb; ++j) raw_max = vmax(raw_max, vload(s + j * padded + i));
+    const vfloat mx = vmax(m_old, raw_max * c);
+    const vfloat m_use = mx == vsplat(kNegInf) ? vfloat{} : mx;  // no key yet: avoid -inf - -inf
+    const vfloat alpha = vexp2(m_old - m_use);
+    vfloat sum{};
+    for (int64_t j = 0; j < nb; ++j) {
+      const vfloat p = vexp2(vload(s + j * padded + i) * c - m_use);
+      vstore(s + j * padded + i, p);
+      sum += p;
+    }
+    vstore(l + i, vload(l + i) * alpha + sum);
+    vstore(m + i, mx);
+    alignas(64) float a[kLanes];
+    vstore(a, alpha);
+    for (int64_t r = i; r < std::min(i + kLanes, M); ++r)
+      for (int64_t d = 0; d < D; d += kLanes) vstore(o + r * D + d, vload(o + r * D + d) * a[r - i]);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// Packing for Bf16PairDot: a word holds two bf16 that are consecutive along the reduction.
+
+// qw[p][i] = (Q[i][2p], Q[i][2p+1]): word p of query row i, for the tile's rows (0 for padding).
+inline void pack_query_pairs(const c10::BFloat16* qh, int64_t q_st, const int32_t* rows, int64_t M, int64_t padded,
+                             int64_t D, uint32_t* qw) {
+  for (int64_t i = 0; i < padded; ++i) {
+    const c10::BFloat16* row = i < M ? qh + rows[i] * q_st : nullptr;
+    for (int64_t p = 0; p < D / 2; ++p)
+      qw[p * padded + i] = row ? uint32_t(row[2 * p].x) | uint32_t(row[2 * p + 1].x) << 16 : 0u;
+  }
+}
+
+// pw[q][i] = (P^T[2q][i], P^T[2q+1][i]) rounded to bf16; P^T has an even number of rows.
+inline void pack_probability_pairs(const float* s, int64_t padded, int64_t pairs, uint32_t* pw) {
+  for (int64_t q = 0; q < pairs; ++q)
+    for (int64_t i = 0; i < padded; i += kLanes) {
+      const __m512i even = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)vload(s + 2 * q * padded + i)));
+      const __m512i odd = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)vload(s + (2 * q + 1) * padded + i)));
+      _mm512_storeu_si512(pw + q * padded + i, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+}
+
+// vw[q][c] = (V[j0+2q][c], V[j0+2q+1][c]) for keys [j0, j0 + nb); a missing last key is 0.
+inline void pack_value_pairs(const c10::BFloat16* vh, int64_t v_st, int64_t j0, int64_t nb, int64_t D, uint32_t* vw) {
+  for (int64_t q = 0; q < (nb + 1) / 2; ++q) {
+    const c10::BFloat16* even = vh + (j0 + 2 * q) * v_st;
+    const c10::BFloat16* odd = 2 * q + 1 < nb ? even + v_st : nullptr;
+    for (int64_t c = 0; c < D; ++c) vw[q * D + c] = uint32_t(even[c].x) | (odd ? uint32_t(odd[c].x) << 16 : 0u);
+  }
+}
+#endif
+
 template <typename T>
 void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const Tiling& tl, T* out, float* lse) {
   const int64_t D = pb.dim;
@@ -321,21 +416,28 @@ void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T
   int64_t max_rows = 16;
   for (const Tile& t : tl.tiles) max_rows = std::max<int64_t>(max_rows, t.count);
   const int64_t P = round_up(max_rows, kLanes);
+  // bf16 with AVX512-BF16: the GEMMs read bf16 pairs directly (K rows must hold whole pairs)
+  constexpr bool kPairKernel = kHasBf16Dot && std::is_same_v<T, c10::BFloat16>;
+  const bool pairs = kPairKernel && pb.k_st % 2 == 0;
+  const float to_log2 = pb.scale * kLog2e;
 
   std::vector<double> costs(tl.tiles.size());
   for (size_t i = 0; i < costs.size(); ++i) costs[i] = tl.tiles[i].cost;
   const auto order = largest_first(costs);
 
   struct Scratch {
-    AlignedBuffer qt, s, o, m, l, kbuf, vbuf;
-    Scratch(int64_t D, int64_t P)
-        : qt(D * P), s(kMaxKeyBlock * P), o(P * D), m(P), l(P), kbuf(kMaxKeyBlock * D), vbuf(kMaxKeyBlock * D) {}
+    AlignedBuffer<> qt, s, o, m, l, kbuf, vbuf;
+    AlignedBuffer<uint32_t> qw, pw, vw;
+    Scratch(int64_t D, int64_t P, bool pairs)
+        : qt(pairs ? 0 : D * P), s((kMaxKeyBlock + 1) * P), o(P * D), m(P), l(P), kbuf(pairs ? 0 : kMaxKeyBlock * D),
+          vbuf(pairs ? 0 : kMaxKeyBlock * D), qw(pairs ? D / 2 * P : 0), pw(pairs ? (kMaxKeyBlock / 2 + 1) * P : 0),
+          vw(pairs ? (kMaxKeyBlock / 2 + 1) * D : 0) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
 
   run_tasks(order, [&](int64_t index, int64_t slot) {
     if (index < 0) {
-      if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(D, P);
+      if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(D, P, pairs);
       return;
     }
     Scratch& sc = *scratch[slot];
@@ -349,13 +451,16 @@ void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T
     TileLimits lim;
     lim.load(tl, tile, padded);
 
-    // Q^T, pre-scaled so that scores come out in log2 units.
     float* qt = sc.qt.get();
-    float row[1024];
-    const float qscale = pb.scale * kLog2e;
-    for (int64_t i = 0; i < padded; ++i) {
-      if (i < M) widen_row(qh + rows[i] * pb.q_st, row, D);
-      for (int64_t d = 0; d < D; ++d) qt[d * padded + i] = i < M ? row[d] * qscale : 0.0f;
+    if constexpr (kPairKernel) {
+      if (pairs) pack_query_pairs(qh, pb.q_st, rows, M, padded, D, sc.qw.get());
+    }
+    if (!pairs) {  // Q^T in fp32, pre-scaled so that scores come out in log2 units
+      float row[1024];
+      for (int64_t i = 0; i < padded; ++i) {
+        if (i < M) widen_row(qh + rows[i] * pb.q_st, row, D);
+        for (int64_t d = 0; d < D; ++d) qt[d * padded + i] = i < M ? row[d] * to_log2 : 0.0f;
+      }
     }
     float* o = sc.o.get();
     float* m = sc.m.get();
@@ -372,32 +477,24 @@ void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T
         const int64_t j0 = tile.key_lo + span * blk / blocks;
         const int64_t j1 = tile.key_lo + span * (blk + 1) / blocks;
         const int64_t nb = j1 - j0;
+        if constexpr (kPairKernel) {
+          if (pairs) {
+            const auto* kw = reinterpret_cast<const uint32_t*>(kh + j0 * pb.k_st);
+            gemm<false, Bf16PairDot>(nb, padded, D / 2, kw, pb.k_st / 2, 1, sc.qw.get(), padded, s, padded);
+            mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
+            softmax_block(s, nb, padded, M, to_log2, m, l, o, D);
+            std::fill(s + nb * padded, s + (nb + 1) * padded, 0.0f);  // pairs need an even row count
+            pack_probability_pairs(s, padded, (nb + 1) / 2, sc.pw.get());
+            pack_value_pairs(vh, pb.v_st, j0, nb, D, sc.vw.get());
+            gemm<true, Bf16PairDot>(M, D, (nb + 1) / 2, sc.pw.get(), 1, padded, sc.vw.get(), D, o, D);
+            continue;
+          }
+        }
         auto [kp, ldk] = rows_as_float(kh, pb.k_st, j0, nb, D, sc.kbuf.get());
         auto [vp, ldv] = rows_as_float(vh, pb.v_st, j0, nb, D, sc.vbuf.get());
         gemm<false>(nb, padded, D, kp, ldk, 1, qt, padded, s, padded);
         mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
-        // online softmax, 16 query rows per vector
-        for (int64_t i = 0; i < padded; i += kLanes) {
-          vfloat mx = vload(m + i);
-          const vfloat m_old = mx;
-          for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(s + j * padded + i));
-          const vfloat m_use = mx == vsplat(kNegInf) ? vfloat{} : mx;
-          const vfloat alpha = vexp2(m_old - m_use);
-          vfloat sum{};
-          for (int64_t j = 0; j < nb; ++j) {
-            const vfloat p = vexp2(vload(s + j * padded + i) - m_use);
-            vstore(s + j * padded + i, p);
-            sum += p;
-          }
-          vstore(l + i, vload(l + i) * alpha + sum);
-          vstore(m + i, mx);
-          if (blk > 0) {
-            alignas(64) float a[kLanes];
-            vstore(a, alpha);
-            for (int64_t r = i; r < std::min(i + kLanes, M); ++r)
-              for (int64_t d = 0; d < D; d += kLanes) vstore(o + r * D + d, vload(o + r * D + d) * a[r - i]);
-          }
-        }
+        softmax_block(s, nb, padded, M, 1.0f, m, l, o, D);
         gemm<true>(M, D, nb, s, 1, padded, vp, ldv, o, D);
       }
     }
@@ -446,7 +543,7 @@ void backward_impl(const Problem& pb, const T* q, const T* k, const T* v, const 
   }
 
   struct Scratch {
-    AlignedBuffer qt, dot, qrows, dorows, s, dp, dqt, delta, lse2, kbuf, vbuf;
+    AlignedBuffer<> qt, dot, qrows, dorows, s, dp, dqt, delta, lse2, kbuf, vbuf;
     Scratch(int64_t D, int64_t P)
         : qt(D * P), dot(D * P), qrows(P * D), dorows(P * D), s(kMaxKeyBlock * P), dp(kMaxKeyBlock * P), dqt(P * D),
           delta(P), lse2(P), kbuf(kMaxKeyBlock * D), vbuf(kMaxKeyBlock * D) {}
@@ -646,7 +743,7 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   std::fill(lse, lse + rows, kNegInf);
   std::vector<float> part_m(chunks.size()), part_l(chunks.size()), part_o(chunks.size() * D);
   struct Scratch {
-    AlignedBuffer qrow, krow, scores;
+    AlignedBuffer<> qrow, krow, scores;
     explicit Scratch(int64_t D) : qrow(D), krow(2 * D), scores(kDecodeChunk + kLanes) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
