@@ -159,6 +159,7 @@ def sweep_command(
     steps: Annotated[int | None, typer.Option(help="optimizer steps per window")] = None,
     seq_len: Annotated[int | None, typer.Option(help="tokens per training sequence")] = None,
     lambda_init: Annotated[float | None, typer.Option(help="fixed sparsity weight lambda, the same for every window")] = None,
+    router_lr: Annotated[float | None, typer.Option(help="router learning rate (short runs need a high one to move open routers)")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="micro-batches per optimizer step")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (interrupted windows resume from the last one)")] = None,
     eval_sequences: Annotated[int, typer.Option(help="held-out sequences scored per window (the same for every window)")] = 16,
@@ -179,7 +180,7 @@ def sweep_command(
 
     overrides = {
         "model": model, "data": data or None, "steps": steps, "seq_len": seq_len,
-        "lambda_init": lambda_init, "grad_accum": grad_accum, "checkpoint_every": checkpoint_every,
+        "lambda_init": lambda_init, "router_lr": router_lr, "grad_accum": grad_accum, "checkpoint_every": checkpoint_every,
     }
     try:
         recipe = load_config(config, overrides)
