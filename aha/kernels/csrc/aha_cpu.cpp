@@ -24,7 +24,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -58,14 +58,18 @@ inline vint vloadi(const int32_t* p) { return *reinterpret_cast<const vint_u*>(p
 inline vfloat vsplat(float x) { return vfloat{} + x; }
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
-// 2^x with ~1 ulp relative error (Cephes exp2f polynomial); exactly 0 for x < -126, including -inf.
+// 2^x with ~1 ulp relative error (Cephes exp2f polynomial on x - round(x)); exactly 0 for
+// x < -126, including -inf. Softmax arguments are <= 0, larger ones are clamped to 2^127.
 inline vfloat vexp2(vfloat x) {
   const vfloat lowest = vsplat(-126.0f);
-  vfloat xc = x < lowest ? lowest : x;
-  xc = xc > vsplat(127.0f) ? vsplat(127.0f) : xc;
+  const vfloat xc = vmax(x, lowest) > vsplat(127.0f) ? vsplat(127.0f) : vmax(x, lowest);
+#if defined(__AVX512F__)
+  const vfloat n = (vfloat)_mm512_roundscale_ps((__m512)xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   const vfloat magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
-  vfloat n = (xc + magic) - magic;
-  vfloat f = xc - n;
+  const vfloat n = (xc + magic) - magic;
+#endif
+  const vfloat f = xc - n;
   vfloat p = vsplat(1.535336188319500e-4f);
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
@@ -73,8 +77,12 @@ inline vfloat vexp2(vfloat x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat r = p * (vfloat)bits;  // a vector cast reinterprets the bits
+#if defined(__AVX512F__)
+  const vfloat r = (vfloat)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n
+#else
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  const vfloat r = p * (vfloat)bits;  // a vector cast reinterprets the bits
+#endif
   return x < lowest ? vfloat{} : r;
 }
 
