@@ -460,9 +460,11 @@ void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T
     lim.load(tl, tile, padded);
 
     float* qt = sc.qt.get();
+#if defined(__AVX512BF16__)
     if constexpr (kPairKernel) {
       if (pairs) pack_query_pairs(qh, pb.q_st, rows, M, padded, D, sc.qw.get());
     }
+#endif
     if (!pairs) {  // Q^T in fp32, pre-scaled so that scores come out in log2 units
       float row[1024];
       for (int64_t i = 0; i < padded; ++i) {
@@ -485,6 +487,7 @@ void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T
         const int64_t j0 = tile.key_lo + span * blk / blocks;
         const int64_t j1 = tile.key_lo + span * (blk + 1) / blocks;
         const int64_t nb = j1 - j0;
+#if defined(__AVX512BF16__)
         if constexpr (kPairKernel) {
           if (pairs) {
             const auto* kw = reinterpret_cast<const uint32_t*>(kh + j0 * pb.k_st);
@@ -498,6 +501,7 @@ void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T
             continue;
           }
         }
+#endif
         auto [kp, ldk] = rows_as_float(kh, pb.k_st, j0, nb, D, sc.kbuf.get());
         auto [vp, ldv] = rows_as_float(vh, pb.v_st, j0, nb, D, sc.vbuf.get());
         gemm<false>(nb, padded, D, kp, ldk, 1, qt, padded, s, padded);
