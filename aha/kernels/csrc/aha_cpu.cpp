@@ -11,10 +11,13 @@
 // Layout trick: scores are computed transposed, S^T[key, row] = K[key] . Q[row], so the softmax
 // statistics of 16 query rows live in one vector and neither K nor V needs to be transposed or
 // packed: every GEMM is "C[M x 16j] (+)= A(strided) . B[rows x 16j]" with row-major B.
-// All arithmetic is fp32; bf16/fp16 rows are widened into per-thread scratch block by block.
+// Accumulation is fp32. bf16/fp16 rows are widened into per-thread scratch block by block, except
+// in the bf16 forward on CPUs with AVX512-BF16, whose GEMMs read bf16 pairs (vdpbf16ps) directly.
+// Vectors are GCC vector extensions (AVX-512 zmm with -march=native there, AVX2 pairs elsewhere).
 //
 // Ops: aha::forward -> (out, lse) and aha::backward -> (dq, dk, dv); lse is the natural-log
 // softmax normaliser per query (-inf for a query with no key), which the backward reuses.
+// aha::forward with one query per head (decoding) takes a split-KV dot-product path instead.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -178,11 +181,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const typename Dot::Elem* a, int64_t 
 
 // ---------------------------------------------------------------------------------------------
 // Element access for fp32 / bf16 / fp16 inputs.
-
-template <typename T>
-inline float to_float(T x) {
-  return static_cast<float>(x);
-}
 
 template <typename T>
 inline T from_float(float x) {
