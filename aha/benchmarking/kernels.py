@@ -247,19 +247,28 @@ print(json.dumps({"peak_kib": call(n)}))
 """
 
 
-def _peak_extra_mib(kind: str, cfg: BenchConfig, n: int, window: int, rho: float) -> float:
-    args = [kind, n, cfg.heads, cfg.kv_heads, cfg.head_dim, window, rho, cfg.threads]
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_PROBE, *map(str, args)], capture_output=True, text=True, check=True
-    )
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+def _peak_extra_mib(kinds: list[str], cfg: BenchConfig, n: int, window: int, rho: float) -> dict[str, float]:
+    """Extra peak MiB of one forward per kind ("aha" / "sdpa"), each in its own process (run side by side)."""
+    shape = [n, cfg.heads, cfg.kv_heads, cfg.head_dim, window, rho, cfg.threads]
+    probes = {
+        kind: subprocess.Popen(
+            [sys.executable, "-c", _MEMORY_PROBE, kind, *map(str, shape)], stdout=subprocess.PIPE, text=True
+        )
+        for kind in kinds
+    }
+    peaks = {}
+    for kind, probe in probes.items():
+        stdout, _ = probe.communicate()
+        if probe.returncode != 0:
+            raise RuntimeError(f"memory probe for {kind} failed with exit code {probe.returncode}")
+        peaks[kind] = json.loads(stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+    return peaks
 
 
 def memory_section(cfg: BenchConfig) -> Section:
     """Extra peak RSS of one fp32 CPU prefill forward (inputs excluded), AHA vs SDPA causal."""
     n, window, rho = cfg.memory_len, cfg.windows[0], 0.07
-    aha_mib = _peak_extra_mib("aha", cfg, n, window, rho)
-    sdpa_mib = _peak_extra_mib("sdpa", cfg, n, window, rho)
+    peaks = _peak_extra_mib(["aha", "sdpa"], cfg, n, window, rho)
     mib = 1024 * 1024
     row = {
         "bench": "memory",
@@ -267,8 +276,8 @@ def memory_section(cfg: BenchConfig) -> Section:
         "rho": rho,
         "window": window,
         "dtype": "float32",
-        "aha_peak_mib": aha_mib,
-        "sdpa_peak_mib": sdpa_mib,
+        "aha_peak_mib": peaks["aha"],
+        "sdpa_peak_mib": peaks["sdpa"],
         "output_mib": cfg.batch * cfg.heads * n * cfg.head_dim * 4 / mib,
         "dense_scores_mib": cfg.batch * cfg.heads * n * n * 4 / mib,
     }
