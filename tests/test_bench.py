@@ -36,6 +36,15 @@ def test_unknown_group_is_rejected():
         run_benchmarks(BenchConfig.quick_config(), ["nope"])
 
 
+def test_cpu_clock_is_single_threaded_only():
+    with pytest.raises(ValueError, match="clock must be"):
+        TimingPolicy(clock="sundial")
+    config = BenchConfig.quick_config()
+    config.timing.clock = "cpu"
+    with pytest.raises(ValueError, match="--threads 1"):
+        run_benchmarks(config, ["kernels"])
+
+
 ROW_KEYS = {
     "prefill": {"n", "rho", "window", "dtype", "impl", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
     "train": {"n", "rho", "window", "dtype", "impl", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},

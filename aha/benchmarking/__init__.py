@@ -111,7 +111,7 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int, clock: str) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
     import aha
     from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
@@ -122,6 +122,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "threads": threads,
+        "clock": clock,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "aha": aha.__version__,
@@ -136,13 +137,15 @@ def run_benchmarks(config: BenchConfig, groups: list[str]) -> dict[str, Any]:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"unknown benchmark group(s) {unknown}; choose from {sorted(GROUPS)}")
+    if config.timing.clock == "cpu" and config.threads != 1:
+        raise ValueError("clock='cpu' measures single-threaded runs only (it would count spin-waiting); use --threads 1")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         results = {name: [asdict(section) for section in GROUPS[name](config)] for name in groups}
     finally:
         torch.set_num_threads(previous_threads)
-    return {"schema": SCHEMA, "meta": machine_info(config.threads), "config": asdict(config), "groups": results}
+    return {"schema": SCHEMA, "meta": machine_info(config.threads, config.timing.clock), "config": asdict(config), "groups": results}
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -161,7 +164,7 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console(width=None if sys.stdout.isatty() else 200)
     meta = report["meta"]
     console.print(
-        f"[bold]aha bench[/bold]  {meta['date']}  {meta['cpu']}  threads={meta['threads']}  "
+        f"[bold]aha bench[/bold]  {meta['date']}  {meta['cpu']}  threads={meta['threads']}  clock={meta['clock']}  "
         f"torch {meta['torch']}  C++ kernel: {'yes' if meta['cpp_kernel'] else 'no'}"
     )
     for group, sections in report["groups"].items():

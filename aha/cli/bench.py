@@ -29,6 +29,9 @@ def bench(
     train_n: Optional[str] = typer.Option(None, help="Sequence lengths of the forward+backward section."),
     decode_n: Optional[str] = typer.Option(None, help="Cache lengths of the decode section."),
     rounds: Optional[int] = typer.Option(None, help="Round-robin rounds per measurement."),
+    clock: str = typer.Option(
+        "wall", help="wall, or cpu: single-thread CPU time, robust to other jobs on a busy machine (needs --threads 1)."
+    ),
 ) -> None:
     """Benchmark AHA attention against SDPA causal (ratios measured in the same run, noise-robust)."""
     from aha.benchmarking import BenchConfig, print_report, run_benchmarks, write_report
@@ -50,6 +53,7 @@ def bench(
             setattr(config, key, value)
     if rounds is not None:
         config.timing.rounds = rounds
+    config.timing.clock = clock
     try:
         report = run_benchmarks(config, _csv(groups, str) or [])
     except ValueError as exc:
