@@ -1,18 +1,21 @@
 """Training configuration: one dataclass, loadable from YAML or TOML, mirrored by the CLI flags.
 
 Precedence: dataclass defaults < config file < command-line flags. Every field is a flag
-(``lambda_init`` -> ``--lambda-init``); :func:`load_config` and :func:`merge_overrides` do the layering.
+(``lambda_init`` -> ``--lambda-init``); :func:`load_config` does the layering.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import tomllib
 import yaml
+
+from aha.router import RouterInit
 
 Trainable = Literal["all", "routers", "lora"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -34,7 +37,12 @@ class TrainConfig:
     model: str = _help("model name (e.g. smollm2-135m) or path, loaded with aha.load_model", default="smollm2-135m")
     window: int = _help("local window: keys a local query sees, its own included", default=256)
     threshold: float = _help("a (token, head) goes global when sigmoid(router logit) > threshold", default=0.5)
-    router_init: Literal["open", "random"] = _help("'open': all heads start global (the converted model equals the original)", default="open")
+    router_init: RouterInit = _help("'open': all heads start global (the converted model equals the original)", default="open")
+    open_router_bias: float = _help(
+        "bias of freshly converted open routers; any value > 0 starts every head global, and a small one "
+        "(sigmoid(1) = 0.73) lets routes move within a short fine-tune, where aha.OPEN_BIAS = 4 takes hundreds of steps",
+        default=1.0,
+    )
     force_routing: ForcedRouting | None = _help(
         "train a baseline with routing fixed ('global' = the un-routed model fine-tuned the same way); routers are frozen", default=None
     )
@@ -64,7 +72,7 @@ class TrainConfig:
     batch_size: int = _help("sequences per process per micro-batch", default=1)
     grad_accum: int = _help("micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)", default=8)
     lr: float = _help("peak learning rate of the model's parameters (or LoRA adapters)", default=5e-5)
-    router_lr: float = _help("peak learning rate of the router parameters", default=1e-3)
+    router_lr: float = _help("peak learning rate of the router parameters", default=1e-2)
     weight_decay: float = _help("AdamW weight decay (not applied to routers)", default=0.0)
     warmup_steps: int = _help("linear warmup steps before the cosine decay", default=10)
     max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
@@ -84,6 +92,8 @@ class TrainConfig:
             problems.append("window must be >= 1")
         if not 0 < self.threshold < 1:
             problems.append("threshold must be in (0, 1)")
+        if self.router_init == "open" and not 1 / (1 + math.exp(-self.open_router_bias)) > self.threshold:
+            problems.append("open_router_bias must put sigmoid(bias) above the threshold (open routers start global)")
         if self.target_global is not None and not 0 <= self.target_global <= 1:
             problems.append("target_global must be in [0, 1]")
         if self.lambda_init < 0 or (self.target_global is not None and self.lambda_init <= 0):
@@ -94,8 +104,9 @@ class TrainConfig:
             problems.append("seq_len must be >= 2")
         if self.force_routing is not None and (self.target_global is not None or self.trainable == "routers"):
             problems.append("force_routing fixes the routes: drop target_global and use trainable='all' or 'lora'")
-        for name in ("trainable", "precision", "router_init"):
-            allowed = get_args(_field_types()[name])
+        choices = {"trainable": get_args(Trainable), "precision": get_args(Precision), "router_init": get_args(RouterInit)}
+        choices["force_routing"] = (None, *get_args(ForcedRouting))
+        for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {allowed}")
         if problems:
@@ -103,12 +114,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _field_types() -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(TrainConfig)
 
 
 def config_fields() -> list[dataclasses.Field]:

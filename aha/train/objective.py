@@ -77,20 +77,23 @@ def gate_sums(router_logits: Sequence[Tensor], token_mask: Tensor, threshold: fl
 
 
 class LambdaController:
-    """Adapts the sparsity weight lambda so the achieved global fraction meets a target.
+    """Adapts the sparsity weight lambda so the global fraction meets a target.
 
     A proportional-integral controller on ``log(lambda)`` (a PID Lagrangian, Stooke et al. 2020, in log
     space because useful lambdas span orders of magnitude)::
 
-        error = achieved - target
+        error = measured - target
         integral += rate * error
         lambda = clamp(exp(integral + gain * error), min_lambda, max_lambda)
 
-    ``integral`` starts at ``log(lambda_init)``. Plain dual ascent (``gain = 0``) overshoots: the router
-    logits integrate the penalty themselves (Adam moves them at a steady rate while lambda exceeds a
-    gate's usefulness), so an integral-only controller winds up and closes too many gates; the
-    proportional term damps that. Without a target lambda stays at ``lambda_init``. The state is
-    checkpointed through :meth:`state_dict`.
+    ``integral`` starts at ``log(lambda_init)``. The trainer measures the mean soft gate
+    ``mean(g_soft)``, not the hard global fraction: hard routes only flip once a logit crosses the
+    threshold, so while open routers (logit 4) drift toward it the hard fraction stays at 1 and an
+    integral on it winds up, then slams most gates shut. The soft mean moves as soon as the logits do,
+    and ends close to the hard fraction once the gates saturate. Plain dual ascent (``gain = 0``)
+    overshoots for a similar reason (Adam keeps the router logits moving while lambda exceeds a gate's
+    usefulness); the proportional term damps that. Without a target lambda stays at ``lambda_init``.
+    The state is checkpointed through :meth:`state_dict`.
     """
 
     def __init__(
@@ -100,7 +103,7 @@ class LambdaController:
         rate: float = 0.1,
         gain: float = 5.0,
         min_lambda: float = 1e-8,
-        max_lambda: float = 1e2,
+        max_lambda: float = 1e4,
     ):
         self.lambda_ = float(lambda_init)
         self.integral = math.log(lambda_init) if lambda_init > 0 else float("-inf")
@@ -110,10 +113,10 @@ class LambdaController:
         self.min_lambda = min_lambda
         self.max_lambda = max_lambda
 
-    def update(self, achieved: float) -> float:
-        """Take one step given this step's achieved global fraction (hard routes); returns the new lambda."""
-        if self.target is not None and math.isfinite(achieved):
-            error = achieved - self.target
+    def update(self, measured: float) -> float:
+        """Take one step given this step's measured global fraction; returns the new lambda."""
+        if self.target is not None and math.isfinite(measured):
+            error = measured - self.target
             self.integral = min(math.log(self.max_lambda), max(math.log(self.min_lambda), self.integral + self.rate * error))
             self.lambda_ = min(self.max_lambda, max(self.min_lambda, math.exp(self.integral + self.gain * error)))
         return self.lambda_

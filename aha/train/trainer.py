@@ -48,7 +48,6 @@ from transformers import get_cosine_schedule_with_warmup
 
 import aha
 from aha.data import DataSplits, PackedDataset, build_datasets
-from aha.stats import RoutingStats
 from aha.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from aha.train.config import TrainConfig, differing_fields, save_config
 from aha.train.objective import (
@@ -100,15 +99,20 @@ class BatchSchedule:
         return int(np.prod(self.shape))
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._epoch_orders:
-            self._epoch_orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)}
+        if epoch not in self._epoch_orders:  # keep the previous epoch: a step may straddle two
+            self._epoch_orders = {e: o for e, o in self._epoch_orders.items() if e == epoch - 1}
+            self._epoch_orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
         return self._epoch_orders[epoch]
 
     def step_indices(self, step: int) -> np.ndarray:
         """Sequence indices of step ``step``, int64 ``[grad_accum, num_processes, batch_size]``."""
         positions = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
         epochs, offsets = np.divmod(positions, self.num_sequences)
-        return np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64).reshape(self.shape)
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            in_epoch = epochs == epoch
+            indices[in_epoch] = self._order(int(epoch))[offsets[in_epoch]]
+        return indices.reshape(self.shape)
 
 
 @dataclass
@@ -146,7 +150,11 @@ def _mixed_precision(precision: str) -> str:
 
 
 def _prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
-    """Convert (unless the model already is an AHA model) and check it matches the config."""
+    """Convert (unless the model already is an AHA model, then check it matches the config).
+
+    Fresh open routers get ``config.open_router_bias``: zero weight, so every head starts global and the
+    converted model still equals the original.
+    """
     if aha.is_aha_model(model):
         settings = model.config.aha
         if (settings["window"], settings["threshold"]) != (config.window, config.threshold):
@@ -155,7 +163,12 @@ def _prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
                 "pass the same --window and --threshold to continue training it"
             )
         return model
-    return aha.convert(model, window=config.window, threshold=config.threshold, router_init=config.router_init)
+    aha.convert(model, window=config.window, threshold=config.threshold, router_init=config.router_init)
+    if config.router_init == "open":
+        with torch.no_grad():
+            for router in (m for m in model.modules() if isinstance(m, aha.Router)):
+                router.proj.bias.fill_(config.open_router_bias)
+    return model
 
 
 def _configure_trainable(config: TrainConfig, model: nn.Module) -> nn.Module:
@@ -180,9 +193,10 @@ def _param_groups(config: TrainConfig, model: nn.Module, routers: list[nn.Parame
     router_ids = {id(p) for p in routers}
     trainable_routers = [p for p in routers if p.requires_grad]
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
-    groups = [{"params": others, "lr": config.lr, "weight_decay": config.weight_decay}]
-    if trainable_routers:
-        groups.append({"params": trainable_routers, "lr": config.router_lr, "weight_decay": 0.0})
+    groups = [
+        {"name": "model", "params": others, "lr": config.lr, "weight_decay": config.weight_decay},
+        {"name": "routers", "params": trainable_routers, "lr": config.router_lr, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -250,28 +264,30 @@ def evaluate(
 ) -> dict[str, Any]:
     """Held-out perplexity and routing with hard routes (eval mode), split over processes.
 
-    Returns ``{"loss", "perplexity", "global_fraction", "compute_ratio", "per_layer", "targets"}``;
-    routing statistics exclude padding.
+    Args:
+        model: the model to run (``aha_model`` itself, or a PEFT wrapper around it); not DDP-wrapped.
+        aha_model: the converted model whose routes are recorded (forced routes count as used).
+        dataset, indices: the sequences to evaluate.
+
+    Returns:
+        ``{"loss", "perplexity", "global_fraction", "compute_ratio", "per_layer", "targets"}``; routing
+        statistics exclude padding.
     """
-    settings = aha_model.config.aha
-    num_layers = len(settings["layers"]) if settings.get("layers") else aha_model.config.num_hidden_layers
-    stats = RoutingStats(settings["window"], num_layers, aha_model.config.num_attention_heads)
     was_training = model.training
     model.eval()
     mine = list(indices)[accelerator.process_index :: accelerator.num_processes]
     ce = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), aha.track_routing(aha_model) as stats:
         for start in range(0, len(mine), batch_size):
             batch = _collate(dataset, mine[start : start + batch_size], accelerator.device)
-            logits = model(input_ids=batch["input_ids"]).logits
+            # the padding mask only serves the routing statistics: right padding never reaches a real token
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             ce += cross_entropy_sum(logits, batch["labels"]).double()
-            valid = batch["attention_mask"].bool()
-            for layer, layer_logits in enumerate(aha.router_logits(aha_model)):
-                stats.update(layer, torch.sigmoid(layer_logits.float()) > settings["threshold"], valid=valid)
     model.train(was_training)
     counts = torch.cat([stats.global_pairs.flatten(), stats.total_pairs.flatten()]).to(accelerator.device)
     counts = accelerator.reduce(counts, "sum").cpu()
-    scores = accelerator.reduce(torch.tensor([stats.computed_scores, stats.full_scores], dtype=torch.float64, device=accelerator.device), "sum")
+    scores = torch.tensor([stats.computed_scores, stats.full_scores], dtype=torch.float64, device=accelerator.device)
+    scores = accelerator.reduce(scores, "sum")
     ce = accelerator.reduce(ce, "sum")
     stats.global_pairs, stats.total_pairs = counts.view(2, *stats.global_pairs.shape).unbind(0)
     stats.computed_scores, stats.full_scores = (int(x) for x in scores.tolist())
@@ -285,7 +301,6 @@ def evaluate(
         "per_layer": stats.per_layer().tolist(),
         "targets": targets,
     }
-
 
 
 class _Stepper:
@@ -367,7 +382,7 @@ class _Stepper:
             "soft_gate": soft_sum / global_tokens,
             "global_fraction": achieved,
             "lambda": lambda_,
-            "lr": self.scheduler.get_last_lr()[0],
+            **{f"lr_{group['name']}": group["lr"] for group in self.optimizer.param_groups},
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "targets_seen": progress.targets_seen,
             "tokens_per_s": global_tokens / elapsed,
@@ -455,10 +470,17 @@ def train(
     log = MetricsLog(out / "metrics.jsonl", checkpoint_step(resume_from) if resume_from else None, accelerator.is_main_process)
 
     stepper = _Stepper(config, accelerator, student, aha_model, optimizer, scheduler, controller, data.train, teacher_logits)
+    accelerator.print(
+        f"aha train: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}; {len(data.train)} train / {len(data.heldout)} held-out sequences "
+        f"of {config.seq_len} tokens, {stepper.schedule.global_batch} per step"
+    )
     eval_indices = _eval_indices(config, data.heldout) if config.eval_every >= 0 and len(data.heldout) else None
 
     def run_eval() -> dict[str, Any]:
-        result = evaluate(student, aha_model, data.heldout, eval_indices, batch_size=config.batch_size, accelerator=accelerator)
+        # the unwrapped model: processes may hold different numbers of eval batches, and DDP forwards are collective
+        unwrapped = accelerator.unwrap_model(student)
+        result = evaluate(unwrapped, aha_model, data.heldout, eval_indices, batch_size=config.batch_size, accelerator=accelerator)
         log.write({"kind": "eval", "step": progress.step, **{k: v for k, v in result.items() if k != "per_layer"}})
         return result
 
