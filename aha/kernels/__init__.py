@@ -56,7 +56,10 @@ def choose_impl(q: Tensor, k: Tensor, route: Tensor, window: int, key_padding_ma
 
     Decode steps (one query, hard routes, no grad) use ``decode``; CUDA inputs use ``flex`` when
     it is importable; CPU inputs use ``cpp`` when the C++ kernel is built and covers them
-    (fp32/bf16/fp16, padding without holes), else ``split``.
+    (fp32/bf16/fp16, padding without holes), else ``split``. ``cpp`` is chosen at every global
+    fraction and with or without grad: on 2 Zen 4 cores it was faster than SDPA causal even at
+    rho = 1 (1.3-2x forward, 1.4x forward+backward; ``benchmarks/RESULTS.md``), so there is no
+    fraction above which plain SDPA wins. ``split`` switches to SDPA itself above half global.
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or route.requires_grad)
     if q.shape[2] == 1 and not needs_grad and is_binary(route):
