@@ -11,6 +11,7 @@ pure-PyTorch implementations are used and :func:`cpp_kernel_error` says why.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "aha_cpu.cpp"
+
+_log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _loaded = False
@@ -68,6 +71,7 @@ def library_path(compiler: str) -> Path:
 
 
 def _build(compiler: str, target: Path) -> None:
+    _log.warning("aha: compiling the C++ CPU attention kernel once (about 15 s) into %s", target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     # compile to a private name and rename: concurrent builders never load a half-written file
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
