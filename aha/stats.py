@@ -12,6 +12,7 @@ Two numbers summarise a run, and they differ:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,28 @@ class RoutingStats:
         glob = torch.cat([self.position_global, torch.zeros(pad, dtype=torch.float64)]).view(-1, bucket).sum(1)
         tot = torch.cat([self.position_total, torch.zeros(pad, dtype=torch.float64)]).view(-1, bucket).sum(1)
         return glob / tot.clamp(min=1)
+
+    @classmethod
+    def merge(cls, parts: Iterable[RoutingStats]) -> RoutingStats:
+        """One :class:`RoutingStats` holding the sum of ``parts`` (same window, layers and heads)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("nothing to merge")
+        first = parts[0]
+        merged = cls(first.window, first.num_layers, first.num_heads)
+        length = max(part.position_total.numel() for part in parts)
+        merged.position_global = torch.zeros(length, dtype=torch.float64)
+        merged.position_total = torch.zeros(length, dtype=torch.float64)
+        for part in parts:
+            if (part.window, part.num_layers, part.num_heads) != (first.window, first.num_layers, first.num_heads):
+                raise ValueError("cannot merge routing statistics of models with different windows or shapes")
+            merged.global_pairs += part.global_pairs
+            merged.total_pairs += part.total_pairs
+            merged.position_global[: part.position_global.numel()] += part.position_global
+            merged.position_total[: part.position_total.numel()] += part.position_total
+            merged.computed_scores += part.computed_scores
+            merged.full_scores += part.full_scores
+        return merged
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""

@@ -34,7 +34,6 @@ from aha.evaluation.routing import (
     capture_routes,
     check_modes,
     converted_layers,
-    merge_routing_stats,
     routing_mode,
 )
 
@@ -182,11 +181,11 @@ def test_merge_routing_stats_equals_one_tracker_over_both_passes(model, tokenize
             model(input_ids=a)
         with aha.track_routing(model) as second:
             model(input_ids=b[:, :20])
-    merged = merge_routing_stats([first, second])
+    merged = aha.RoutingStats.merge([first, second])
     assert merged.to_dict() == both.to_dict()
     assert torch.equal(merged.position_total, both.position_total)
     with pytest.raises(ValueError, match="nothing"):
-        merge_routing_stats([])
+        aha.RoutingStats.merge([])
 
 
 # ---------------------------------------------------------------- passkey

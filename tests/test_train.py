@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,35 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, copy_data, monkeypatch):
     final_a, final_b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000006", "step-00000008"]  # keep-last-2, tmp cleaned
+
+
+def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path, copy_data, monkeypatch):
+    def config(out):
+        return toy_config(out, steps=6, batch_size=4, lr=3e-3, target_global=0.5, checkpoint_every=0)
+
+    straight = train(config(tmp_path / "straight"), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    real_step = trainer_module._Stepper.step
+
+    def ctrl_c_during_step_3(self, progress):
+        row = real_step(self, progress)
+        if progress.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C would, mid-run
+        return row
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer_module._Stepper, "step", ctrl_c_during_step_3)
+        with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+            train(config(out), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]  # nothing lost
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    resumed = train(config(out), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    assert [row["step"] for row in resumed.history] == [4, 5, 6]
+    for a, b in zip(train_rows(tmp_path / "straight"), train_rows(out)):
+        assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}
+    final_a, final_b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
 
 
 def test_resume_refuses_a_different_config(tmp_path, copy_data):

@@ -72,6 +72,9 @@ class BenchConfig:
     memory_len: int = 16384
     parts: list[str] = field(default_factory=lambda: ["prefill", "train", "decode", "memory"])
     seed: int = 0
+    model: str = "smollm2-135m"
+    model_seq_lens: list[int] = field(default_factory=lambda: [1024, 4096])
+    model_global_heads: int | None = 1
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":
@@ -86,6 +89,7 @@ class BenchConfig:
             train_rhos=[0.07],
             decode_lens=[4096],
             memory_len=2048,
+            model_seq_lens=[256],
         )
 
 
@@ -189,6 +193,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
 
 
 from aha.benchmarking import kernels as _kernels  # noqa: E402,F401  (registers the "kernels" group)
+from aha.benchmarking import model as _model  # noqa: E402,F401  (registers the "model" group)
 
 __all__ = [
     "GROUPS",

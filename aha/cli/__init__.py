@@ -31,3 +31,4 @@ def version() -> None:
 from aha.cli import bench as _bench  # noqa: E402,F401  (registers `aha bench`)
 from aha.cli import eval as _eval  # noqa: E402,F401  (registers `aha eval`, `aha sweep`, `aha lm-eval`)
 from aha.cli import train as _train  # noqa: E402,F401  (registers `aha train`)
+from aha.cli import demo as _demo  # noqa: E402,F401  (registers `aha demo`)

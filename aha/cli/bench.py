@@ -29,6 +29,11 @@ def bench(
     train_n: Optional[str] = typer.Option(None, help="Sequence lengths of the forward+backward section."),
     decode_n: Optional[str] = typer.Option(None, help="Cache lengths of the decode section."),
     rounds: Optional[int] = typer.Option(None, help="Round-robin rounds per measurement."),
+    model: Optional[str] = typer.Option(None, help="Model of the 'model' group: a name (smollm2-135m) or a folder."),
+    model_n: Optional[str] = typer.Option(None, help="Prompt lengths of the 'model' group, e.g. 1024,4096."),
+    model_global_heads: Optional[str] = typer.Option(
+        None, help="'model' group routes: 'learned' (a trained AHA checkpoint) or N = the first N heads of every layer global."
+    ),
     clock: str = typer.Option(
         "wall", help="wall, or cpu: single-thread CPU time, robust to other jobs on a busy machine (needs --threads 1)."
     ),
@@ -47,12 +52,16 @@ def bench(
         "impls": _csv(impl, str),
         "train_seq_lens": _csv(train_n, int),
         "decode_lens": _csv(decode_n, int),
+        "model": model,
+        "model_seq_lens": _csv(model_n, int),
     }
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
     if rounds is not None:
         config.timing.rounds = rounds
+    if model_global_heads is not None:
+        config.model_global_heads = None if model_global_heads == "learned" else int(model_global_heads)
     config.timing.clock = clock
     try:
         report = run_benchmarks(config, _csv(groups, str) or [])

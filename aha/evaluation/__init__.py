@@ -33,7 +33,6 @@ from aha.evaluation.routing import (
     MODES,
     RoutingMode,
     capture_routes,
-    merge_routing_stats,
     routing_mode,
 )
 from aha.evaluation.run import EvalRun, EvalSettings, run_evaluation
@@ -55,7 +54,6 @@ __all__ = [
     "compare_routing_modes",
     "evaluate_passkey",
     "evaluate_perplexity",
-    "merge_routing_stats",
     "passkey_table",
     "perplexity_table",
     "plot_global_fraction_vs_position",

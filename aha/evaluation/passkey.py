@@ -34,7 +34,6 @@ from aha.evaluation.routing import (
     MODES,
     RoutingMode,
     check_modes,
-    merge_routing_stats,
     routing_mode,
 )
 from aha.stats import RoutingStats
@@ -358,6 +357,6 @@ def evaluate_passkey(
     return PasskeyResult(
         window=aha.AhaSettings.from_config(model.config).window,
         trials=trials,
-        prompt_stats=merge_routing_stats(aha_prompt_stats) if aha_prompt_stats else None,
-        answer_stats=merge_routing_stats(aha_answer_stats) if aha_answer_stats else None,
+        prompt_stats=RoutingStats.merge(aha_prompt_stats) if aha_prompt_stats else None,
+        answer_stats=RoutingStats.merge(aha_answer_stats) if aha_answer_stats else None,
     )

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 import aha
 from aha.router import route_from_logits
-from aha.stats import RoutingStats
 
 RoutingMode = Literal["full", "local", "aha"]
 #: All modes, in the order tables list them.
@@ -39,28 +38,6 @@ def routing_mode(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
     check_modes([mode])
     with aha.force_routing(model, _FORCED[mode]):
         yield
-
-
-def merge_routing_stats(parts: Iterable[RoutingStats]) -> RoutingStats:
-    """One :class:`aha.RoutingStats` holding the sum of ``parts`` (same window and shape)."""
-    parts = list(parts)
-    if not parts:
-        raise ValueError("nothing to merge")
-    first = parts[0]
-    merged = RoutingStats(first.window, first.num_layers, first.num_heads)
-    length = max(part.position_total.numel() for part in parts)
-    merged.position_global = torch.zeros(length, dtype=torch.float64)
-    merged.position_total = torch.zeros(length, dtype=torch.float64)
-    for part in parts:
-        if (part.window, part.num_layers, part.num_heads) != (first.window, first.num_layers, first.num_heads):
-            raise ValueError("cannot merge routing statistics of models with different windows or shapes")
-        merged.global_pairs += part.global_pairs
-        merged.total_pairs += part.total_pairs
-        merged.position_global[: part.position_global.numel()] += part.position_global
-        merged.position_total[: part.position_total.numel()] += part.position_total
-        merged.computed_scores += part.computed_scores
-        merged.full_scores += part.full_scores
-    return merged
 
 
 def converted_layers(model: nn.Module) -> list[int]:

@@ -31,6 +31,8 @@ import copy
 import importlib.util
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -389,6 +391,43 @@ class _Stepper:
             "seconds": elapsed,
         }
 
+class GracefulInterrupt:
+    """Turn the first Ctrl-C (SIGINT) into a request to stop at the next step boundary.
+
+    The trainer checks :meth:`requested` after every optimizer step, saves a checkpoint and raises
+    :class:`KeyboardInterrupt`, so an interrupted run resumes exactly where it stopped. A second
+    Ctrl-C aborts at once (the last checkpoint still resumes). Outside the main thread signals
+    cannot be caught and this does nothing.
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self._flag = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._flag:
+            raise KeyboardInterrupt
+        self._flag = True
+        self.accelerator.print("\naha train: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def requested(self) -> bool:
+        """True when any process got a Ctrl-C (a collective call when several processes run)."""
+        if self.accelerator.num_processes == 1:
+            return self._flag
+        flag = torch.tensor([float(self._flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max").item())
+
+
 def _eval_indices(config: TrainConfig, heldout: PackedDataset) -> np.ndarray:
     order = np.random.default_rng([config.seed, 1]).permutation(len(heldout))
     return np.sort(order[: config.eval_sequences])
@@ -486,11 +525,13 @@ def train(
 
     history: list[dict[str, Any]] = []
     show_bar = config.progress and accelerator.is_local_main_process
-    with aha.force_routing(aha_model, config.force_routing):  # None: the learned routes
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(aha.force_routing(aha_model, config.force_routing))  # None: the learned routes
         if eval_indices is not None and config.eval_every > 0 and resume_from is None:
             run_eval()  # the starting point: with open routers, the original model
         student.train()
         bar = tqdm(total=config.steps, initial=progress.step, desc="aha train", disable=not show_bar, dynamic_ncols=True)
+        interrupt = stack.enter_context(GracefulInterrupt(accelerator))
         while progress.step < config.steps:
             row = stepper.step(progress)
             history.append(row)
@@ -500,8 +541,13 @@ def train(
             at_end = progress.step == config.steps
             if eval_indices is not None and config.eval_every > 0 and progress.step % config.eval_every == 0 and not at_end:
                 run_eval()
-            if (config.checkpoint_every > 0 and progress.step % config.checkpoint_every == 0) or at_end:
+            stop = interrupt.requested()
+            if (config.checkpoint_every > 0 and progress.step % config.checkpoint_every == 0) or at_end or stop:
                 save_checkpoint(accelerator, out / "checkpoints", progress.step, config.keep_checkpoints)
+            if stop and not at_end:
+                bar.close()
+                log.close()
+                raise KeyboardInterrupt(f"stopped at step {progress.step}; run the same command again to resume")
         bar.close()
         evaluation = run_eval() if eval_indices is not None else None
 
