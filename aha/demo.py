@@ -108,7 +108,8 @@ class DemoSettings:
             seq_len=self.seq_len,
             steps=self.steps,
             target_global=self.target_global,
-            lambda_init=0.01,
+            lambda_init=0.1,  # lambda ends near 0.5-1 on SmolLM2: start close, adapt fast (a short run)
+            lambda_lr=0.3,
             distill=self.distill,
             lr=self.lr,
             router_lr=self.router_lr,

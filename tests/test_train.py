@@ -119,7 +119,20 @@ def test_lambda_controller_steps():
     assert controller.update(0.0) < above  # below target: lambda falls
     restored = LambdaController(0.5, target=0.2)
     restored.load_state_dict(state)
-    assert restored.lambda_ == above and restored.integral == state["integral"]
+    assert restored.lambda_ == above and restored.integral == state["integral"] and restored.updates == 1
+
+
+def test_lambda_controller_ramps_the_target():
+    controller = LambdaController(0.01, target=0.2, ramp_steps=4)
+    targets = []
+    for _ in range(6):
+        targets.append(controller.current_target)
+        controller.update(1.0)
+    assert targets == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.2, 0.2])
+    # measured on target at every step of the ramp: lambda stays where it started
+    steady = LambdaController(0.01, target=0.2, ramp_steps=4)
+    for _ in range(4):
+        assert steady.update(steady.current_target) == pytest.approx(0.01)
 
 
 def test_resume_after_a_kill_is_bit_identical(tmp_path, copy_data, monkeypatch):

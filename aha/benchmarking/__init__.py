@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,6 +143,8 @@ def run_benchmarks(config: BenchConfig, groups: list[str]) -> dict[str, Any]:
         raise ValueError(f"unknown benchmark group(s) {unknown}; choose from {sorted(GROUPS)}")
     if config.timing.clock == "cpu" and config.threads != 1:
         raise ValueError("clock='cpu' measures single-threaded runs only (it would count spin-waiting); use --threads 1")
+    if torch.cuda.is_available():  # other processes' CPU load does not slow a GPU kernel: no waiting, no retries
+        config.timing = replace(config.timing, max_wait_s=0.0, retries=0)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -169,7 +171,7 @@ def print_report(report: dict[str, Any]) -> None:
     meta = report["meta"]
     console.print(
         f"[bold]aha bench[/bold]  {meta['date']}  {meta['cpu']}  threads={meta['threads']}  clock={meta['clock']}  "
-        f"torch {meta['torch']}  C++ kernel: {'yes' if meta['cpp_kernel'] else 'no'}"
+        f"torch {meta['torch']}  C++ kernel: {'yes' if meta['cpp_kernel'] else 'no'}  GPU: {meta.get('cuda') or 'none'}"
     )
     for group, sections in report["groups"].items():
         for section in sections:

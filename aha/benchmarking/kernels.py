@@ -6,8 +6,9 @@ Sections (``BenchConfig.parts``):
 * ``train`` -- forward + backward (gradients of q, k, v) with hard routes;
 * ``decode`` -- one query per head against a cache of n keys, 1 of ``heads`` heads global,
   against SDPA over all heads and over the global head alone;
-* ``memory`` -- extra peak resident memory of one prefill forward, AHA vs SDPA, each in a
-  fresh process (AHA must not materialise anything of size n x n).
+* ``memory`` -- extra peak memory of one prefill forward, AHA vs SDPA: resident memory of a
+  fresh process each on CPU, allocated device memory on CUDA (AHA must not materialise anything
+  of size n x n).
 
 Each row carries the measured cost ratio AHA / SDPA (median of per-round ratios) beside the
 ideal ``rho + (1 - rho) * 2w/n`` (:func:`aha.stats.ideal_cost_ratio`), and both as speedups.
@@ -265,32 +266,62 @@ def _peak_extra_mib(kinds: list[str], cfg: BenchConfig, n: int, window: int, rho
     return peaks
 
 
+def _peak_extra_mib_cuda(cfg: BenchConfig, n: int, window: int, rho: float, dtype: torch.dtype) -> dict[str, float]:
+    """Extra peak allocated CUDA MiB of one forward per kind (after a warm-up call that compiles)."""
+    q, k, v = _qkv(cfg, n, n, dtype)
+    route = _route(cfg, n, rho, torch.Generator().manual_seed(cfg.seed))
+    calls = {"aha": lambda: aha_attention(q, k, v, route, window), "sdpa": lambda: _sdpa(q, k, v)}
+    peaks = {}
+    with torch.no_grad():
+        for kind, call in calls.items():
+            call()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            call()
+            torch.cuda.synchronize()
+            peaks[kind] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return peaks
+
+
 def memory_section(cfg: BenchConfig) -> Section:
-    """Extra peak RSS of one fp32 CPU prefill forward (inputs excluded), AHA vs SDPA causal."""
+    """Extra peak memory of one prefill forward (inputs excluded, output included), AHA vs SDPA causal."""
     n, window, rho = cfg.memory_len, cfg.windows[0], 0.07
-    peaks = _peak_extra_mib(["aha", "sdpa"], cfg, n, window, rho)
+    on_cuda = torch.cuda.is_available()
+    dtype_name = cfg.dtypes[0] if on_cuda else "float32"
+    if on_cuda:
+        peaks = _peak_extra_mib_cuda(cfg, n, window, rho, DTYPES[dtype_name])
+    else:
+        peaks = _peak_extra_mib(["aha", "sdpa"], cfg, n, window, rho)
     mib = 1024 * 1024
+    element = DTYPES[dtype_name].itemsize
     row = {
         "bench": "memory",
         "n": n,
         "rho": rho,
         "window": window,
-        "dtype": "float32",
+        "dtype": dtype_name,
         "aha_peak_mib": peaks["aha"],
         "sdpa_peak_mib": peaks["sdpa"],
-        "output_mib": cfg.batch * cfg.heads * n * cfg.head_dim * 4 / mib,
-        "dense_scores_mib": cfg.batch * cfg.heads * n * n * 4 / mib,
+        "output_mib": cfg.batch * cfg.heads * n * cfg.head_dim * element / mib,
+        "dense_scores_mib": cfg.batch * cfg.heads * n * n * element / mib,
     }
+    where = "CUDA, allocated memory" if on_cuda else "CPU, fresh process each"
+    how = (
+        "Extra peak = torch.cuda.max_memory_allocated during the call (reset before it) minus allocated before it"
+        if on_cuda
+        else "Extra peak = peak RSS during the call (VmHWM, reset before it) minus RSS before it"
+    )
     return Section(
         name="memory",
-        title="peak memory of one prefill forward (fp32, CPU, fresh process each)",
+        title=f"peak memory of one prefill forward ({dtype_name}, {where})",
         columns=[
             Column("n", "n"), Column("rho", "rho"), Column("window", "w"),
             Column("aha_peak_mib", "AHA extra peak MiB", ".1f"), Column("sdpa_peak_mib", "SDPA extra peak MiB", ".1f"),
             Column("output_mib", "output MiB", ".1f"), Column("dense_scores_mib", "n x n scores MiB", ".0f"),
         ],  # fmt: skip
         rows=[row],
-        notes=["Extra peak = peak RSS during the call (VmHWM, reset before it) minus RSS before it; inputs excluded, output included."],
+        notes=[f"{how}; inputs excluded, output included."],
     )
 
 
@@ -304,8 +335,8 @@ SECTIONS: dict[str, Callable[[BenchConfig], Section]] = {
 
 @register_group("kernels")
 def kernel_benchmarks(cfg: BenchConfig) -> list[Section]:
-    """The sections of ``cfg.parts`` in order (``memory`` only on CPU)."""
+    """The sections of ``cfg.parts`` in order."""
     unknown = [p for p in cfg.parts if p not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown kernel benchmark part(s) {unknown}; choose from {list(SECTIONS)}")
-    return [SECTIONS[p](cfg) for p in cfg.parts if not (p == "memory" and torch.cuda.is_available())]
+    return [SECTIONS[p](cfg) for p in cfg.parts]

@@ -29,6 +29,10 @@ def bench(
     train_n: Optional[str] = typer.Option(None, help="Sequence lengths of the forward+backward section."),
     decode_n: Optional[str] = typer.Option(None, help="Cache lengths of the decode section."),
     rounds: Optional[int] = typer.Option(None, help="Round-robin rounds per measurement."),
+    batch: Optional[int] = typer.Option(None, help="Batch size of the kernel shapes (default 1)."),
+    heads: Optional[int] = typer.Option(None, help="Query heads of the kernel shapes (default 8)."),
+    kv_heads: Optional[int] = typer.Option(None, help="KV heads of the kernel shapes (default 8; fewer = GQA)."),
+    memory_n: Optional[int] = typer.Option(None, help="Sequence length of the memory section (default 16384)."),
     model: Optional[str] = typer.Option(None, help="Model of the 'model' group: a name (smollm2-135m) or a folder."),
     model_n: Optional[str] = typer.Option(None, help="Prompt lengths of the 'model' group, e.g. 1024,4096."),
     model_global_heads: Optional[str] = typer.Option(
@@ -53,6 +57,10 @@ def bench(
         "train_seq_lens": _csv(train_n, int),
         "decode_lens": _csv(decode_n, int),
         "model": model,
+        "batch": batch,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "memory_len": memory_n,
         "model_seq_lens": _csv(model_n, int),
     }
     for key, value in overrides.items():

@@ -2,18 +2,23 @@
 
 Local heads read only the last ``window`` keys of the cache; global heads read the whole cache.
 Out-of-window keys are never touched for local heads. On CPU the C++ kernel does this in one
-call (split-KV over threads, bf16 read as bf16); elsewhere, or without the kernel, local heads
-take one SDPA call over a slice view of the window and global heads one SDPA call per
-(batch, KV head) that has a global query head.
+call (split-KV over threads, bf16 read as bf16); on CUDA a Triton split-KV kernel does
+(:mod:`aha.kernels.triton_decode`). Elsewhere, or without either, local heads take one SDPA call
+over a slice view of the window and global heads one SDPA call per (batch, KV head) that has a
+global query head.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from aha.kernels.cpp import cpp_supports, kernel_attention, key_start
+
+try:
+    from aha.kernels.triton_decode import triton_decode, triton_decode_available
+except ImportError:  # no Triton (CPU-only installs)
+    triton_decode = None
 
 
 def decode_attention(
@@ -29,10 +34,12 @@ def decode_attention(
 
     Shapes: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool -> ``[B, Hq, 1, D]``.
     """
+    starts = key_start(key_padding_mask, q.shape[0], q.device)
     if cpp_supports(q, key_padding_mask):
-        starts = key_start(key_padding_mask, q.shape[0], q.device)
         assert starts is not None  # cpp_supports checked it
         return kernel_attention(q, k, v, route, window, scale, starts)
+    if triton_decode is not None and starts is not None and triton_decode_available(q):
+        return triton_decode(q, k, v, route, window, scale, starts)
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads

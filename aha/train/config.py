@@ -65,6 +65,7 @@ class TrainConfig:
     target_global: float | None = _help("target global fraction; lambda adapts to meet it (e.g. 0.07)", default=None)
     lambda_lr: float = _help("budget controller's integral rate on log(lambda) per step (see LambdaController)", default=0.1)
     lambda_gain: float = _help("budget controller's proportional gain on log(lambda) (damps overshoot)", default=5.0)
+    target_ramp: float = _help("share of the steps over which the target falls linearly from 1 to --target-global", default=0.3)
     distill: float = _help("weight of KL(teacher || student) to the frozen original model's logits (0 = off)", default=0.0)
     distill_temperature: float = _help("softmax temperature of the distillation term", default=1.0)
     # optimisation
@@ -94,6 +95,8 @@ class TrainConfig:
             problems.append("threshold must be in (0, 1)")
         if self.router_init == "open" and not 1 / (1 + math.exp(-self.open_router_bias)) > self.threshold:
             problems.append("open_router_bias must put sigmoid(bias) above the threshold (open routers start global)")
+        if not 0 <= self.target_ramp <= 1:
+            problems.append("target_ramp must be in [0, 1] (a share of the steps)")
         if self.target_global is not None and not 0 <= self.target_global <= 1:
             problems.append("target_global must be in [0, 1]")
         if self.lambda_init < 0 or (self.target_global is not None and self.lambda_init <= 0):

@@ -86,13 +86,15 @@ class LambdaController:
         integral += rate * error
         lambda = clamp(exp(integral + gain * error), min_lambda, max_lambda)
 
-    ``integral`` starts at ``log(lambda_init)``. The trainer measures the mean soft gate
-    ``mean(g_soft)``, not the hard global fraction: hard routes only flip once a logit crosses the
-    threshold, so while open routers (logit 4) drift toward it the hard fraction stays at 1 and an
-    integral on it winds up, then slams most gates shut. The soft mean moves as soon as the logits do,
-    and ends close to the hard fraction once the gates saturate. Plain dual ascent (``gain = 0``)
-    overshoots for a similar reason (Adam keeps the router logits moving while lambda exceeds a gate's
-    usefulness); the proportional term damps that. Without a target lambda stays at ``lambda_init``.
+    ``integral`` starts at ``log(lambda_init)``. The trainer passes ``min(hard fraction, mean(g_soft))``.
+    The soft mean alone overstates once gates sit just below the threshold (routes already local, yet
+    lambda keeps climbing and drives the model's loss up); the hard fraction alone stays at 1 while open
+    routers drift toward the threshold, so an integral on it winds up and then slams most gates shut.
+    The smaller of the two is at target only when the routes are. For the same reason the target ramps
+    linearly from 1 to ``target`` over the first ``ramp_steps`` updates: a step from all-global to a
+    small budget is a large error, and the proportional term would turn it into a lambda spike. Plain
+    dual ascent (``gain = 0``) overshoots (Adam keeps the router logits moving while lambda exceeds a
+    gate's usefulness); the proportional term damps that. Without a target lambda stays at ``lambda_init``.
     The state is checkpointed through :meth:`state_dict`.
     """
 
@@ -104,6 +106,7 @@ class LambdaController:
         gain: float = 5.0,
         min_lambda: float = 1e-8,
         max_lambda: float = 1e4,
+        ramp_steps: int = 0,
     ):
         self.lambda_ = float(lambda_init)
         self.integral = math.log(lambda_init) if lambda_init > 0 else float("-inf")
@@ -112,17 +115,28 @@ class LambdaController:
         self.gain = gain
         self.min_lambda = min_lambda
         self.max_lambda = max_lambda
+        self.ramp_steps = ramp_steps
+        self.updates = 0
+
+    @property
+    def current_target(self) -> float | None:
+        """The target of the next update: ramps linearly from 1 to ``target`` over ``ramp_steps`` updates."""
+        if self.target is None:
+            return None
+        progress = min(1.0, (self.updates + 1) / self.ramp_steps) if self.ramp_steps > 0 else 1.0
+        return 1.0 - (1.0 - self.target) * progress
 
     def update(self, measured: float) -> float:
         """Take one step given this step's measured global fraction; returns the new lambda."""
         if self.target is not None and math.isfinite(measured):
-            error = measured - self.target
+            error = measured - self.current_target
+            self.updates += 1
             self.integral = min(math.log(self.max_lambda), max(math.log(self.min_lambda), self.integral + self.rate * error))
             self.lambda_ = min(self.max_lambda, max(self.min_lambda, math.exp(self.integral + self.gain * error)))
         return self.lambda_
 
     def state_dict(self) -> dict[str, float]:
-        return {"lambda": self.lambda_, "integral": self.integral}
+        return {"lambda": self.lambda_, "integral": self.integral, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.lambda_, self.integral = float(state["lambda"]), float(state["integral"])
+        self.lambda_, self.integral, self.updates = float(state["lambda"]), float(state["integral"]), int(state["updates"])

@@ -370,7 +370,8 @@ class _Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         ce_sum, kd_sum, soft_sum, global_pairs, total_pairs = self.accelerator.reduce(sums, "sum").tolist()
         achieved = global_pairs / total_pairs if total_pairs else float("nan")
-        self.controller.update(achieved)
+        target = self.controller.current_target
+        self.controller.update(min(achieved, soft_sum / global_tokens))
         progress.step += 1
         progress.targets_seen += global_targets
         elapsed = time.perf_counter() - started
@@ -383,6 +384,7 @@ class _Stepper:
             "kd": kd_sum / global_targets,
             "soft_gate": soft_sum / global_tokens,
             "global_fraction": achieved,
+            "target_global": target,
             "lambda": lambda_,
             **{f"lr_{group['name']}": group["lr"] for group in self.optimizer.param_groups},
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -500,7 +502,13 @@ def train(
     optimizer = torch.optim.AdamW(_param_groups(config, student, routers))
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    controller = LambdaController(config.lambda_init, config.target_global, rate=config.lambda_lr, gain=config.lambda_gain)
+    controller = LambdaController(
+        config.lambda_init,
+        config.target_global,
+        rate=config.lambda_lr,
+        gain=config.lambda_gain,
+        ramp_steps=round(config.target_ramp * config.steps),
+    )
     progress = TrainProgress()
     accelerator.register_for_checkpointing(controller, progress)
     if resume_from is not None:

@@ -1,0 +1,117 @@
+"""GPU paths (FlexAttention prefill/training, Triton decode, a converted model) against the reference.
+
+Skipped where there is no CUDA device (CI); run on a GPU machine with ``pytest -m gpu``.
+"""
+
+import pytest
+import torch
+
+import aha
+from aha import aha_attention
+from aha.hf.testing import tiny_model
+from aha.kernels import choose_impl
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype, grad=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=dtype).requires_grad_(grad)
+
+    return randn(batch, q_heads, seq_q, 64), randn(batch, kv_heads, seq_kv, 64), randn(batch, kv_heads, seq_kv, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded",
+    [(1, 4, 2, 500, 500, 100, 0.1, False), (2, 4, 4, 300, 777, 64, 0.5, True), (1, 2, 1, 129, 129, 500, 0.1, False)],
+)
+def test_flex_forward_matches_reference(dtype, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded):
+    q, k, v = random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype)
+    route = torch.rand(batch, q_heads, seq_q, device="cuda") < rho
+    kpm = None
+    if padded:  # left padding
+        kpm = torch.ones(batch, seq_kv, dtype=torch.bool, device="cuda")
+        kpm[0, :40] = False
+    assert choose_impl(q, k, route, window, kpm) == "flex"
+    with torch.no_grad():
+        out = aha_attention(q, k, v, route, window, key_padding_mask=kpm)
+        expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_backward_with_the_ste_gate_matches_reference(dtype):
+    route_gen = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(1, 4, 500, generator=route_gen, device="cuda")
+    results = []
+    for impl in ["reference", "flex"]:
+        q, k, v = random_inputs(1, 4, 2, 500, 500, dtype, grad=True)
+        soft = torch.sigmoid(logits).requires_grad_(True)
+        gate = (soft > 0.5).float() + soft - soft.detach()
+        out = aha_attention(q, k, v, gate, 100, impl=impl)
+        out.float().square().sum().backward()
+        results.append([out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float(), soft.grad.float()])
+    tol = TOLERANCE[dtype]
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)  # sums over 500 keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_kv, window", [(2, 8, 2, 5000, 256), (3, 4, 4, 100, 256), (1, 6, 3, 2100, 1)]
+)
+def test_triton_decode_matches_reference_and_reads_only_the_window(dtype, batch, q_heads, kv_heads, seq_kv, window):
+    q, k, v = random_inputs(batch, q_heads, kv_heads, 1, seq_kv, dtype)
+    route = torch.rand(batch, q_heads, 1, device="cuda") < 0.3
+    kpm = torch.ones(batch, seq_kv, dtype=torch.bool, device="cuda")
+    kpm[0, : seq_kv // 3] = False  # left padding
+    assert choose_impl(q, k, route, window, kpm) == "decode"
+    out = aha_attention(q, k, v, route, window, key_padding_mask=kpm)
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    # keys outside a local head's window are never read: poisoning them changes nothing there
+    if window < seq_kv:
+        k_poisoned, v_poisoned = k.clone(), v.clone()
+        k_poisoned[:, :, : seq_kv - window] = float("nan")
+        v_poisoned[:, :, : seq_kv - window] = float("nan")
+        local_only = torch.zeros_like(route)
+        poisoned = aha_attention(q, k_poisoned, v_poisoned, local_only, window, key_padding_mask=kpm)
+        clean = aha_attention(q, k, v, local_only, window, key_padding_mask=kpm)
+        torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_converted_model_on_cuda_equals_the_original_and_generates_with_cache(family):
+    original = tiny_model(family).cuda()
+    ids = torch.randint(3, 128, (2, 40), device="cuda")
+    with torch.no_grad():
+        expected = original(ids).logits
+    model = aha.convert(tiny_model(family), window=8).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        with aha.force_routing(model, "local"):
+            cached = model.generate(ids, max_new_tokens=12, do_sample=False)
+            uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_flex_compiles_once_per_shape_not_once_per_route():
+    from torch._dynamo.utils import counters
+
+    q, k, v = random_inputs(1, 4, 2, 700, 700, torch.bfloat16)
+    with torch.no_grad():
+        aha_attention(q, k, v, torch.rand(1, 4, 700, device="cuda") < 0.1, 64)
+        compiled = counters["stats"]["unique_graphs"]
+        for _ in range(3):
+            aha_attention(q, k, v, torch.rand(1, 4, 700, device="cuda") < 0.1, 64)
+    assert counters["stats"]["unique_graphs"] == compiled
