@@ -101,7 +101,7 @@ def test_sparsity_penalty_lowers_the_global_fraction(tmp_path, copy_data, copy_m
 
 
 def test_budget_controller_meets_the_target(tmp_path, copy_data, copy_model_state):
-    config = toy_config(tmp_path, steps=400, target_global=0.5, eval_every=0)
+    config = toy_config(tmp_path, steps=400, target_global=0.5, lambda_lr=0.2, eval_every=0)  # default 30% ramp
     result = train(config, model=copy_model(copy_model_state), data=copy_data)
     assert abs(result.achieved_global - 0.5) <= 0.02
     assert abs(result.evaluation["global_fraction"] - 0.5) <= 0.03  # held-out routing agrees
