@@ -16,7 +16,7 @@ from aha import aha_attention
 from aha.kernels import flex
 q, k, v = (torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 aha_attention(q, k, v, torch.rand(1, 8, 4096, device="cuda") < 0.07, 256)
-print("flex whole-graph compile:", "failed: " + flex._whole_graph["failed"] if flex._whole_graph["failed"] else "ok")
+print("flex whole-graph compile failed for:", flex._whole_graph_failed or "none")
 PY
 python3 -m aha.cli bench --parts prefill,train,memory --dtype bfloat16 --n 4096,16384,65536 --train-n 4096,16384 \
     --rho 0,0.07,0.1,0.3,1 --memory-n 65536 --rounds 3 --out "$out" 2>&1 | tee "$out/gpu-bench-prefill.log"

@@ -36,10 +36,12 @@ _compiled_flex: Callable[..., Tensor] | None = None
 # On CUDA the whole routed call (sort, BlockMask, attention, unsort) is compiled as one graph: one
 # guard check and fused index work instead of dozens of small launches (on an H100 the per-op path
 # spent about 2 ms of host time per call at n = 16384, more than the attention itself). It is
-# compiled per shape (dynamic=False): with dynamic shapes inductor failed to lower it (torch 2.11).
-# If lowering fails anyway, the per-op path with only flex_attention compiled is used from then on;
-# past dynamo's recompile limit the graph runs eagerly, still with the compiled flex_attention.
-_whole_graph: dict[str, Any] = {"fn": None, "failed": None}
+# compiled per shape (dynamic=False). Inductor (torch 2.11) failed to lower it for some inputs
+# (once with dynamic shapes, once at n = 500); inputs of a signature that failed use the per-op path
+# with only flex_attention compiled. Past dynamo's recompile limit the graph runs eagerly, still
+# with the compiled flex_attention.
+_whole_graph: dict[str, Any] = {"fn": None}
+_whole_graph_failed: set[tuple] = set()
 
 
 def _flex() -> Callable[..., Tensor]:
@@ -153,14 +155,15 @@ def flex_routed(
 ) -> Tensor:
     """AHA attention for a bool route ``[B, Hq, Sq]`` (True = global) via sorted FlexAttention;
     q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
-    if USE_COMPILE and q.is_cuda and _whole_graph["failed"] is None:
+    signature = (q.shape, k.shape, q.dtype, key_padding_mask is None, window)
+    if USE_COMPILE and q.is_cuda and signature not in _whole_graph_failed:
         if _whole_graph["fn"] is None:
             _whole_graph["fn"] = torch.compile(_routed, dynamic=False)
         try:
             return _whole_graph["fn"](q, k, v, hard, window, scale, key_padding_mask, _flex())
-        except Exception as exc:  # noqa: BLE001 -- any lowering failure: fall back for good, say why once
-            _whole_graph["failed"] = repr(exc)
-            warnings.warn(f"aha: whole-graph compile of impl='flex' failed, using the per-op path ({exc!r})", stacklevel=2)
+        except Exception as exc:  # noqa: BLE001 -- a lowering failure: use the per-op path for these inputs
+            _whole_graph_failed.add(signature)
+            warnings.warn(f"aha: whole-graph compile of impl='flex' failed for {signature}, using the per-op path ({exc!r})", stacklevel=2)
     return _routed(q, k, v, hard, window, scale, key_padding_mask, _flex())
 
 
