@@ -287,11 +287,13 @@ def _peak_extra_mib_cuda(cfg: BenchConfig, n: int, window: int, rho: float, dtyp
 def memory_section(cfg: BenchConfig) -> Section:
     """Extra peak memory of one prefill forward (inputs excluded, output included), AHA vs SDPA causal."""
     n, window, rho = cfg.memory_len, cfg.windows[0], 0.07
-    on_cuda = torch.cuda.is_available()
-    dtype_name = cfg.dtypes[0] if on_cuda else "float32"
-    if on_cuda:
+    if torch.cuda.is_available():
+        dtype_name, where = cfg.dtypes[0], "CUDA, allocated memory"
+        how = "Extra peak = torch.cuda.max_memory_allocated during the call (reset before it) minus allocated before it"
         peaks = _peak_extra_mib_cuda(cfg, n, window, rho, DTYPES[dtype_name])
     else:
+        dtype_name, where = "float32", "CPU, fresh process each"
+        how = "Extra peak = peak RSS during the call (VmHWM, reset before it) minus RSS before it"
         peaks = _peak_extra_mib(["aha", "sdpa"], cfg, n, window, rho)
     mib = 1024 * 1024
     element = DTYPES[dtype_name].itemsize
@@ -306,12 +308,6 @@ def memory_section(cfg: BenchConfig) -> Section:
         "output_mib": cfg.batch * cfg.heads * n * cfg.head_dim * element / mib,
         "dense_scores_mib": cfg.batch * cfg.heads * n * n * element / mib,
     }
-    where = "CUDA, allocated memory" if on_cuda else "CPU, fresh process each"
-    how = (
-        "Extra peak = torch.cuda.max_memory_allocated during the call (reset before it) minus allocated before it"
-        if on_cuda
-        else "Extra peak = peak RSS during the call (VmHWM, reset before it) minus RSS before it"
-    )
     return Section(
         name="memory",
         title=f"peak memory of one prefill forward ({dtype_name}, {where})",

@@ -34,12 +34,14 @@ def decode_attention(
 
     Shapes: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool -> ``[B, Hq, 1, D]``.
     """
-    starts = key_start(key_padding_mask, q.shape[0], q.device)
     if cpp_supports(q, key_padding_mask):
+        starts = key_start(key_padding_mask, q.shape[0], q.device)
         assert starts is not None  # cpp_supports checked it
         return kernel_attention(q, k, v, route, window, scale, starts)
-    if triton_decode is not None and starts is not None and triton_decode_available(q):
-        return triton_decode(q, k, v, route, window, scale, starts)
+    if triton_decode is not None and triton_decode_available(q):
+        starts = key_start(key_padding_mask, q.shape[0], q.device)
+        if starts is not None:  # real keys are one contiguous run
+            return triton_decode(q, k, v, route, window, scale, starts)
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads

@@ -40,7 +40,7 @@ _compiled_flex: Callable[..., Tensor] | None = None
 # (once with dynamic shapes, once at n = 500); inputs of a signature that failed use the per-op path
 # with only flex_attention compiled. Past dynamo's recompile limit the graph runs eagerly, still
 # with the compiled flex_attention.
-_whole_graph: dict[str, Any] = {"fn": None}
+_compiled_routed: Callable[..., Tensor] | None = None
 _whole_graph_failed: set[tuple] = set()
 
 
@@ -157,10 +157,11 @@ def flex_routed(
     q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
     signature = (q.shape, k.shape, q.dtype, key_padding_mask is None, window)
     if USE_COMPILE and q.is_cuda and signature not in _whole_graph_failed:
-        if _whole_graph["fn"] is None:
-            _whole_graph["fn"] = torch.compile(_routed, dynamic=False)
+        global _compiled_routed
+        if _compiled_routed is None:
+            _compiled_routed = torch.compile(_routed, dynamic=False)
         try:
-            return _whole_graph["fn"](q, k, v, hard, window, scale, key_padding_mask, _flex())
+            return _compiled_routed(q, k, v, hard, window, scale, key_padding_mask, _flex())
         except Exception as exc:  # noqa: BLE001 -- a lowering failure: use the per-op path for these inputs
             _whole_graph_failed.add(signature)
             warnings.warn(f"aha: whole-graph compile of impl='flex' failed for {signature}, using the per-op path ({exc!r})", stacklevel=2)

@@ -8,7 +8,8 @@ of them. Each live program writes its chunk's unnormalised output, running max a
 (flash-decoding); a second kernel merges the chunks with their log-sum-exp weights.
 
 Only imported where Triton is installed; :func:`triton_decode_available` says whether it can run
-on given inputs (CUDA tensors, or anything under ``TRITON_INTERPRET=1``, which the tests use).
+on given inputs (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, Triton's interpreter,
+handy for debugging the kernel without a GPU).
 """
 
 from __future__ import annotations
