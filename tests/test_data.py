@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from train_support import char_tokenizer
+from train_support import char_tokenizer, sentence_documents
 
 from aha.data import (
     IGNORE_INDEX,
@@ -23,6 +24,7 @@ from aha.data import (
     tokenize_source,
     tokenized,
 )
+from aha.data.passkey import NEEDLE, QUESTION, PasskeyMixDataset
 
 
 @pytest.fixture
@@ -178,3 +180,40 @@ def test_packing_never_crosses_documents_and_targets_each_token_once(lengths, se
         expected = list(range(1, n)) if n >= max(2, min_doc_tokens) else []
         assert sorted(targets.get(doc, [])) == expected, "every token but the first is a target exactly once"
     assert dataset.num_targets() == sum(len(t) for t in targets.values())
+
+
+# ---------------------------------------------------------------- passkey training mix
+
+
+def test_passkey_mix_replaces_a_share_of_sequences_with_answered_prompts():
+    tokenizer = char_tokenizer()
+    base = sentence_documents(tokenizer)
+    mix = PasskeyMixDataset(base, tokenizer, 0.3, seed=1)
+    assert len(mix) == len(base) and 0.15 < mix.is_passkey.mean() < 0.45
+    for index in range(len(mix)):
+        item = mix[index]
+        real = int(item["attention_mask"].sum())
+        assert mix.num_targets([index]) == real - 1 and mix.num_tokens([index]) == real
+        assert torch.equal(item["labels"][:real], item["input_ids"][:real]) and (item["labels"][real:] == IGNORE_INDEX).all()
+        if not mix.is_passkey[index]:
+            assert all(torch.equal(item[key], base[index][key]) for key in item)
+            continue
+        text = tokenizer.decode(item["input_ids"][: real - 1])  # the last real token is EOS
+        key = text[-5:]
+        assert text.endswith(f"{QUESTION} The pass key is {key}") and NEEDLE.format(passkey=key) in text
+        assert int(item["input_ids"][real - 1]) == tokenizer.eos_token_id
+    assert mix.num_targets(range(len(mix))) == sum(int(mix[i]["attention_mask"].sum()) - 1 for i in range(len(mix)))
+    again, other = PasskeyMixDataset(base, tokenizer, 0.3, seed=1), PasskeyMixDataset(base, tokenizer, 0.3, seed=2)
+    assert (again.is_passkey == mix.is_passkey).all() and (other.is_passkey != mix.is_passkey).any()
+    first = int(np.flatnonzero(mix.is_passkey)[0])
+    assert torch.equal(again[first]["input_ids"], mix[first]["input_ids"])
+
+
+def test_passkey_mix_rejects_bad_settings():
+    tokenizer = char_tokenizer()
+    base = sentence_documents(tokenizer, num_docs=4)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        PasskeyMixDataset(base, tokenizer, 0.0)
+    short = PackedDataset(base.corpora, 60, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="longer --seq-len"):
+        PasskeyMixDataset(short, tokenizer, 0.5)

@@ -36,6 +36,8 @@ from aha.evaluation.routing import (
     converted_layers,
     routing_mode,
 )
+from aha.evaluation.tables import passkey_table
+from aha.stats import RoutingStats
 
 WINDOW = 8
 SPECIALS = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>"]
@@ -259,6 +261,24 @@ def test_passkey_accuracy_splits_by_needle_distance_against_the_window():
     assert result.accuracy("local", context_length=2048) == 0.0
     assert result.accuracy("aha") is None
     assert result.to_dict()["accuracy"]["full"]["needle_beyond_window"] == 1.0
+
+
+def test_opening_heads_rank_the_rise_in_global_routing_at_the_answer():
+    prompt, answer = RoutingStats(window=4, num_layers=2, num_heads=2), RoutingStats(window=4, num_layers=2, num_heads=2)
+    # prompt: every head global on 1 of 4 tokens; answer: layer 1 head 0 on 4 of 4, layer 0 head 1 on 2 of 4
+    prompt_routes = torch.tensor([True, False, False, False]).expand(1, 2, 4)
+    for layer in range(2):
+        prompt.update(layer, prompt_routes)
+    answer.update(0, torch.tensor([[[False] * 4, [True, True, False, False]]]))
+    answer.update(1, torch.tensor([[[True] * 4, [False] * 4]]))
+    result = PasskeyResult(window=4, trials=[], prompt_stats=prompt, answer_stats=answer)
+    assert result.opening_heads() == [
+        {"layer": 1, "head": 0, "answer": 1.0, "prompt": 0.25},
+        {"layer": 0, "head": 1, "answer": 0.5, "prompt": 0.25},
+    ]
+    assert result.to_dict()["aha_routing"]["opening_heads"][0]["layer"] == 1
+    assert "L1.H0 100% (prompt 25%)" in str(passkey_table(result).caption)
+    assert PasskeyResult(window=4, trials=[]).opening_heads() == []
 
 
 # ---------------------------------------------------------------- report and CLI

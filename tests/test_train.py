@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_support import copy_task, pretrain_on, save_tiny_model, tiny_llama
+from train_support import char_tokenizer, copy_task, pretrain_on, save_tiny_model, sentence_documents, tiny_llama
 from typer.testing import CliRunner
 
 import aha
 from aha.cli import app
+from aha.data import DataSplits
+from aha.data.passkey import PasskeyMixDataset
 from aha.train import (
     LambdaController,
     TrainConfig,
@@ -306,3 +308,18 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     two = aha.from_pretrained(tmp_path / "two" / "model").state_dict()
     for name, value in one.model.state_dict().items():
         assert torch.allclose(value, two[name], atol=1e-5), name
+
+
+def test_passkey_mix_feeds_the_training_steps(tmp_path):
+    tokenizer = char_tokenizer()
+    base = sentence_documents(tokenizer)
+    data = DataSplits(train=base, heldout=base)
+    config = toy_config(tmp_path / "run", window=16, seq_len=300, steps=2, batch_size=2, passkey_mix=1.0)
+    with pytest.raises(ValueError, match="pass it along with the model"):
+        train(toy_config(tmp_path / "no-tokenizer", window=16, seq_len=300, passkey_mix=1.0), model=tiny_llama(), data=data)
+    result = train(config, model=tiny_llama(), tokenizer=tokenizer, data=data)
+    mix = PasskeyMixDataset(base, tokenizer, 1.0, seed=config.seed)
+    schedule = trainer_module.BatchSchedule(len(mix), config.seed, batch_size=2, grad_accum=1, num_processes=1)
+    steps = [schedule.step_indices(step).ravel() for step in range(2)]
+    assert result.history[-1]["targets_seen"] == sum(mix.num_targets(indices) for indices in steps)
+    assert result.history[-1]["targets_seen"] != sum(base.num_targets(indices) for indices in steps)

@@ -87,3 +87,16 @@ def pretrain_on(data: DataSplits, vocab_size: int, steps: int = 500, seed: int =
         optimizer.step()
         optimizer.zero_grad()
     return model.state_dict()
+
+
+def sentence_documents(tokenizer, num_docs: int = 60, sentences: int = 40) -> PackedDataset:
+    """Documents of short capitalised sentences, tokenized per character, packed at 300 tokens."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta"]
+    texts = [
+        " ".join(" ".join(rng.choice(words, size=int(rng.integers(3, 8)))).capitalize() + "." for _ in range(sentences))
+        for _ in range(num_docs)
+    ]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    corpus = TokenizedCorpus.from_token_lists("sentences", [f"doc{i}" for i in range(num_docs)], ids)
+    return PackedDataset([corpus], 300, tokenizer.pad_token_id)

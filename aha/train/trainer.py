@@ -50,6 +50,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 import aha
 from aha.data import DataSplits, PackedDataset, build_datasets
+from aha.data.passkey import PasskeyMixDataset
 from aha.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from aha.train.config import TrainConfig, differing_fields, save_config
 from aha.train.objective import (
@@ -138,7 +139,7 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for module in model.modules() if isinstance(module, aha.Router) for p in module.parameters()]
 
 
-def _collate(dataset: PackedDataset, indices: Sequence[int], device: torch.device) -> dict[str, Tensor]:
+def _collate(dataset: PackedDataset | PasskeyMixDataset, indices: Sequence[int], device: torch.device) -> dict[str, Tensor]:
     items = [dataset[int(i)] for i in indices]
     return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
 
@@ -317,7 +318,7 @@ class _Stepper:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         controller: LambdaController,
-        train_set: PackedDataset,
+        train_set: PackedDataset | PasskeyMixDataset,
         teacher_logits: Callable[[Tensor], Tensor] | None,
     ):
         self.config, self.accelerator = config, accelerator
@@ -355,7 +356,7 @@ class _Stepper:
         started = time.perf_counter()
         indices = self.schedule.step_indices(progress.step)
         global_targets = self.train_set.num_targets(indices.ravel())
-        global_tokens = int(self.train_set.lengths[indices.ravel()].sum())
+        global_tokens = self.train_set.num_tokens(indices.ravel())
         lambda_ = self.controller.lambda_
         micro_batches = indices[:, self.accelerator.process_index]
         sums = torch.zeros(5, dtype=torch.float64, device=self.accelerator.device)
@@ -491,6 +492,11 @@ def train(
             )
     if data.train.seq_len != config.seq_len:
         raise ValueError(f"data was packed at seq_len={data.train.seq_len}, config says {config.seq_len}")
+    train_set: PackedDataset | PasskeyMixDataset = data.train
+    if config.passkey_mix > 0:
+        if tokenizer is None:
+            raise ValueError("passkey_mix builds prompts with the tokenizer; pass it along with the model")
+        train_set = PasskeyMixDataset(data.train, tokenizer, config.passkey_mix, seed=config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
@@ -516,10 +522,10 @@ def train(
         accelerator.print(f"resumed from {resume_from} (step {progress.step})")
     log = MetricsLog(out / "metrics.jsonl", checkpoint_step(resume_from) if resume_from else None, accelerator.is_main_process)
 
-    stepper = _Stepper(config, accelerator, student, aha_model, optimizer, scheduler, controller, data.train, teacher_logits)
+    stepper = _Stepper(config, accelerator, student, aha_model, optimizer, scheduler, controller, train_set, teacher_logits)
     accelerator.print(
         f"aha train: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}; {len(data.train)} train / {len(data.heldout)} held-out sequences "
+        f"mixed precision {accelerator.mixed_precision}; {len(train_set)} train / {len(data.heldout)} held-out sequences "
         f"of {config.seq_len} tokens, {stepper.schedule.global_batch} per step"
     )
     eval_indices = _eval_indices(config, data.heldout) if config.eval_every >= 0 and len(data.heldout) else None
