@@ -59,7 +59,8 @@ class DemoSettings:
         model, data: any model name/folder for :func:`aha.load_model` and data specs for
             :func:`aha.data.build_datasets` (the demo is the template for real use).
         window: the local window of every routed head.
-        seq_len, steps, target_global, distill, lr, router_lr: the fine-tune (see :class:`aha.train.TrainConfig`).
+        seq_len, steps, target_global, distill, lr, router_lr, passkey_mix: the fine-tune (see
+            :class:`aha.train.TrainConfig`).
         eval_sequences: held-out sequences scored per routing mode.
         passkey_lengths, passkey_depths: the passkey grid.
         speed_seq_len: context length of the attention timing.
@@ -75,8 +76,9 @@ class DemoSettings:
     distill: float = 1.0
     lr: float = 5e-5
     router_lr: float = 1e-2
+    passkey_mix: float = 0.25
     eval_sequences: int = 16
-    passkey_lengths: Sequence[int] = (1024, 2048)
+    passkey_lengths: Sequence[int] = (512, 1024, 2048)
     passkey_depths: Sequence[float] = (0.1, 0.5, 1.0)
     speed_seq_len: int = 4096
     speed_rounds: int = 3
@@ -89,7 +91,7 @@ class DemoSettings:
         small = dict(
             data=("shakespeare",),
             window=32,
-            seq_len=128,
+            seq_len=192,  # room for a passkey training prompt (SmolLM2's chat template alone is 99 tokens)
             steps=3,
             eval_sequences=2,
             passkey_lengths=(256,),
@@ -113,6 +115,7 @@ class DemoSettings:
             distill=self.distill,
             lr=self.lr,
             router_lr=self.router_lr,
+            passkey_mix=self.passkey_mix,
             grad_accum=1,
             warmup_steps=min(10, self.steps),
             checkpoint_every=20,
@@ -321,7 +324,8 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         "## Training",
         "",
         f"{training['steps']} steps of {s['seq_len']} tokens (window {s['window']}, target global fraction "
-        f"{s['target_global']}, distillation weight {s['distill']}); achieved global fraction on the last training batches: "
+        f"{s['target_global']}, distillation weight {s['distill']}, {_pct(s['passkey_mix'])} of the sequences passkey "
+        "prompts with a haystack from the training corpora, never the essays); achieved global fraction on the last training batches: "
         f"{_pct(training['achieved_global_fraction_train'])}, final lambda {training['final_lambda']:.3g}.",
         "",
         "![training](training.png)",
