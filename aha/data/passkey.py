@@ -158,9 +158,9 @@ class PasskeyMixDataset(Dataset):
     gradient rewards (the recipe DuoAttention uses to find retrieval heads, here per token).
 
     The haystack is text decoded from ``haystack_sequences`` sequences of ``base`` itself, so no
-    outside text enters training; needle depths are uniform in ``[0, 1]``. Whether sequence ``i``
-    is a prompt, and which, depends only on ``(seed, i)``: the mix is the same in every epoch,
-    process and resumed run. Every real token is a prediction target, as in ``base``.
+    outside text enters training; needle depths are uniform in ``[0, 1]``. For a given ``base``,
+    ``seed`` fixes which sequences are prompts and each prompt: the mix is the same in every
+    epoch, process and resumed run. Every real token is a prediction target, as in ``base``.
 
     Args:
         base: the packed training sequences (items as :class:`~aha.data.PackedDataset`).
