@@ -15,14 +15,13 @@ from typer.testing import CliRunner
 
 import aha
 from aha.cli import app
+from aha.data.passkey import PasskeyPromptBuilder, load_haystack
 from aha.evaluation.passkey import (
-    PasskeyPromptBuilder,
     PasskeyResult,
     PasskeyTrial,
     evaluate_passkey,
     extract_passkey,
     greedy_answer,
-    load_haystack,
 )
 from aha.evaluation.perplexity import (
     compare_routing_modes,

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from aha.cli import app
-from aha.evaluation.passkey import load_haystack
+from aha.data.passkey import load_haystack
 from aha.evaluation.sweep import run_sweep
 from aha.train import TrainConfig, trainer
 

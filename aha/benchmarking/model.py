@@ -84,7 +84,7 @@ def _attention_impl(model: nn.Module, name: str) -> None:
 
 
 def _benchmark_tokens(tokenizer: Any, n: int) -> Tensor:
-    from aha.evaluation.passkey import load_haystack
+    from aha.data.passkey import load_haystack
 
     ids = tokenizer(load_haystack(), add_special_tokens=False, return_tensors="pt").input_ids[:, :n]
     if ids.shape[1] < n:

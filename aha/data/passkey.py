@@ -9,6 +9,7 @@ whose answer needs a key farther back than the window.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import random
 import re
@@ -52,7 +53,6 @@ def load_haystack() -> str:
     """All essays joined in file-name order, whitespace runs collapsed to single spaces."""
     texts = (path.read_text(encoding="utf-8") for path in sorted(essays_dir().glob("*.txt")))
     return " ".join(" ".join(text.split()) for text in texts)
-
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,6 @@ class PasskeyPromptBuilder:
         return PasskeyPrompt(list(encoded["input_ids"]), passkey, context_length, depth, needle_end)
 
 
-
 class PasskeyMixDataset(Dataset):
     """Training sequences of which a share are answered passkey prompts instead of plain text.
 
@@ -180,6 +179,8 @@ class PasskeyMixDataset(Dataset):
         picked = rng.choice(len(base), size=min(haystack_sequences, len(base)), replace=False)
         haystack = " ".join(" ".join(tokenizer.decode(base[int(i)]["input_ids"][: base.lengths[i]]).split()) for i in picked)
         self.builder = PasskeyPromptBuilder(tokenizer, haystack=haystack)
+        # a step asks for a prompt's length, its targets and its tokens: build each prompt once
+        self._passkey_ids = functools.lru_cache(maxsize=1024)(self._build_passkey_ids)
         try:
             self._passkey_ids(0)
         except ValueError as error:
@@ -188,7 +189,7 @@ class PasskeyMixDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def _passkey_ids(self, index: int) -> list[int]:
+    def _build_passkey_ids(self, index: int) -> tuple[int, ...]:
         """The token ids of prompt ``index``: prompt, key, EOS (at most ``seq_len``)."""
         rng = random.Random(f"{self.seed}:{index}")
         key = str(rng.randint(10000, 99999))
@@ -196,7 +197,7 @@ class PasskeyMixDataset(Dataset):
         answer.append(self.tokenizer.eos_token_id)
         # the builder may return a few tokens more than asked for; the slack keeps the answer whole
         prompt = self.builder.build(self.seq_len - len(answer) - 8, rng.random(), key, rng=rng)
-        return (prompt.input_ids + answer)[: self.seq_len]
+        return tuple(prompt.input_ids + answer)[: self.seq_len]
 
     def _length(self, index: int) -> int:
         return len(self._passkey_ids(index)) if self.is_passkey[index] else int(self.base.lengths[index])

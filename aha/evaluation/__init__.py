@@ -11,8 +11,8 @@ Every evaluation compares three routing modes (:data:`MODES`): ``"full"`` (all p
 ``"local"`` (all pairs local, pure sliding window at the model's window) and ``"aha"`` (learned routes).
 """
 
+from aha.data.passkey import PasskeyPromptBuilder
 from aha.evaluation.passkey import (
-    PasskeyPromptBuilder,
     PasskeyResult,
     PasskeyTrial,
     evaluate_passkey,

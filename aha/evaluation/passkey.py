@@ -28,15 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 import aha
-from aha.data.passkey import (  # noqa: F401 -- re-exported: the task's public names live with its scoring
-    INTRO,
-    NEEDLE,
-    QUESTION,
-    PasskeyPrompt,
-    PasskeyPromptBuilder,
-    essays_dir,
-    load_haystack,
-)
+from aha.data.passkey import PasskeyPromptBuilder
 from aha.evaluation.routing import (
     MODES,
     RoutingMode,

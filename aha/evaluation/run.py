@@ -23,10 +23,10 @@ import torch
 
 import aha
 from aha.data import build_datasets
+from aha.data.passkey import PasskeyPromptBuilder
 from aha.evaluation.passkey import (
     DEFAULT_CONTEXT_LENGTHS,
     DEFAULT_DEPTHS,
-    PasskeyPromptBuilder,
     PasskeyResult,
     evaluate_passkey,
     greedy_answer,

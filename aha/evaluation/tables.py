@@ -84,5 +84,5 @@ def passkey_table(result: PasskeyResult, *, title: str | None = None) -> Table:
         )
         opening = ", ".join(f"L{h['layer']}.H{h['head']} {h['answer']:.0%} (prompt {h['prompt']:.0%})" for h in result.opening_heads())
         if opening:
-            table.caption += f"\nheads most more global at the answer: {opening}"
+            table.caption += f"\nheads whose global share rises most at the answer: {opening}"
     return table
