@@ -6,7 +6,7 @@ Two numbers summarise a run, and they differ:
   decisions routed local, i.e. ``1 - global_fraction``. The paper reports up to 93% at w=256.
 * **attention compute ratio**: attention score entries actually computed divided by those
   full causal attention computes. A query at absolute position ``p`` (0-based) costs ``p + 1``
-  entries when global and ``min(p + 1, window)`` when local; full attention costs ``p + 1``.
+  entries when global and ``min(p + 1, window + sink)`` when local; full attention costs ``p + 1``.
   This is the ideal cost ratio ``~ rho + (1 - rho) * 2w/n`` that a kernel can approach.
 """
 
@@ -27,11 +27,13 @@ class RoutingStats:
     Args:
         window: the local window (keys a local query sees, its own included).
         num_layers, num_heads: shape of the per-layer x per-head table.
+        sink: attention-sink keys local queries also see (0 = none).
     """
 
     window: int
     num_layers: int
     num_heads: int
+    sink: int = 0
     global_pairs: Tensor = field(init=False)
     total_pairs: Tensor = field(init=False)
     position_global: Tensor = field(init=False)
@@ -70,7 +72,7 @@ class RoutingStats:
         self.position_total[first_position:end] += weight.sum(0) * heads
 
         cost_full = torch.arange(first_position + 1, end + 1, dtype=torch.float64)  # p + 1
-        cost_local = cost_full.clamp(max=self.window)
+        cost_local = cost_full.clamp(max=self.window + self.sink)
         per_pair = torch.where(route, cost_full, cost_local) * weight[:, None, :]
         self.computed_scores += int(per_pair.sum())
         self.full_scores += int((cost_full * weight).sum()) * heads
@@ -109,17 +111,18 @@ class RoutingStats:
 
     @classmethod
     def merge(cls, parts: Iterable[RoutingStats]) -> RoutingStats:
-        """One :class:`RoutingStats` holding the sum of ``parts`` (same window, layers and heads)."""
+        """One :class:`RoutingStats` holding the sum of ``parts`` (same window, sink, layers and heads)."""
         parts = list(parts)
         if not parts:
             raise ValueError("nothing to merge")
         first = parts[0]
-        merged = cls(first.window, first.num_layers, first.num_heads)
+        shape = (first.window, first.num_layers, first.num_heads, first.sink)
+        merged = cls(*shape)
         length = max(part.position_total.numel() for part in parts)
         merged.position_global = torch.zeros(length, dtype=torch.float64)
         merged.position_total = torch.zeros(length, dtype=torch.float64)
         for part in parts:
-            if (part.window, part.num_layers, part.num_heads) != (first.window, first.num_layers, first.num_heads):
+            if (part.window, part.num_layers, part.num_heads, part.sink) != shape:
                 raise ValueError("cannot merge routing statistics of models with different windows or shapes")
             merged.global_pairs += part.global_pairs
             merged.total_pairs += part.total_pairs
@@ -133,6 +136,7 @@ class RoutingStats:
         """JSON-ready summary."""
         return {
             "window": self.window,
+            "sink": self.sink,
             "global_fraction": self.global_fraction,
             "operations_replaced": self.operations_replaced,
             "compute_ratio": self.compute_ratio,

@@ -17,9 +17,9 @@ def test_kernel_builds_where_a_compiler_exists():
     assert cpp.cpp_available(), cpp_kernel_error()
 
 
-def grads_of(impl, q, k, v, route, window, kpm=None):
+def grads_of(impl, q, k, v, route, window, kpm=None, sink=0):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm)
+    out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm, sink=sink)
     weights = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
     (out * weights).sum().backward()
     return [out.detach(), q.grad, k.grad, v.grad]
@@ -35,6 +35,19 @@ def test_long_sequences_cross_key_blocks(dim, rho):
     route = torch.rand(1, 4, 1300) < rho
     want = grads_of("reference", q, k, v, route, 300)
     got = grads_of("cpp", q, k, v, route, 300)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rho", [0.0, 0.15])
+def test_sink_keys_spanning_several_key_blocks(rho):
+    """A sink longer than a key block (512) is read in blocks of its own before each local tile's window."""
+    q = torch.randn(1, 2, 1500, 16)
+    k, v = torch.randn(2, 1, 1, 1500, 16)
+    route = torch.rand(1, 2, 1500) < rho
+    want = grads_of("reference", q, k, v, route, 100, sink=700)
+    got = grads_of("cpp", q, k, v, route, 100, sink=700)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
@@ -64,7 +77,8 @@ def test_strided_inputs_need_no_copy_and_match():
 
 @needs_kernel
 @pytest.mark.parametrize("layout", ["left", "right", "both", "holes"])
-def test_padding_layouts(layout):
+@pytest.mark.parametrize("sink", [0, 3])
+def test_padding_layouts(layout, sink):
     q = torch.randn(2, 4, 60, 16)
     k, v = torch.randn(2, 2, 2, 80, 16)
     route = torch.rand(2, 4, 60) < 0.3
@@ -76,8 +90,8 @@ def test_padding_layouts(layout):
     if layout == "holes":
         kpm[1, 40:45] = False
     assert (cpp.key_start(kpm, 2, q.device) is None) == (layout == "holes")  # holes fall back to split
-    want = grads_of("reference", q, k, v, route, 9, kpm)
-    got = grads_of("cpp", q, k, v, route, 9, kpm)
+    want = grads_of("reference", q, k, v, route, 9, kpm, sink)
+    got = grads_of("cpp", q, k, v, route, 9, kpm, sink)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
@@ -101,15 +115,16 @@ def decode_path(request, monkeypatch):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("seq_kv, window", [(5000, 256), (300, 400), (2100, 7)])
-def test_decode_paths_match_reference(decode_path, dtype, tol, seq_kv, window):
+@pytest.mark.parametrize("sink", [0, 4])
+def test_decode_paths_match_reference(decode_path, dtype, tol, seq_kv, window, sink):
     """Long caches are split into chunks across threads and merged; left padding included."""
     q = torch.randn(2, 6, 1, 64).to(dtype)
     k, v = torch.randn(2, 2, 3, seq_kv, 64).to(dtype)
     route = torch.rand(2, 6, 1) < 0.5
     kpm = torch.ones(2, seq_kv, dtype=torch.bool)
     kpm[1, : seq_kv // 3] = False
-    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
-    out = aha_attention(q, k, v, route, window, impl="decode", key_padding_mask=kpm)
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
+    out = aha_attention(q, k, v, route, window, impl="decode", key_padding_mask=kpm, sink=sink)
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 
 
@@ -121,3 +136,14 @@ def test_decode_never_reads_out_of_window_keys(decode_path):
     k[:, 0, :2990] = float("nan")  # KV head 0 serves query heads 0-1, both local
     v[:, 0, :2990] = float("nan")
     torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl="decode"), out)
+
+
+def test_decode_with_sink_reads_only_the_sink_and_window_keys(decode_path):
+    q = torch.randn(1, 4, 1, 16)
+    k, v = torch.randn(2, 1, 2, 3000, 16)
+    route = torch.tensor([[[False], [False], [True], [False]]])
+    out = aha_attention(q, k, v, route, 10, impl="decode", sink=2)
+    k[:, 0, 2:2990] = float("nan")  # KV head 0 serves query heads 0-1, both local
+    v[:, 0, 2:2990] = float("nan")
+    torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl="decode", sink=2), out)
+    assert (out - aha_attention(q, k, v, route, 10, impl="decode")).abs().max() > 1e-4

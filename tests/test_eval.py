@@ -332,6 +332,13 @@ def test_aha_eval_cli_needs_a_window_for_a_plain_model(tmp_path, tokenizer):
     assert result.exit_code != 0 and "pass --window" in result.output
     result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "plain"), "--tasks", "ppl"])
     assert result.exit_code != 0 and "choose from" in result.output
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "plain"), "--window", "4", "--sink", "-1"])
+    assert result.exit_code != 0 and "sink must be an int >= 0" in result.output
+
+
+def test_aha_eval_cli_keeps_the_sink_of_an_aha_model(saved_model):
+    result = CliRunner().invoke(app, ["eval", "--model", str(saved_model), "--sink", "3"])
+    assert result.exit_code != 0 and "omit --sink or pass 0" in result.output
 
 
 # ---------------------------------------------------------------- real model

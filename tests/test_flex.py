@@ -13,13 +13,15 @@ from aha.kernels import flex
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # eager FlexAttention warns it is unfused
 
 
-def aha_mask(route, seq_kv, window, key_padding_mask):
+def aha_mask(route, seq_kv, window, key_padding_mask, sink):
     """Dense ``[B, H, Sq, Skv]`` mask of the AHA definition (padded queries keep their own key)."""
     seq_q = route.shape[-1]
     qpos = torch.arange(seq_kv - seq_q, seq_kv)[:, None]
     kpos = torch.arange(seq_kv)[None, :]
     causal = kpos <= qpos
-    allowed = causal & (route[..., None] | (kpos > qpos - window))
+    first_real = 0 if key_padding_mask is None else key_padding_mask.int().argmax(-1)[:, None, None, None]
+    is_sink = (kpos >= first_real) & (kpos < first_real + sink)
+    allowed = causal & (route[..., None] | (kpos > qpos - window) | is_sink)
     if key_padding_mask is not None:
         allowed = (allowed & key_padding_mask[:, None, None, :]) | (kpos == qpos)
     return allowed
@@ -45,21 +47,22 @@ CASES = dict(
     window=st.integers(1, 200),
     rho=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
     padded=st.booleans(),
+    sink=st.sampled_from([0, 0, 3, 150]),
 )
 
 
 @settings(max_examples=40, deadline=None)
 @given(**CASES)
-def test_sorted_mask_mod_is_the_aha_mask(seed, batch, heads, seq_q, prefix, window, rho, padded):
+def test_sorted_mask_mod_is_the_aha_mask(seed, batch, heads, seq_q, prefix, window, rho, padded, sink):
     route, seq_kv, kpm = random_case(seed, batch, heads, seq_q, prefix, window, rho, padded)
-    sr = flex.SortedRoute(route, seq_kv, window, kpm)
+    sr = flex.SortedRoute(route, seq_kv, window, kpm, sink)
     mask_mod = flex.route_mask_mod(sr, window, kpm)
     b, h, qi, kv = torch.meshgrid(
         torch.arange(batch), torch.arange(heads), torch.arange(seq_q), torch.arange(seq_kv), indexing="ij"
     )
     sorted_mask = mask_mod(b, h, qi, kv)
     unsorted = torch.empty_like(sorted_mask).scatter(2, sr.order[..., None].expand_as(sorted_mask), sorted_mask)
-    assert torch.equal(unsorted, aha_mask(route, seq_kv, window, kpm))
+    assert torch.equal(unsorted, aha_mask(route, seq_kv, window, kpm, sink))
     # globals first (latest position first), then locals in position order
     is_global = sr.is_global[..., :seq_q]
     assert torch.equal(is_global, torch.sort(route.to(torch.uint8), dim=-1, descending=True).values.bool())
@@ -71,10 +74,10 @@ def test_sorted_mask_mod_is_the_aha_mask(seed, batch, heads, seq_q, prefix, wind
 @settings(max_examples=40, deadline=None)
 @given(**CASES)
 def test_block_mask_covers_every_allowed_pair_and_full_blocks_need_no_mask(
-    seed, batch, heads, seq_q, prefix, window, rho, padded
+    seed, batch, heads, seq_q, prefix, window, rho, padded, sink
 ):
     route, seq_kv, kpm = random_case(seed, batch, heads, seq_q, prefix, window, rho, padded)
-    sr = flex.SortedRoute(route, seq_kv, window, kpm)
+    sr = flex.SortedRoute(route, seq_kv, window, kpm, sink)
     mask_mod = flex.route_mask_mod(sr, window, kpm)
     bm = flex.route_block_mask(sr, seq_q, seq_kv, mask_mod, kpm)
     q_blocks, kv_blocks = -(-seq_q // flex.BLOCK), -(-seq_kv // flex.BLOCK)
@@ -105,10 +108,18 @@ def test_block_mask_covers_every_allowed_pair_and_full_blocks_need_no_mask(
 
 
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded",
-    [(1, 2, 2, 150, 150, 17, 0.2, False), (2, 4, 2, 70, 200, 40, 0.5, True), (1, 2, 1, 130, 130, 300, 0.1, False)],
+    "batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded, sink",
+    [
+        (1, 2, 2, 150, 150, 17, 0.2, False, 0),
+        (2, 4, 2, 70, 200, 40, 0.5, True, 0),
+        (1, 2, 1, 130, 130, 300, 0.1, False, 0),
+        (1, 2, 2, 300, 300, 17, 0.2, False, 140),
+        (2, 4, 2, 70, 200, 40, 0.5, True, 2),
+    ],
 )
-def test_flex_eager_forward_matches_reference(monkeypatch, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded):
+def test_flex_eager_forward_matches_reference(
+    monkeypatch, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded, sink
+):
     monkeypatch.setattr(flex, "USE_COMPILE", False)
     q = torch.randn(batch, q_heads, seq_q, 16)
     k, v = torch.randn(2, batch, kv_heads, seq_kv, 16)
@@ -118,9 +129,9 @@ def test_flex_eager_forward_matches_reference(monkeypatch, batch, q_heads, kv_he
         kpm = torch.ones(batch, seq_kv, dtype=torch.bool)
         kpm[0, :30] = False
         kpm[-1, 90:99] = False
-    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
     with torch.no_grad():
-        out = aha_attention(q, k, v, route, window, impl="flex", key_padding_mask=kpm)
+        out = aha_attention(q, k, v, route, window, impl="flex", key_padding_mask=kpm, sink=sink)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

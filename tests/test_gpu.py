@@ -30,10 +30,16 @@ def random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype, grad=False, se
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded",
-    [(1, 4, 2, 500, 500, 100, 0.1, False), (2, 4, 4, 300, 777, 64, 0.5, True), (1, 2, 1, 129, 129, 500, 0.1, False)],
+    "batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded, sink",
+    [
+        (1, 4, 2, 500, 500, 100, 0.1, False, 0),
+        (2, 4, 4, 300, 777, 64, 0.5, True, 0),
+        (1, 2, 1, 129, 129, 500, 0.1, False, 0),
+        (1, 4, 2, 500, 500, 100, 0.1, False, 1),
+        (2, 4, 4, 300, 777, 64, 0.5, True, 200),
+    ],
 )
-def test_flex_forward_matches_reference(dtype, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded):
+def test_flex_forward_matches_reference(dtype, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, padded, sink):
     q, k, v = random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype)
     route = torch.rand(batch, q_heads, seq_q, device="cuda") < rho
     kpm = None
@@ -42,14 +48,15 @@ def test_flex_forward_matches_reference(dtype, batch, q_heads, kv_heads, seq_q, 
         kpm[0, :40] = False
     assert choose_impl(q, k, route, window, kpm) == "flex"
     with torch.no_grad():
-        out = aha_attention(q, k, v, route, window, key_padding_mask=kpm)
-        expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
+        out = aha_attention(q, k, v, route, window, key_padding_mask=kpm, sink=sink)
+        expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_backward_with_the_ste_gate_matches_reference(dtype):
+@pytest.mark.parametrize("sink", [0, 4])
+def test_flex_backward_with_the_ste_gate_matches_reference(dtype, sink):
     route_gen = torch.Generator(device="cuda").manual_seed(3)
     logits = torch.randn(1, 4, 500, generator=route_gen, device="cuda")
     results = []
@@ -57,7 +64,7 @@ def test_flex_backward_with_the_ste_gate_matches_reference(dtype):
         q, k, v = random_inputs(1, 4, 2, 500, 500, dtype, grad=True)
         soft = torch.sigmoid(logits).requires_grad_(True)
         gate = (soft > 0.5).float() + soft - soft.detach()
-        out = aha_attention(q, k, v, gate, 100, impl=impl)
+        out = aha_attention(q, k, v, gate, 100, impl=impl, sink=sink)
         out.float().square().sum().backward()
         results.append([out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float(), soft.grad.float()])
     tol = TOLERANCE[dtype]
@@ -88,6 +95,18 @@ def test_triton_decode_matches_reference_and_reads_only_the_window(dtype, batch,
         poisoned = aha_attention(q, k_poisoned, v_poisoned, local_only, window, key_padding_mask=kpm)
         clean = aha_attention(q, k, v, local_only, window, key_padding_mask=kpm)
         torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sink", [1, 300])
+def test_decode_with_sink_matches_reference_on_cuda(sink):
+    """Triton decode has no sink keys; with a sink the SDPA decode path runs instead."""
+    q, k, v = random_inputs(2, 8, 2, 1, 3000, torch.float32)
+    route = torch.rand(2, 8, 1, device="cuda") < 0.3
+    kpm = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
+    kpm[0, :500] = False
+    out = aha_attention(q, k, v, route, 256, key_padding_mask=kpm, sink=sink)
+    expected = aha_attention(q, k, v, route, 256, impl="reference", key_padding_mask=kpm, sink=sink)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -23,10 +23,11 @@ def logits(model, ids, **kwargs) -> torch.Tensor:
         return model(ids, **kwargs).logits
 
 
-def band_mask(seq: int, window: int) -> torch.Tensor:
-    """Additive [1, 1, seq, seq] mask: query p sees keys p - window + 1 .. p (its own included)."""
+def band_mask(seq: int, window: int, sink: int = 0) -> torch.Tensor:
+    """Additive [1, 1, seq, seq] mask: query p sees keys p - window + 1 .. p (its own included)
+    and the first ``sink`` keys up to p."""
     offset = torch.arange(seq)[:, None] - torch.arange(seq)[None, :]
-    allowed = (offset >= 0) & (offset < window)
+    allowed = (offset >= 0) & ((offset < window) | (torch.arange(seq)[None, :] < sink))
     return torch.zeros(seq, seq).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
 
 
@@ -75,6 +76,23 @@ def test_forced_global_equals_the_original_and_forced_local_equals_a_band_mask(f
     # the learned (random, mixed) routes are really used: they match neither extreme
     assert (learned - expected_global).abs().max() > 1e-4
     assert (learned - expected_local).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_a_sink_lets_local_heads_see_the_first_keys_and_survives_save_and_load(family, tmp_path):
+    original = tiny_model(family)
+    ids = tokens()
+    reference = copy.deepcopy(original)
+    reference.set_attn_implementation("eager")
+    expected_local = logits(reference, ids, attention_mask=band_mask(SEQ, WINDOW, sink=2))
+    model = aha.convert(original, window=WINDOW, sink=2, router_init="random")
+    with aha.force_routing(model, "local"):
+        torch.testing.assert_close(logits(model, ids), expected_local, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = aha.from_pretrained(tmp_path)
+    assert aha.AhaSettings.from_config(loaded.config).sink == 2
+    with aha.force_routing(loaded, "local"):
+        torch.testing.assert_close(logits(loaded, ids), expected_local, rtol=1e-5, atol=1e-5)
 
 
 def test_forced_local_equals_mistral_sliding_window_attention():
@@ -201,6 +219,8 @@ def test_unsupported_models_fail_with_the_supported_list():
         aha.convert(tiny_model("llama"), layers=[7])
     with pytest.raises(ValueError, match="window must be an int >= 1"):
         aha.convert(tiny_model("llama"), window=0)
+    with pytest.raises(ValueError, match="sink must be an int >= 0"):
+        aha.convert(tiny_model("llama"), sink=-1)
 
 
 def test_packed_sequences_are_rejected_with_a_clear_error():

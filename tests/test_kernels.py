@@ -20,12 +20,12 @@ def make_qkv(batch, q_heads, kv_heads, seq_q, seq_kv, dim, dtype=torch.float32, 
     return q, k, v
 
 
-def sliding_window_sdpa(q, k, v, window):
-    """Independent ground truth: SDPA with an explicit lower-right band mask."""
+def sliding_window_sdpa(q, k, v, window, sink=0):
+    """Independent ground truth: SDPA with an explicit lower-right band mask (plus the first ``sink`` keys)."""
     seq_q, seq_kv = q.shape[2], k.shape[2]
     qpos = torch.arange(seq_kv - seq_q, seq_kv)[:, None]
     kpos = torch.arange(seq_kv)[None, :]
-    mask = (kpos <= qpos) & (kpos > qpos - window)
+    mask = (kpos <= qpos) & ((kpos > qpos - window) | (kpos < sink))
     group = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask
@@ -51,6 +51,29 @@ def test_all_local_equals_sliding_window(impl, window):
 
 
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("window, sink", [(1, 1), (5, 2), (16, 3), (64, 40)])
+def test_all_local_with_sink_equals_window_plus_first_keys(impl, window, sink):
+    q, k, v = make_qkv(1, 4, 2, 100, 110, 16)
+    route = torch.zeros(1, 4, 100, dtype=torch.bool)
+    expected = sliding_window_sdpa(q, k, v, window, sink)
+    out = aha_attention(q, k, v, route, window, impl=impl, sink=sink)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - sliding_window_sdpa(q, k, v, window)).abs().max() > 1e-3  # the sink keys matter
+
+
+def test_sink_keys_start_at_the_first_real_key():
+    q, k, v = make_qkv(2, 2, 1, 30, 30, 8)
+    route = torch.zeros(2, 2, 30, dtype=torch.bool)
+    kpm = torch.ones(2, 30, dtype=torch.bool)
+    kpm[1, :6] = False  # row 1 is left-padded: its sequence (and its sink) starts at key 6
+    out = aha_attention(q, k, v, route, 4, impl="reference", key_padding_mask=kpm, sink=2)
+    torch.testing.assert_close(out[:1], sliding_window_sdpa(q[:1], k[:1], v[:1], 4, 2), atol=1e-5, rtol=1e-5)
+    real = slice(6, None)
+    expected = sliding_window_sdpa(q[1:, :, real], k[1:, :, real], v[1:, :, real], 4, 2)
+    torch.testing.assert_close(out[1:, :, real], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_window_covering_sequence_is_full_attention(impl):
     q, k, v = make_qkv(1, 2, 2, 30, 30, 8)
     route = torch.rand(1, 2, 30) < 0.5
@@ -70,9 +93,12 @@ def test_window_covering_sequence_is_full_attention(impl):
     window=st.integers(1, 140),
     rho=st.sampled_from([0.0, 0.05, 0.3, 0.7, 1.0]),
     padded=st.booleans(),
+    sink=st.sampled_from([0, 0, 1, 4]),
     seed=st.integers(0, 2**16),
 )
-def test_fast_paths_match_reference_on_random_routes(batch, kv_heads, group, seq_q, prefix, dim, window, rho, padded, seed):
+def test_fast_paths_match_reference_on_random_routes(
+    batch, kv_heads, group, seq_q, prefix, dim, window, rho, padded, sink, seed
+):
     torch.manual_seed(seed)
     q, k, v = make_qkv(batch, kv_heads * group, kv_heads, seq_q, seq_q + prefix, dim)
     route = torch.rand(batch, kv_heads * group, seq_q) < rho
@@ -80,9 +106,9 @@ def test_fast_paths_match_reference_on_random_routes(batch, kv_heads, group, seq
     if padded:
         lengths = torch.randint(1, seq_q + prefix + 1, (batch,))
         kpm = torch.arange(seq_q + prefix)[None, :] >= (seq_q + prefix - lengths)[:, None]  # left padding
-    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
     for impl in ["auto", *FAST_IMPLS] + (["decode"] if seq_q == 1 else []):
-        out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm)
+        out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm, sink=sink)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{impl}: {m}")
 
 
@@ -124,7 +150,8 @@ def test_gate_gradient_is_branch_difference(impl, binary):
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("rho", [0.0, 0.2, 0.8, 1.0])
 @pytest.mark.parametrize("gate", [False, True])
-def test_qkv_gradients_match_reference(impl, rho, gate):
+@pytest.mark.parametrize("sink", [0, 2])
+def test_qkv_gradients_match_reference(impl, rho, gate, sink):
     route = torch.rand(2, 6, 37) < rho
     if gate:
         route = route.float().requires_grad_(True)
@@ -133,7 +160,7 @@ def test_qkv_gradients_match_reference(impl, rho, gate):
         torch.manual_seed(1)
         q, k, v = make_qkv(2, 6, 3, 37, 45, 8, requires_grad=True)
         r = route.detach().clone().requires_grad_(True) if gate else route
-        out = aha_attention(q, k, v, r, 9, impl=name)
+        out = aha_attention(q, k, v, r, 9, impl=name, sink=sink)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append([q.grad, k.grad, v.grad] + ([r.grad] if gate else []))
     for got, want in zip(grads[1], grads[0]):
@@ -157,6 +184,8 @@ def test_default_scale_is_inverse_sqrt_dim():
         (lambda a: a.update(v=torch.randn(1, 2, 11, 8)), "same shape"),
         (lambda a: a.update(window=0), "window must be >= 1"),
         (lambda a: a.update(window=2.5), "window must be an int"),
+        (lambda a: a.update(sink=-1), "sink must be >= 0"),
+        (lambda a: a.update(sink=True), "sink must be an int"),
         (lambda a: a.update(route=torch.ones(1, 4, 9, dtype=torch.bool)), "route must have shape"),
         (lambda a: a.update(route=torch.ones(1, 4, 10, dtype=torch.long)), "route must be bool"),
         (lambda a: a.update(route=torch.full((1, 4, 10), 1.5)), "lie in \\[0, 1\\]"),
@@ -170,12 +199,12 @@ def test_default_scale_is_inverse_sqrt_dim():
 def test_bad_inputs_raise_clear_errors(change, message):
     args = dict(
         q=torch.randn(1, 4, 10, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8),
-        route=torch.ones(1, 4, 10, dtype=torch.bool), window=4, impl="auto", key_padding_mask=None,
+        route=torch.ones(1, 4, 10, dtype=torch.bool), window=4, impl="auto", key_padding_mask=None, sink=0,
     )
     change(args)
     with pytest.raises(AhaInputError, match=message):
         aha_attention(args["q"], args["k"], args["v"], args["route"], args["window"], impl=args["impl"],
-                      key_padding_mask=args["key_padding_mask"])
+                      key_padding_mask=args["key_padding_mask"], sink=args["sink"])
 
 
 def test_decode_rejects_multi_token_queries():

@@ -59,6 +59,15 @@ def test_stats_counts_fractions_and_compute():
     assert stats.to_dict()["compute_ratio"] == pytest.approx((layer0 + layer1) / 40)
 
 
+def test_stats_count_the_sink_keys_in_the_local_cost():
+    stats = RoutingStats(window=2, num_layers=1, num_heads=1, sink=1)
+    stats.update(0, torch.zeros(1, 1, 5, dtype=torch.bool))
+    assert stats.computed_scores == 1 + 2 + 3 + 3 + 3  # min(p + 1, window + sink)
+    assert stats.to_dict()["sink"] == 1
+    with pytest.raises(ValueError, match="different windows"):
+        RoutingStats.merge([stats, RoutingStats(window=2, num_layers=1, num_heads=1)])
+
+
 def test_stats_ignores_padding_and_tracks_prefix_positions():
     stats = RoutingStats(window=4, num_layers=1, num_heads=1)
     stats.update(0, torch.tensor([[[True, False]]]), first_position=3, valid=torch.tensor([[True, False]]))

@@ -253,6 +253,14 @@ def test_outputs_eval_rows_and_a_reloadable_model(tmp_path, copy_data, copy_mode
         assert torch.allclose(reloaded.eval()(input_ids=batch).logits, result.model(input_ids=batch).logits, atol=1e-5)
 
 
+def test_sink_is_saved_with_the_model_and_checked_when_training_continues(tmp_path, copy_data, copy_model_state):
+    train(toy_config(tmp_path / "first", steps=1, sink=1), model=copy_model(copy_model_state), data=copy_data)
+    trained = aha.from_pretrained(tmp_path / "first" / "model")
+    assert aha.AhaSettings.from_config(trained.config).sink == 1
+    with pytest.raises(ValueError, match="sink=1"):
+        train(toy_config(tmp_path / "second", steps=1), model=trained, data=copy_data)
+
+
 def test_config_file_and_flags(tmp_path, monkeypatch):
     captured = []
     monkeypatch.setattr("aha.train.train", lambda config: captured.append(config) or trainer_module.TrainResult(out=Path(config.out), model=torch.nn.Linear(1, 1)))

@@ -36,10 +36,11 @@ def _words(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def load_routed_model(model_name: str, window: int | None, dtype: str):
-    """Load ``model_name`` with :func:`aha.load_model`; convert a plain model with open routers at ``window``.
+def load_routed_model(model_name: str, window: int | None, dtype: str, sink: int | None = None):
+    """Load ``model_name`` with :func:`aha.load_model`; convert a plain model with open routers at
+    ``window`` (and ``sink``, default 0).
 
-    An AHA model keeps its own window (``--window`` must then be omitted or equal to it).
+    An AHA model keeps its own window and sink (``--window`` / ``--sink`` must then be omitted or equal).
     """
     import torch
 
@@ -49,16 +50,21 @@ def load_routed_model(model_name: str, window: int | None, dtype: str):
         raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     model, tokenizer = aha.load_model(model_name, dtype=getattr(torch, dtype))
     if aha.is_aha_model(model):
-        own = aha.AhaSettings.from_config(model.config).window
-        if window is not None and window != own:
-            raise typer.BadParameter(f"{model_name} is an AHA model with window {own}; omit --window or pass {own}")
+        own = aha.AhaSettings.from_config(model.config)
+        if window is not None and window != own.window:
+            raise typer.BadParameter(f"{model_name} is an AHA model with window {own.window}; omit --window or pass {own.window}")
+        if sink is not None and sink != own.sink:
+            raise typer.BadParameter(f"{model_name} is an AHA model with sink {own.sink}; omit --sink or pass {own.sink}")
     elif window is None:
         raise typer.BadParameter(
             f"{model_name} is not an AHA model: pass --window to convert it with open routers "
             "(then 'aha' equals 'full'; train it with `aha train` to learn routes)"
         )
     else:
-        model = aha.convert(model, window=window).eval()
+        try:
+            model = aha.convert(model, window=window, sink=sink or 0).eval()
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
     return model, tokenizer
 
 
@@ -67,6 +73,7 @@ def eval_command(
     model: Annotated[str, typer.Option(help="AHA model folder (e.g. a training run's final model), or a plain model with --window")] = "smollm2-135m",
     out: Annotated[Path, typer.Option(help="report folder: eval.json, PNG plots, token_view.html")] = Path("report/eval"),
     window: Annotated[int | None, typer.Option(help="convert a plain model at this window (open routers)")] = None,
+    sink: Annotated[int | None, typer.Option(help="with --window: local heads also see the first N keys (attention sink)")] = None,
     tasks: Annotated[str, typer.Option(help="comma-separated: perplexity, passkey")] = "perplexity,passkey",
     modes: Annotated[str, typer.Option(help="comma-separated routing modes: full, local, aha")] = "full,local,aha",
     data: Annotated[list[str], typer.Option(help="held-out data spec(s), as for `aha train --data` (repeatable)")] = ["default"],  # noqa: B006
@@ -108,7 +115,7 @@ def eval_command(
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    routed, tokenizer = load_routed_model(model, window, dtype)
+    routed, tokenizer = load_routed_model(model, window, dtype, sink)
     run = run_evaluation(routed, tokenizer, out, settings, model_name=model)
     console = Console()
     if run.perplexity is not None:

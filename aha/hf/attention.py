@@ -119,7 +119,10 @@ def aha_attention_forward(
     else:
         batch, heads, seq_q, _ = query.shape
         route = torch.ones(batch, heads, seq_q, dtype=torch.bool, device=query.device)
-    output = aha_attention(query, key, value, route, settings["window"], scale=scaling, key_padding_mask=attention_mask)
+    output = aha_attention(
+        query, key, value, route, settings["window"], scale=scaling, key_padding_mask=attention_mask,
+        sink=settings.get("sink", 0),
+    )
     if router is not None and router.route_observers:
         seq_q = query.shape[2]
         valid = None if attention_mask is None else attention_mask[:, -seq_q:]

@@ -72,10 +72,12 @@ def track_routing(model: nn.Module) -> Iterator[RoutingStats]:
     """
     projections = list(routers(model).values())
     config = aha_model(model).config
+    settings = AhaSettings.from_config(config)
     stats = RoutingStats(
-        window=AhaSettings.from_config(config).window,
+        window=settings.window,
         num_layers=len(projections),
         num_heads=config.num_attention_heads,
+        sink=settings.sink,
     )
     observers = []
     for row, q_proj in enumerate(projections):

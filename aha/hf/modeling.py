@@ -53,6 +53,8 @@ class AhaSettings:
 
     Args:
         window: keys a local query sees, its own included (positions ``p - window + 1 .. p``).
+        sink: attention-sink keys: local queries also see the first ``sink`` keys (0, the default,
+            is the paper's operator; see :func:`aha.aha_attention`).
         threshold: a (token, head) goes global when ``sigmoid(logit) > threshold``.
         router_layout: ``"separate"`` (a :class:`aha.Router` at ``q_proj.router``) or ``"fused"``
             (``q_proj`` widened by ``num_heads`` rows: the released AHA-OLMO2 layout).
@@ -69,6 +71,7 @@ class AhaSettings:
     """
 
     window: int = 256
+    sink: int = 0
     threshold: float = 0.5
     router_layout: RouterLayout = "separate"
     router_init: RouterInit = "open"
@@ -78,6 +81,8 @@ class AhaSettings:
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an int >= 1 (keys a local query sees, its own included), got {self.window!r}")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"sink must be an int >= 0 (first keys local queries also see; 0 = none), got {self.sink!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.router_layout not in get_args(RouterLayout):
@@ -244,6 +249,7 @@ def convert(
     model: PreTrainedModel,
     *,
     window: int = 256,
+    sink: int = 0,
     threshold: float = 0.5,
     router_init: RouterInit = "open",
     router_layout: RouterLayout = "separate",
@@ -261,7 +267,7 @@ def convert(
     Args:
         model: a ``*ForCausalLM`` of a family in :data:`SUPPORTED_ARCHITECTURES`, without
             sliding-window layers.
-        window, threshold, router_init, router_layout, router_bias, layers: see :class:`AhaSettings`.
+        window, sink, threshold, router_init, router_layout, router_bias, layers: see :class:`AhaSettings`.
 
     Returns:
         ``model`` itself. In ``model.train()`` mode routes are the STE float gate, in eval mode
@@ -284,6 +290,7 @@ def convert(
         )
     settings = AhaSettings(
         window=window,
+        sink=sink,
         threshold=threshold,
         router_layout=router_layout,
         router_init=router_init,

@@ -29,7 +29,7 @@ from aha.kernels.decode import decode_attention
 from aha.kernels.reference import reference_attention
 from aha.kernels.split import split_attention
 
-AttentionImpl = Callable[[Tensor, Tensor, Tensor, Tensor, int, float, "Tensor | None"], Tensor]
+AttentionImpl = Callable[[Tensor, Tensor, Tensor, Tensor, int, float, "Tensor | None", int], Tensor]
 ImplName = Literal["auto", "reference", "cpp", "split", "decode", "flex"]
 
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {
@@ -81,6 +81,7 @@ def aha_attention(
     scale: float | None = None,
     impl: ImplName = "auto",
     key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """All-or-Here attention: per (token, query head), full causal or sliding-window attention.
 
@@ -101,6 +102,10 @@ def aha_attention(
         key_padding_mask: optional ``[batch, seq_kv]`` bool, True = real key (left padding
             for batched generation). Padded keys are never attended; queries at padded
             positions return zeros.
+        sink: attention-sink keys: a local query also sees the first ``sink`` keys (from the
+            first real key) that lie before its window. 0 (default) is the paper's operator;
+            pretrained models park attention on their first token, and one sink key restores
+            most of what a pure window loses (``benchmarks/RESULTS.md``).
 
     Returns:
         ``[batch, q_heads, seq_q, head_dim]`` in ``q.dtype``.
@@ -108,7 +113,7 @@ def aha_attention(
     Raises:
         AhaInputError: malformed shapes, dtypes, devices, window or route (the message names the fix).
     """
-    check_inputs(q, k, v, route, window, key_padding_mask)
+    check_inputs(q, k, v, route, window, key_padding_mask, sink)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     name = choose_impl(q, k, route, window, key_padding_mask) if impl == "auto" else impl
@@ -118,7 +123,7 @@ def aha_attention(
         raise AhaInputError("impl='decode' needs seq_q == 1 and a hard (bool or 0/1) route")
     if name == "decode" and route.dtype != torch.bool:
         route = route > 0.5
-    out = IMPLEMENTATIONS[name](q, k, v, route, window, scale, key_padding_mask)
+    out = IMPLEMENTATIONS[name](q, k, v, route, window, scale, key_padding_mask, sink)
     if key_padding_mask is not None:
         query_valid = key_padding_mask[:, None, k.shape[2] - q.shape[2] :, None]
         out = out.masked_fill(~query_valid, 0.0)

@@ -21,6 +21,7 @@ def check_inputs(
     route: Tensor,
     window: int,
     key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> None:
     """Validate shapes, dtypes and devices of an AHA attention call.
 
@@ -31,6 +32,7 @@ def check_inputs(
         route: ``[batch, q_heads, seq_q]``; bool (True = global) or a float gate in [0, 1].
         window: number of keys a local query sees, its own included; ``>= 1``.
         key_padding_mask: optional ``[batch, seq_kv]`` bool, True = a real (attendable) key.
+        sink: attention-sink keys every local query also sees; ``>= 0``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -67,6 +69,10 @@ def check_inputs(
         raise AhaInputError(f"window must be an int, got {type(window).__name__}")
     if window < 1:
         raise AhaInputError(f"window must be >= 1 (a local query always sees its own key), got {window}")
+    if isinstance(sink, bool) or not isinstance(sink, int):
+        raise AhaInputError(f"sink must be an int, got {type(sink).__name__}")
+    if sink < 0:
+        raise AhaInputError(f"sink must be >= 0 (the number of first keys local queries also see; 0 = none), got {sink}")
     if not isinstance(route, Tensor):
         raise AhaInputError(f"route must be a torch.Tensor, got {type(route).__name__}")
     if tuple(route.shape) != (batch, q_heads, seq_q):

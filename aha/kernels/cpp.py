@@ -1,6 +1,7 @@
 """``cpp``: the dedicated C++ CPU kernel (``csrc/aha_cpu.cpp``), forward and backward.
 
-Every query row reads one contiguous key range (global: ``[0, p]``, local: ``[p - window + 1, p]``);
+Every query row reads one contiguous key range (global: ``[0, p]``, local: ``[p - window + 1, p]``,
+plus the ``sink`` first keys when asked);
 per (batch, head) the local and the global rows are each tiled in position order, so a tile
 reads only the keys its rows need, and masking is inline on the boundary key blocks only. It
 never materialises a mask or a ``seq x seq`` score matrix; the backward recomputes the scores
@@ -56,22 +57,24 @@ def cpp_supports(q: Tensor, key_padding_mask: Tensor | None) -> bool:
 
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, route, starts, window, scale):  # type: ignore[override]
-        out, lse = torch.ops.aha.forward(q, k, v, route, starts, window, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)
+    def forward(ctx, q, k, v, route, starts, window, sink, scale):  # type: ignore[override]
+        out, lse = torch.ops.aha.forward(q, k, v, route, starts, window, sink, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)
         ctx.save_for_backward(q, k, v, route, starts, out, lse)
-        ctx.window, ctx.scale = window, scale
+        ctx.window, ctx.sink, ctx.scale = window, sink, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, route, starts, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.aha.backward(
-            dout, q, k, v, out, lse, route, starts, ctx.window, ctx.scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS
+            dout, q, k, v, out, lse, route, starts, ctx.window, ctx.sink, ctx.scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def kernel_attention(q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, starts: Tensor) -> Tensor:
+def kernel_attention(
+    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, starts: Tensor, sink: int = 0
+) -> Tensor:
     """Run the kernel for a bool route ``[B, Hq, Sq]`` (True = global); differentiable in q, k, v.
 
     Shapes: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (last dim contiguous or copied),
@@ -85,9 +88,9 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int,
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     hard = hard.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = _KernelFunction.apply(q, k, v, hard, starts, window, scale)
+        out = _KernelFunction.apply(q, k, v, hard, starts, window, sink, scale)
     else:
-        out = torch.ops.aha.forward(q, k, v, hard, starts, window, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)[0]
+        out = torch.ops.aha.forward(q, k, v, hard, starts, window, sink, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)[0]
     return out[..., :dim] if pad else out
 
 
@@ -99,6 +102,7 @@ def cpp_attention(
     window: int,
     scale: float,
     key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """AHA attention with the C++ kernel (see the module docstring); q ``[B, Hq, Sq, D]``,
     k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` (True / g = 1 = global) -> ``[B, Hq, Sq, D]``.
@@ -112,12 +116,12 @@ def cpp_attention(
         raise AhaInputError(f"impl='cpp' is unavailable: {cpp_kernel_error()}")
     starts = key_start(key_padding_mask, q.shape[0], q.device)
     if q.dtype not in KERNEL_DTYPES or starts is None:
-        return split_attention(q, k, v, route, window, scale, key_padding_mask)
+        return split_attention(q, k, v, route, window, scale, key_padding_mask, sink)
     every = torch.ones(route.shape, dtype=torch.bool, device=q.device)
     return apply_route(
         route,
         window >= k.shape[2],
-        routed=lambda hard: kernel_attention(q, k, v, hard, window, scale, starts),
+        routed=lambda hard: kernel_attention(q, k, v, hard, window, scale, starts, sink),
         full=lambda: kernel_attention(q, k, v, every, window, scale, starts),
-        local=lambda: kernel_attention(q, k, v, ~every, window, scale, starts),
+        local=lambda: kernel_attention(q, k, v, ~every, window, scale, starts, sink),
     )

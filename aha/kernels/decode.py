@@ -1,19 +1,22 @@
 """Decode path: one new query per (batch, head) against a long KV cache.
 
-Local heads read only the last ``window`` keys of the cache; global heads read the whole cache.
+Local heads read only the last ``window`` keys of the cache (and the ``sink`` first keys);
+global heads read the whole cache.
 Out-of-window keys are never touched for local heads. On CPU the C++ kernel does this in one
 call (split-KV over threads, bf16 read as bf16); on CUDA a Triton split-KV kernel does
-(:mod:`aha.kernels.triton_decode`). Elsewhere, or without either, local heads take one SDPA call
+(:mod:`aha.kernels.triton_decode`, without sink keys). Elsewhere, or without either, local heads take one SDPA call
 over a slice view of the window and global heads one SDPA call per (batch, KV head) that has a
 global query head.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from aha.kernels.cpp import cpp_supports, kernel_attention, key_start
+from aha.kernels.split import sink_keys
 
 try:
     from aha.kernels.triton_decode import triton_decode, triton_decode_available
@@ -29,6 +32,7 @@ def decode_attention(
     window: int,
     scale: float,
     key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """AHA attention for ``seq_q == 1`` with hard routes (inference only).
 
@@ -37,8 +41,8 @@ def decode_attention(
     if cpp_supports(q, key_padding_mask):
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         assert starts is not None  # cpp_supports checked it
-        return kernel_attention(q, k, v, route, window, scale, starts)
-    if triton_decode is not None and triton_decode_available(q):
+        return kernel_attention(q, k, v, route, window, scale, starts, sink)
+    if triton_decode is not None and sink == 0 and triton_decode_available(q):
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         if starts is not None:  # real keys are one contiguous run
             return triton_decode(q, k, v, route, window, scale, starts)
@@ -46,10 +50,17 @@ def decode_attention(
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     gqa = group > 1
-    recent = slice(max(0, k.shape[2] - window), None)
-    local_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, recent]
+    window_start = max(0, k.shape[2] - window)
+    k_local, v_local = k[:, :, window_start:], v[:, :, window_start:]
+    local_mask = None if key_padding_mask is None else key_padding_mask[:, window_start:]
+    if sink and window_start > 0:
+        k_sink, v_sink, sink_pos, sink_real = sink_keys(k, v, sink, key_padding_mask)
+        k_local, v_local = torch.cat([k_sink, k_local], dim=2), torch.cat([v_sink, v_local], dim=2)
+        in_window = torch.ones(k.shape[0], k.shape[2] - window_start, dtype=torch.bool, device=q.device)
+        local_mask = torch.cat([sink_real & (sink_pos < window_start), in_window if local_mask is None else local_mask], 1)
     out = F.scaled_dot_product_attention(
-        q, k[:, :, recent], v[:, :, recent], attn_mask=local_mask, scale=scale, enable_gqa=gqa
+        q, k_local, v_local, attn_mask=None if local_mask is None else local_mask[:, None, None, :], scale=scale,
+        enable_gqa=gqa,
     )
     if k.shape[2] <= window:
         return out

@@ -4,7 +4,7 @@ With i.i.d. per-token routes almost every 128-query tile holds a global query, s
 mask over queries in their natural order skips nothing. Here each (batch, head) reorders its
 queries -- global ones first, latest position first, then local ones in position order -- so a
 tile of sorted queries needs only the keys of its rows' ranges: a prefix for global tiles, a
-band for local tiles. Global tiles come first because they are the long ones: FlexAttention
+band for local tiles (plus the blocks of the ``sink`` first keys, when asked). Global tiles come first because they are the long ones: FlexAttention
 launches query tiles in order, and starting the longest work first keeps the GPU busy to the end
 (longest-processing-time-first scheduling). The ``BlockMask`` is built directly from those ranges
 (:func:`route_block_mask`, O(B * H * blocks^2) integers) instead of ``create_block_mask``, which
@@ -61,9 +61,11 @@ class SortedRoute:
         order: original query index of each sorted row, ``[B, Hq, Sq]``.
         position, is_global: absolute position and route of each sorted row.
         lo, hi: inclusive key range of each sorted row (empty: ``lo > hi``).
+        sink_end: ``[B, 1, 1]``; keys from the first real key up to ``sink_end - 1`` are sink keys,
+            which local rows see too.
     """
 
-    def __init__(self, hard: Tensor, seq_kv: int, window: int, key_padding_mask: Tensor | None) -> None:
+    def __init__(self, hard: Tensor, seq_kv: int, window: int, key_padding_mask: Tensor | None, sink: int = 0) -> None:
         batch, heads, seq_q = hard.shape
         device = hard.device
         padded = -(-seq_q // BLOCK) * BLOCK
@@ -77,6 +79,7 @@ class SortedRoute:
         if key_padding_mask is not None:
             start = key_padding_mask.to(torch.uint8).argmax(-1).to(torch.int32)  # first real key
         start = start[:, None, None]
+        self.sink_end = start + sink
         lo = torch.where(self.is_global, start, torch.maximum(start, self.position - window + 1))
         # a query before the first real key still sees its own key (its output is zeroed later)
         self.lo = torch.where(self.position >= 0, torch.minimum(lo, self.position), torch.iinfo(torch.int32).max)
@@ -93,6 +96,7 @@ def route_block_mask(sorted_route: SortedRoute, seq_q: int, seq_kv: int, mask_mo
     big = torch.iinfo(torch.int32).max
     union_lo = torch.where(live, lo, big).amin(-1)
     union_hi = torch.where(live, hi, -1).amax(-1)
+    sink_end = sorted_route.sink_end  # [B, 1, 1]
     shared_lo = torch.where(live, lo, -1).amax(-1)
     shared_hi = torch.where(live, hi, big).amin(-1)
     shared_hi = torch.where(live.all(-1), shared_hi, -1)  # a tile with padding rows is never full
@@ -100,7 +104,7 @@ def route_block_mask(sorted_route: SortedRoute, seq_q: int, seq_kv: int, mask_mo
     kv_blocks = -(-seq_kv // BLOCK)
     first = torch.arange(kv_blocks, device=lo.device, dtype=torch.int32) * BLOCK
     last = first + BLOCK - 1
-    needed = (first <= union_hi[..., None]) & (last >= union_lo[..., None])
+    needed = (first <= union_hi[..., None]) & ((last >= union_lo[..., None]) | (first < sink_end[..., None]))
     full = (first >= shared_lo[..., None]) & (last <= shared_hi[..., None]) & (last < seq_kv)
     if key_padding_mask is not None:
         complete = F.pad(key_padding_mask, (0, kv_blocks * BLOCK - seq_kv)).unflatten(-1, (-1, BLOCK)).all(-1)
@@ -121,8 +125,9 @@ def route_block_mask(sorted_route: SortedRoute, seq_q: int, seq_kv: int, mask_mo
 
 def route_mask_mod(sorted_route: SortedRoute, window: int, key_padding_mask: Tensor | None) -> Callable[..., Any]:
     """``mask_mod(b, h, q_idx, kv_idx)`` over sorted queries: keys ``..p`` for global rows,
-    ``p-window+1..p`` for local ones, real keys only (own key always, so no row is empty)."""
-    position, is_global = sorted_route.position, sorted_route.is_global
+    ``p-window+1..p`` and the sink keys for local ones, real keys only (own key always, so no row
+    is empty)."""
+    position, is_global, sink_end = sorted_route.position, sorted_route.is_global, sorted_route.sink_end[:, 0, 0]
     key_ok = None
     if key_padding_mask is not None:
         kv_padded = -(-key_padding_mask.shape[-1] // BLOCK) * BLOCK
@@ -130,7 +135,7 @@ def route_mask_mod(sorted_route: SortedRoute, window: int, key_padding_mask: Ten
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         p = position[b, h, q_idx]
-        allowed = (kv_idx <= p) & (is_global[b, h, q_idx] | (kv_idx > p - window))
+        allowed = (kv_idx <= p) & (is_global[b, h, q_idx] | (kv_idx > p - window) | (kv_idx < sink_end[b]))
         if key_ok is not None:
             allowed = (allowed & key_ok[b, kv_idx]) | (kv_idx == p)
         return allowed
@@ -139,10 +144,18 @@ def route_mask_mod(sorted_route: SortedRoute, window: int, key_padding_mask: Ten
 
 
 def _routed(
-    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, key_padding_mask: Tensor | None, attend: Callable[..., Tensor]
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hard: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None,
+    sink: int,
+    attend: Callable[..., Tensor],
 ) -> Tensor:
     seq_q, seq_kv, dim = q.shape[2], k.shape[2], q.shape[3]
-    sorted_route = SortedRoute(hard, seq_kv, window, key_padding_mask)
+    sorted_route = SortedRoute(hard, seq_kv, window, key_padding_mask, sink)
     mask_mod = route_mask_mod(sorted_route, window, key_padding_mask)
     block_mask = route_block_mask(sorted_route, seq_q, seq_kv, mask_mod, key_padding_mask)
     index = sorted_route.order[..., None].expand(-1, -1, -1, dim)
@@ -151,21 +164,28 @@ def _routed(
 
 
 def flex_routed(
-    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hard: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """AHA attention for a bool route ``[B, Hq, Sq]`` (True = global) via sorted FlexAttention;
     q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
-    signature = (q.shape, k.shape, q.dtype, key_padding_mask is None, window)
+    signature = (q.shape, k.shape, q.dtype, key_padding_mask is None, window, sink)
     if USE_COMPILE and q.is_cuda and signature not in _whole_graph_failed:
         global _compiled_routed
         if _compiled_routed is None:
             _compiled_routed = torch.compile(_routed, dynamic=False)
         try:
-            return _compiled_routed(q, k, v, hard, window, scale, key_padding_mask, _flex())
+            return _compiled_routed(q, k, v, hard, window, scale, key_padding_mask, sink, _flex())
         except Exception as exc:  # noqa: BLE001 -- a lowering failure: use the per-op path for these inputs
             _whole_graph_failed.add(signature)
             warnings.warn(f"aha: whole-graph compile of impl='flex' failed for {signature}, using the per-op path ({exc!r})", stacklevel=2)
-    return _routed(q, k, v, hard, window, scale, key_padding_mask, _flex())
+    return _routed(q, k, v, hard, window, scale, key_padding_mask, sink, _flex())
 
 
 def flex_attention_aha(
@@ -176,6 +196,7 @@ def flex_attention_aha(
     window: int,
     scale: float,
     key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """AHA attention with FlexAttention (see the module docstring); shapes as :func:`flex_routed`.
 
@@ -192,7 +213,7 @@ def flex_attention_aha(
     return apply_route(
         route,
         window >= k.shape[2],
-        routed=lambda hard: flex_routed(q, k, v, hard, window, scale, key_padding_mask),
+        routed=lambda hard: flex_routed(q, k, v, hard, window, scale, key_padding_mask, sink),
         full=lambda: flex_routed(q, k, v, every, window, scale, key_padding_mask),
-        local=lambda: flex_routed(q, k, v, ~every, window, scale, key_padding_mask),
+        local=lambda: flex_routed(q, k, v, ~every, window, scale, key_padding_mask, sink),
     )

@@ -16,6 +16,20 @@ def key_positions(seq_q: int, seq_kv: int, device: torch.device) -> tuple[Tensor
     return kpos[seq_kv - seq_q :], kpos
 
 
+def first_key(key_padding_mask: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    """First real key per batch row ``[batch]`` (int64; 0 without padding): where the sink keys start."""
+    if key_padding_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return key_padding_mask.to(torch.uint8).argmax(1)
+
+
+def sink_key_mask(seq_kv: int, sink: int, key_padding_mask: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    """``[batch, seq_kv]`` bool, True at the sink keys: the ``sink`` positions from the first real key on
+    (padding among them stays unattended through the padding mask)."""
+    offset = torch.arange(seq_kv, device=device)[None, :] - first_key(key_padding_mask, batch, device)[:, None]
+    return (offset >= 0) & (offset < sink)
+
+
 def reference_attention(
     q: Tensor,
     k: Tensor,
@@ -24,11 +38,14 @@ def reference_attention(
     window: int,
     scale: float,
     key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """Compute AHA attention densely (scores in fp32, output in ``q.dtype``).
 
     A query at absolute position ``p`` attends keys ``0..p`` when routed global and
-    ``max(0, p - window + 1)..p`` when local. Bool routes select a branch; float gates
+    ``max(0, p - window + 1)..p`` when local, plus, when local, the ``sink`` keys
+    ``s..s + sink - 1`` that are ``<= p`` (``s`` = the first real key, 0 without padding).
+    Bool routes select a branch; float gates
     mix them as ``g * full + (1 - g) * local``. Padded keys are never attended; a query
     whose own key is padding gets a zero output.
 
@@ -44,6 +61,9 @@ def reference_attention(
     qpos, kpos = key_positions(seq_q, seq_kv, q.device)
     causal = kpos[None, :] <= qpos[:, None]
     band = causal & (kpos[None, :] > qpos[:, None] - window)
+    if sink:
+        is_sink = sink_key_mask(seq_kv, sink, key_padding_mask, batch, q.device)
+        band = band | (causal & is_sink[:, None, None, :])  # [B, 1, Sq, Skv]
     query_valid = None
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]

@@ -8,7 +8,8 @@ The two are merged per (token, head). Everything is built from differentiable Py
 ops, so autograd provides the backward pass.
 
 All functions take q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` with the queries at the
-last ``Sq`` positions, and return ``[B, Hq, Sq, D]``.
+last ``Sq`` positions, and return ``[B, Hq, Sq, D]``. ``sink`` > 0 adds the attention-sink keys
+(see :func:`aha.kernels.reference.sink_key_mask`) before the window of every local query.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aha.kernels.gating import apply_route
+from aha.kernels.reference import first_key, sink_key_mask
 
 # Below this global fraction the band runs densely and global pairs are packed; above it,
 # full causal attention runs densely and local pairs are packed.
@@ -32,14 +34,28 @@ def band_block_size(window: int) -> int:
     return int(min(256, max(16, 16 * round(window / 64))))
 
 
+def sink_keys(k: Tensor, v: Tensor, sink: int, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sink keys of each batch row: ``k``, ``v`` at ``[B, Hkv, sink, D]``, their positions
+    ``[B, sink]`` and whether each is a real key ``[B, sink]`` (False past the end or on padding)."""
+    batch, kv_heads, seq_kv, dim = k.shape
+    positions = first_key(key_padding_mask, batch, k.device)[:, None] + torch.arange(sink, device=k.device)
+    inside = positions.clamp(max=seq_kv - 1)
+    real = positions < seq_kv
+    if key_padding_mask is not None:
+        real = real & key_padding_mask.gather(1, inside)
+    index = inside[:, None, :, None].expand(batch, kv_heads, sink, dim)
+    return k.gather(2, index), v.gather(2, index), positions, real
+
+
 def band_attention(
-    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None, sink: int = 0
 ) -> Tensor:
     """Sliding-window causal attention for every query, reading ``O(seq * window)`` keys.
 
     Queries are cut into blocks of ``b``; block ``j`` attends the ``b + window - 1`` keys that end
     at its last query, taken as an overlapping ``unfold`` view (no copy), with one small band mask
     shared by all blocks. Grouped query heads sharing a KV head are stacked as extra query rows.
+    Sink keys are prepended to every block's keys, masked where the window already holds them.
     """
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_kv = k.shape[1], k.shape[2]
@@ -85,6 +101,18 @@ def band_attention(
             .expand(batch, kv_heads, n_blocks, group * block, span)
             .reshape(batch * kv_heads, n_blocks, group * block, span)
         )
+    if sink:
+        k_sink, v_sink, sink_pos, sink_real = sink_keys(k, v, sink, key_padding_mask)
+        query_abs = first_query + torch.arange(n_blocks * block, device=device).view(n_blocks, block)
+        sink_mask = sink_real[:, None, None, :] & (sink_pos[:, None, None, :] <= query_abs[None, :, :, None] - window)
+        sink_mask = (
+            sink_mask.repeat(1, 1, group, 1)[:, None]
+            .expand(batch, kv_heads, n_blocks, group * block, sink)
+            .reshape(batch * kv_heads, n_blocks, group * block, sink)
+        )
+        mask = torch.cat([sink_mask, mask.expand(batch * kv_heads, -1, -1, -1)], dim=-1)
+        kb = torch.cat([k_sink.reshape(batch * kv_heads, 1, sink, dim).expand(-1, n_blocks, -1, -1), kb], dim=2)
+        vb = torch.cat([v_sink.reshape(batch * kv_heads, 1, sink, dim).expand(-1, n_blocks, -1, -1), vb], dim=2)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
     out = (
         out.view(batch, kv_heads, n_blocks, group, block, dim)
@@ -103,12 +131,14 @@ def packed_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
     chunk: int = 64,
+    sink: int = 0,
 ) -> Tensor:
     """Attention for the selected (token, head) pairs only; other rows of the result are zero.
 
     Args:
         select: ``[B, Hq, Sq]`` bool, the pairs to compute.
-        window: ``None`` for full causal attention (keys ``0..p``), else keys ``p-window+1..p``.
+        window: ``None`` for full causal attention (keys ``0..p``), else keys ``p-window+1..p``
+            (and the ``sink`` keys).
 
     Per (batch, head) the selected queries are gathered in position order into a packed
     ``[B, Hq, M, D]`` tensor (``M`` = the largest count); each chunk of packed rows attends
@@ -127,6 +157,10 @@ def packed_attention(
     positions = first_query + order
     gather_index = order[..., None].expand(-1, -1, -1, dim)
     q_packed = q.gather(2, gather_index)
+    is_sink = None
+    if window is not None and sink:
+        is_sink = sink_key_mask(seq_kv, sink, key_padding_mask, batch, q.device)
+        sink_end = int(first_key(key_padding_mask, batch, q.device).max()) + sink
 
     outputs = []
     for start in range(0, packed, chunk):
@@ -135,17 +169,22 @@ def packed_attention(
         hi = int(pos.masked_fill(~ok, -1).max()) + 1
         lo = 0 if window is None else max(0, int(pos.masked_fill(~ok, seq_kv).min()) - window + 1)
         kpos = torch.arange(lo, hi, device=q.device)
+        keys, values = k[:, :, lo:hi], v[:, :, lo:hi]
+        if is_sink is not None and lo > 0:
+            kpos = torch.cat([torch.arange(min(lo, sink_end), device=q.device), kpos])
+            keys, values = k.index_select(2, kpos), v.index_select(2, kpos)
         allowed = kpos <= pos[..., None]
         if window is not None:
-            allowed = allowed & (kpos > pos[..., None] - window)
+            in_window = kpos > pos[..., None] - window
+            allowed = allowed & (in_window if is_sink is None else in_window | is_sink[:, None, None, kpos])
         if key_padding_mask is not None:
-            allowed = allowed & (key_padding_mask[:, None, None, lo:hi] | (kpos == pos[..., None]))
+            allowed = allowed & (key_padding_mask[:, None, None, kpos] | (kpos == pos[..., None]))
         allowed = allowed | ~ok[..., None]  # padding rows: any finite result, discarded below
         outputs.append(
             F.scaled_dot_product_attention(
                 q_packed[..., start : start + chunk, :],
-                k[:, :, lo:hi],
-                v[:, :, lo:hi],
+                keys,
+                values,
                 attn_mask=allowed,
                 scale=scale,
                 enable_gqa=k.shape[1] != q_heads,
@@ -168,15 +207,6 @@ def full_attention(
     return packed_attention(q, k, v, everything, None, scale, key_padding_mask, chunk=256)
 
 
-def local_attention(
-    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
-) -> Tensor:
-    """Sliding-window attention for every query; full attention when the window covers everything."""
-    if window >= k.shape[2]:
-        return full_attention(q, k, v, scale, key_padding_mask)
-    return band_attention(q, k, v, window, scale, key_padding_mask)
-
-
 def packed_chunk(global_fraction: float) -> int:
     """Packed rows per SDPA call: the staircase of key ranges in a chunk wastes about
     ``chunk / (global_fraction * seq)`` of the useful work, so sparse routes want small chunks;
@@ -187,20 +217,29 @@ def packed_chunk(global_fraction: float) -> int:
 
 
 def routed_split(
-    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hard: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """AHA attention for a bool route ``[B, Hq, Sq]`` (True = global): the majority branch runs
     densely, the minority branch only on its packed (token, head) pairs, merged per pair."""
     global_fraction = float(hard.float().mean())
     if global_fraction <= DENSE_GLOBAL_ABOVE:
-        out = band_attention(q, k, v, window, scale, key_padding_mask)
+        out = band_attention(q, k, v, window, scale, key_padding_mask, sink)
         if hard.any():
             full = packed_attention(q, k, v, hard, None, scale, key_padding_mask, packed_chunk(global_fraction))
             out = torch.where(hard[..., None], full, out)
         return out
     out = full_attention(q, k, v, scale, key_padding_mask)
     if not hard.all():
-        local = packed_attention(q, k, v, ~hard, window, scale, key_padding_mask, packed_chunk(1 - global_fraction))
+        local = packed_attention(
+            q, k, v, ~hard, window, scale, key_padding_mask, packed_chunk(1 - global_fraction), sink
+        )
         out = torch.where(hard[..., None], out, local)
     return out
 
@@ -213,13 +252,14 @@ def split_attention(
     window: int,
     scale: float,
     key_padding_mask: Tensor | None = None,
+    sink: int = 0,
 ) -> Tensor:
     """AHA attention that computes each branch only for the pairs routed to it (see :func:`routed_split`);
     gates and windows covering every key follow :func:`aha.kernels.gating.apply_route`."""
     return apply_route(
         route,
         window >= k.shape[2],
-        routed=lambda hard: routed_split(q, k, v, hard, window, scale, key_padding_mask),
+        routed=lambda hard: routed_split(q, k, v, hard, window, scale, key_padding_mask, sink),
         full=lambda: full_attention(q, k, v, scale, key_padding_mask),
-        local=lambda: band_attention(q, k, v, window, scale, key_padding_mask),
+        local=lambda: band_attention(q, k, v, window, scale, key_padding_mask, sink),
     )

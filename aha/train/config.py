@@ -36,6 +36,11 @@ class TrainConfig:
     # model and routing
     model: str = _help("model name (e.g. smollm2-135m) or path, loaded with aha.load_model", default="smollm2-135m")
     window: int = _help("local window: keys a local query sees, its own included", default=256)
+    sink: int = _help(
+        "attention-sink keys: local queries also see the first N keys (0 = the paper's operator; 1 keeps the "
+        "pretrained model's sink token in view of local heads)",
+        default=0,
+    )
     threshold: float = _help("a (token, head) goes global when sigmoid(router logit) > threshold", default=0.5)
     router_init: RouterInit = _help("'open': all heads start global (the converted model equals the original)", default="open")
     open_router_bias: float = _help(
@@ -96,6 +101,8 @@ class TrainConfig:
         problems = []
         if self.window < 1:
             problems.append("window must be >= 1")
+        if self.sink < 0:
+            problems.append("sink must be >= 0")
         if not 0 < self.threshold < 1:
             problems.append("threshold must be in (0, 1)")
         if self.router_init == "open" and not 1 / (1 + math.exp(-self.open_router_bias)) > self.threshold:

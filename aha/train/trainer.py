@@ -160,13 +160,14 @@ def _prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
     """
     if aha.is_aha_model(model):
         settings = model.config.aha
-        if (settings["window"], settings["threshold"]) != (config.window, config.threshold):
+        own = (settings["window"], settings.get("sink", 0), settings["threshold"])
+        if own != (config.window, config.sink, config.threshold):
             raise ValueError(
-                f"{config.model} is already an AHA model with window={settings['window']}, threshold={settings['threshold']}; "
-                "pass the same --window and --threshold to continue training it"
+                f"{config.model} is already an AHA model with window={own[0]}, sink={own[1]}, threshold={own[2]}; "
+                "pass the same --window, --sink and --threshold to continue training it"
             )
         return model
-    aha.convert(model, window=config.window, threshold=config.threshold, router_init=config.router_init)
+    aha.convert(model, window=config.window, sink=config.sink, threshold=config.threshold, router_init=config.router_init)
     if config.router_init == "open":
         with torch.no_grad():
             for router in (m for m in model.modules() if isinstance(m, aha.Router)):

@@ -1,7 +1,8 @@
 // AHA attention on CPU: a flash-style kernel in which every query row has one contiguous key range.
 //
 // A query at absolute position p routed global reads keys [start, p]; routed local it reads
-// [max(start, p - window + 1), p] (start = first real key of its batch row, 0 without padding).
+// [max(start, p - window + 1), p] (start = first real key of its batch row, 0 without padding)
+// plus, with `sink` > 0, the attention-sink keys [start, start + sink) that are <= p.
 // Per (batch, head) the local rows and the global rows are each kept in position order and cut
 // into tiles of consecutive rows, so the rows of a tile have similar ranges. A tile reads only
 // the keys its rows need, in blocks; a block that lies inside every row's range needs no mask,
@@ -215,7 +216,7 @@ inline std::pair<const float*, int64_t> rows_as_float(const T* base, int64_t ld,
 
 struct Problem {
   int64_t batch, q_heads, kv_heads, seq_q, seq_kv, dim;
-  int64_t window;
+  int64_t window, sink;
   float scale;
   // element strides of q/out/dout-like [B, Hq, Sq, D] and k/v [B, Hkv, Skv, D] tensors (last dim contiguous)
   int64_t q_sb, q_sh, q_st;
@@ -224,13 +225,16 @@ struct Problem {
   int64_t group() const { return q_heads / kv_heads; }
 };
 
-// One tile: `count` query rows of head (b, h); row i is query `rows[i]` reading keys [lo[i], hi[i]].
+// One tile: `count` query rows of head (b, h); row i is query `rows[i]` reading keys [lo[i], hi[i]]
+// and the sink keys [start, sink_end) that are <= hi[i].
 struct Tile {
   int32_t b, h;
   int64_t offset;  // into the flat row/lo/hi arrays
   int32_t count;
   int32_t key_lo, key_hi;      // union of the rows' ranges (inclusive); key_lo > key_hi when all are empty
   int32_t shared_lo, shared_hi;  // intersection of the non-empty ranges: keys no row needs masked
+  int32_t sink_lo, sink_hi;    // sink keys below key_lo that the tile reads (inclusive); empty when sink_lo > sink_hi
+  int32_t sink_end;            // keys < sink_end (and >= start) are sink keys, visible to every row that reaches them
   double cost;
 };
 
@@ -264,8 +268,10 @@ Tiling make_tiles(const Problem& pb, const bool* route, const int32_t* key_start
       }
       auto cut = [&](int64_t begin, int64_t end, int64_t size) {
         for (int64_t s = begin; s < end; s += size) {
+          const int32_t sink_end = static_cast<int32_t>(start + pb.sink);
           Tile tile{static_cast<int32_t>(b), static_cast<int32_t>(h), s, static_cast<int32_t>(std::min(size, end - s)),
-                    std::numeric_limits<int32_t>::max(), -1, -1, std::numeric_limits<int32_t>::max(), 0.0};
+                    std::numeric_limits<int32_t>::max(), -1, -1, std::numeric_limits<int32_t>::max(), start, start - 1,
+                    sink_end, 0.0};
           for (int64_t i = s; i < s + tile.count; ++i) {
             if (tl.lo[i] > tl.hi[i]) continue;
             tile.key_lo = std::min(tile.key_lo, tl.lo[i]);
@@ -273,7 +279,9 @@ Tiling make_tiles(const Problem& pb, const bool* route, const int32_t* key_start
             tile.shared_lo = std::max(tile.shared_lo, tl.lo[i]);
             tile.shared_hi = std::min(tile.shared_hi, tl.hi[i]);
           }
-          tile.cost = tile.key_hi >= tile.key_lo ? double(tile.count + 8) * double(tile.key_hi - tile.key_lo + 64) : 0.0;
+          if (tile.key_hi >= tile.key_lo) tile.sink_hi = std::min(sink_end, tile.key_lo) - 1;
+          const int32_t sink_keys = std::max(0, tile.sink_hi - tile.sink_lo + 1);
+          tile.cost = tile.key_hi >= tile.key_lo ? double(tile.count + 8) * double(tile.key_hi - tile.key_lo + sink_keys + 64) : 0.0;
           tl.tiles.push_back(tile);
         }
       };
@@ -288,6 +296,19 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Key blocks of nearly equal size (at most kMaxKeyBlock) covering [lo, hi].
 inline int64_t key_block_count(int64_t lo, int64_t hi) { return (hi - lo + kMaxKeyBlock) / kMaxKeyBlock; }
+
+// Calls fn(j0, j1) for the key blocks [j0, j1) a tile reads: its sink keys, then its key range.
+template <typename Fn>
+void for_each_key_block(const Tile& tile, Fn&& fn) {
+  auto blocks_of = [&](int64_t lo, int64_t hi) {
+    if (hi < lo) return;
+    const int64_t blocks = key_block_count(lo, hi);
+    const int64_t span = hi - lo + 1;
+    for (int64_t blk = 0; blk < blocks; ++blk) fn(lo + span * blk / blocks, lo + span * (blk + 1) / blocks);
+  };
+  blocks_of(tile.sink_lo, tile.sink_hi);
+  blocks_of(tile.key_lo, tile.key_hi);
+}
 
 template <typename Elem = float>
 struct AlignedBuffer {
@@ -332,8 +353,8 @@ struct TileLimits {
   }
 };
 
-// Sets S^T[j, i] = fill for key rows j of block [j0, j1) that lie outside row i's range;
-// only key rows outside the tile's shared range are visited.
+// Sets S^T[j, i] = fill for key rows j of block [j0, j1) that row i does not read (outside its
+// range and not a sink key <= hi[i]); only key rows outside the tile's shared range are visited.
 inline void mask_block(float* s, int64_t ld, int64_t j0, int64_t j1, const Tile& tile, const TileLimits& lim,
                        int64_t padded, float fill) {
   const vfloat fillv = vsplat(fill);
@@ -343,9 +364,10 @@ inline void mask_block(float* s, int64_t ld, int64_t j0, int64_t j1, const Tile&
       continue;
     }
     const vint key = vint{} + static_cast<int32_t>(j);
+    const vint sink = vint{} + (j < tile.sink_end ? -1 : 0);
     float* row = s + (j - j0) * ld;
     for (int64_t i = 0; i < padded; i += kLanes) {
-      const vint inside = (vloadi(lim.lo + i) <= key) & (vloadi(lim.hi + i) >= key);
+      const vint inside = ((vloadi(lim.lo + i) <= key) | sink) & (vloadi(lim.hi + i) >= key);
       vstore(row + i, inside ? vload(row + i) : fillv);
     }
   }
@@ -478,36 +500,30 @@ void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T
     std::fill(l, l + padded, 0.0f);
     float* s = sc.s.get();
 
-    if (tile.key_hi >= tile.key_lo) {
-      const int64_t blocks = key_block_count(tile.key_lo, tile.key_hi);
-      const int64_t span = tile.key_hi - tile.key_lo + 1;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t j0 = tile.key_lo + span * blk / blocks;
-        const int64_t j1 = tile.key_lo + span * (blk + 1) / blocks;
-        const int64_t nb = j1 - j0;
+    for_each_key_block(tile, [&](int64_t j0, int64_t j1) {
+      const int64_t nb = j1 - j0;
 #if defined(__AVX512BF16__)
-        if constexpr (kPairKernel) {
-          if (pairs) {
-            const auto* kw = reinterpret_cast<const uint32_t*>(kh + j0 * pb.k_st);
-            gemm<false, Bf16PairDot>(nb, padded, D / 2, kw, pb.k_st / 2, 1, sc.qw.get(), padded, s, padded);
-            mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
-            softmax_block(s, nb, padded, M, to_log2, m, l, o, D);
-            std::fill(s + nb * padded, s + (nb + 1) * padded, 0.0f);  // pairs need an even row count
-            pack_probability_pairs(s, padded, (nb + 1) / 2, sc.pw.get());
-            pack_value_pairs(vh, pb.v_st, j0, nb, D, sc.vw.get());
-            gemm<true, Bf16PairDot>(M, D, (nb + 1) / 2, sc.pw.get(), 1, padded, sc.vw.get(), D, o, D);
-            continue;
-          }
+      if constexpr (kPairKernel) {
+        if (pairs) {
+          const auto* kw = reinterpret_cast<const uint32_t*>(kh + j0 * pb.k_st);
+          gemm<false, Bf16PairDot>(nb, padded, D / 2, kw, pb.k_st / 2, 1, sc.qw.get(), padded, s, padded);
+          mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
+          softmax_block(s, nb, padded, M, to_log2, m, l, o, D);
+          std::fill(s + nb * padded, s + (nb + 1) * padded, 0.0f);  // pairs need an even row count
+          pack_probability_pairs(s, padded, (nb + 1) / 2, sc.pw.get());
+          pack_value_pairs(vh, pb.v_st, j0, nb, D, sc.vw.get());
+          gemm<true, Bf16PairDot>(M, D, (nb + 1) / 2, sc.pw.get(), 1, padded, sc.vw.get(), D, o, D);
+          return;
         }
-#endif
-        auto [kp, ldk] = rows_as_float(kh, pb.k_st, j0, nb, D, sc.kbuf.get());
-        auto [vp, ldv] = rows_as_float(vh, pb.v_st, j0, nb, D, sc.vbuf.get());
-        gemm<false>(nb, padded, D, kp, ldk, 1, qt, padded, s, padded);
-        mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
-        softmax_block(s, nb, padded, M, 1.0f, m, l, o, D);
-        gemm<true>(M, D, nb, s, 1, padded, vp, ldv, o, D);
       }
-    }
+#endif
+      auto [kp, ldk] = rows_as_float(kh, pb.k_st, j0, nb, D, sc.kbuf.get());
+      auto [vp, ldv] = rows_as_float(vh, pb.v_st, j0, nb, D, sc.vbuf.get());
+      gemm<false>(nb, padded, D, kp, ldk, 1, qt, padded, s, padded);
+      mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
+      softmax_block(s, nb, padded, M, 1.0f, m, l, o, D);
+      gemm<true>(M, D, nb, s, 1, padded, vp, ldv, o, D);
+    });
 
     T* oh = out + (tile.b * pb.q_heads + tile.h) * pb.seq_q * D;
     float* lh = lse + (tile.b * pb.q_heads + tile.h) * pb.seq_q;
@@ -614,11 +630,7 @@ void backward_impl(const Problem& pb, const T* q, const T* k, const T* v, const 
       float* s = sc.s.get();
       float* dp = sc.dp.get();
 
-      const int64_t blocks = key_block_count(tile.key_lo, tile.key_hi);
-      const int64_t span = tile.key_hi - tile.key_lo + 1;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t j0 = tile.key_lo + span * blk / blocks;
-        const int64_t j1 = tile.key_lo + span * (blk + 1) / blocks;
+      for_each_key_block(tile, [&](int64_t j0, int64_t j1) {
         const int64_t nb = j1 - j0;
         auto [kp, ldk] = rows_as_float(kh, pb.k_st, j0, nb, D, sc.kbuf.get());
         auto [vp, ldv] = rows_as_float(vh, pb.v_st, j0, nb, D, sc.vbuf.get());
@@ -641,7 +653,7 @@ void backward_impl(const Problem& pb, const T* q, const T* k, const T* v, const 
         // dQ += dS . K ; dK += dS^T . Q
         gemm<true>(M, D, nb, dp, 1, padded, kp, ldk, dqt, D);
         gemm<true>(nb, D, M, dp, padded, 1, qrows, D, dk_acc + j0 * D, D);
-      }
+      });
       T* dqh = dq + head_off * pb.seq_q * D;
       for (int64_t i = 0; i < M; ++i) {
         T* dst = dqh + rows[i] * D;
@@ -744,6 +756,11 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t start = key_start[row / pb.q_heads];
     const int64_t lo = route[row] ? start : std::max<int64_t>(start, pos - pb.window + 1);
+    const int64_t sink_end = std::min(start + pb.sink, lo);  // sink keys the window misses
+    for (int64_t j0 = start; j0 < sink_end; j0 += kDecodeChunk) {
+      chunks.push_back({row, j0, std::min(sink_end, j0 + kDecodeChunk)});
+      costs.push_back(double(chunks.back().j1 - j0) + 64.0);
+    }
     for (int64_t j0 = lo; j0 <= pos; j0 += kDecodeChunk) {
       chunks.push_back({row, j0, std::min(pos + 1, j0 + kDecodeChunk)});
       costs.push_back(double(chunks.back().j1 - j0) + 64.0);
@@ -797,7 +814,7 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
 // Op wrappers.
 
 Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& route,
-                 const at::Tensor& key_start, int64_t window, double scale) {
+                 const at::Tensor& key_start, int64_t window, int64_t sink, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "aha: q, k, v must be [batch, heads, seq, dim]");
   TORCH_CHECK(q.device().is_cpu(), "aha: the C++ kernel runs on CPU tensors only");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "aha: q, k, v dtypes differ");
@@ -813,6 +830,8 @@ Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   TORCH_CHECK(pb.kv_heads > 0 && pb.q_heads % pb.kv_heads == 0, "aha: q_heads must be a multiple of kv_heads");
   TORCH_CHECK(pb.seq_kv >= pb.seq_q && pb.seq_kv < (int64_t(1) << 30), "aha: bad sequence lengths");
   pb.window = window;
+  pb.sink = sink;
+  TORCH_CHECK(window >= 1 && sink >= 0, "aha: window must be >= 1 and sink >= 0");
   pb.scale = static_cast<float>(scale);
   pb.q_sb = q.stride(0), pb.q_sh = q.stride(1), pb.q_st = q.stride(2);
   pb.k_sb = k.stride(0), pb.k_sh = k.stride(1), pb.k_st = k.stride(2);
@@ -840,8 +859,8 @@ Tiling tiles_for(const Problem& pb, const at::Tensor& route, const at::Tensor& k
 
 std::tuple<at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& route, const at::Tensor& key_start, int64_t window,
-                                               double scale, int64_t local_rows, int64_t global_rows) {
-  const Problem pb = describe(q, k, v, route, key_start, window, scale);
+                                               int64_t sink, double scale, int64_t local_rows, int64_t global_rows) {
+  const Problem pb = describe(q, k, v, route, key_start, window, sink, scale);
   at::Tensor out = at::empty({pb.batch, pb.q_heads, pb.seq_q, pb.dim}, q.options());
   at::Tensor lse = at::empty({pb.batch, pb.q_heads, pb.seq_q}, q.options().dtype(at::kFloat));
   if (pb.seq_q == 1) {
@@ -865,9 +884,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_backward(const at::Tensor& do
                                                             const at::Tensor& k, const at::Tensor& v,
                                                             const at::Tensor& out, const at::Tensor& lse,
                                                             const at::Tensor& route, const at::Tensor& key_start,
-                                                            int64_t window, double scale, int64_t local_rows,
-                                                            int64_t global_rows) {
-  const Problem pb = describe(q, k, v, route, key_start, window, scale);
+                                                            int64_t window, int64_t sink, double scale,
+                                                            int64_t local_rows, int64_t global_rows) {
+  const Problem pb = describe(q, k, v, route, key_start, window, sink, scale);
   const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat, "aha: bad saved tensors");
   const at::Tensor dout_c = dout.contiguous().to(q.scalar_type());
@@ -892,11 +911,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_backward(const at::Tensor& do
 
 TORCH_LIBRARY(aha, m) {
   m.def(
-      "forward(Tensor q, Tensor k, Tensor v, Tensor route, Tensor key_start, int window, float scale, "
+      "forward(Tensor q, Tensor k, Tensor v, Tensor route, Tensor key_start, int window, int sink, float scale, "
       "int local_rows, int global_rows) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor route, Tensor key_start, "
-      "int window, float scale, int local_rows, int global_rows) -> (Tensor, Tensor, Tensor)");
+      "int window, int sink, float scale, int local_rows, int global_rows) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(aha, CPU, m) {
