@@ -34,6 +34,7 @@ def test_save_then_load_reproduces_logits_exactly_with_both_loaders(tmp_path, fa
     assert saved["model_type"] == f"aha_{family}"
     assert saved["aha"] == {
         "window": WINDOW,
+        "sink": 0,
         "threshold": 0.5,
         "router_layout": layout,
         "router_init": "random",
