@@ -6,6 +6,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
+from aha import aha_attention
 from aha.benchmarking import GROUPS, SCHEMA, BenchConfig, run_benchmarks
 from aha.benchmarking.timing import Samples, TimingPolicy, measure_round_robin, median_ratio
 from aha.cli import app
@@ -74,3 +75,22 @@ def test_quick_bench_cli_writes_a_complete_report(tmp_path):
         assert row["ideal_cost_ratio"] == pytest.approx(ideal_cost_ratio(row["global_fraction"], row["window"], row["n"]))
         assert row["speedup"] == pytest.approx(1 / row["cost_ratio"])
     assert {r["rho"] for r in sections["prefill"]["rows"]} == {0.07, 1.0}
+
+
+def test_sink_option_reaches_every_timed_call(tmp_path, monkeypatch):
+    from aha.benchmarking import kernels
+
+    sinks = []
+
+    def recording(*args, sink=0, **kwargs):
+        sinks.append(sink)
+        return aha_attention(*args, sink=sink, **kwargs)
+
+    monkeypatch.setattr(kernels, "aha_attention", recording)
+    result = CliRunner().invoke(app, ["bench", "--quick", "--parts", "prefill,decode", "--sink", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "sink 2" in result.output
+    assert sinks and set(sinks) == {2}
+    (path,) = tmp_path.glob("bench-*.json")
+    rows = [row for section in json.loads(path.read_text())["groups"]["kernels"] for row in section["rows"]]
+    assert rows and all(row["sink"] == 2 for row in rows)

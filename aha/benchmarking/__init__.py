@@ -64,6 +64,7 @@ class BenchConfig:
     seq_lens: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
     rhos: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.07, 0.1, 0.3, 0.5, 1.0])
     windows: list[int] = field(default_factory=lambda: [256])
+    sink: int = 0
     dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
     impls: list[str] = field(default_factory=lambda: ["auto"])
     train_seq_lens: list[int] = field(default_factory=lambda: [1024, 4096])

@@ -115,7 +115,9 @@ def _routed_rows(cfg: BenchConfig, bench: str, seq_lens: list[int], rhos: list[f
                         route = routes[rho]
                         name = f"{impl} w={window} rho={rho}"
                         candidates[name] = timed(
-                            lambda route=route, window=window, impl=impl: aha_attention(q, k, v, route, window, impl=impl)
+                            lambda route=route, window=window, impl=impl: aha_attention(
+                                q, k, v, route, window, impl=impl, sink=cfg.sink
+                            )
                         )
                         cases.append((name, window, rho, impl))
             with torch.set_grad_enabled(grad):
@@ -130,19 +132,26 @@ def _routed_rows(cfg: BenchConfig, bench: str, seq_lens: list[int], rhos: list[f
                         "rho": rho,
                         "global_fraction": fraction,
                         "window": window,
+                        "sink": cfg.sink,
                         "dtype": dtype_name,
                         "impl": used[impl] if impl == "auto" else impl,
-                        **_ratio_fields(samples[name], samples["sdpa"], ideal_cost_ratio(fraction, window, n)),
+                        **_ratio_fields(samples[name], samples["sdpa"], ideal_cost_ratio(fraction, window + cfg.sink, n)),
                     }
                 )
     return rows
+
+
+def _shape(cfg: BenchConfig) -> str:
+    """The kernel shapes of a section title (and the sink, when there is one)."""
+    shape = f"B={cfg.batch} H={cfg.heads}/{cfg.kv_heads} D={cfg.head_dim}"
+    return f"{shape}, sink {cfg.sink}" if cfg.sink else shape
 
 
 def prefill_section(cfg: BenchConfig) -> Section:
     """Forward time of AHA attention vs SDPA causal over the (dtype, n, window, rho) sweep."""
     return Section(
         name="prefill",
-        title=f"prefill forward, B={cfg.batch} H={cfg.heads}/{cfg.kv_heads} D={cfg.head_dim}",
+        title=f"prefill forward, {_shape(cfg)}",
         columns=[
             Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
             Column("impl", "impl"), Column("ms", "AHA ms", ".1f"), Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
@@ -159,7 +168,7 @@ def train_section(cfg: BenchConfig) -> Section:
     """Forward + backward (q, k, v gradients, hard routes) vs SDPA causal forward + backward."""
     return Section(
         name="train",
-        title=f"forward+backward, B={cfg.batch} H={cfg.heads}/{cfg.kv_heads} D={cfg.head_dim}",
+        title=f"forward+backward, {_shape(cfg)}",
         columns=[
             Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
             Column("impl", "impl"), Column("ms", "AHA ms", ".1f"), Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
@@ -180,20 +189,21 @@ def decode_section(cfg: BenchConfig) -> Section:
             route = torch.zeros(cfg.batch, cfg.heads, 1, dtype=torch.bool, device=q.device)
             route[:, 0] = True
             candidates = {
-                "aha": _synced(lambda: aha_attention(q, k, v, route, window)),
+                "aha": _synced(lambda: aha_attention(q, k, v, route, window, sink=cfg.sink)),
                 "global_head": _synced(lambda: _sdpa(q[:, :1], k[:, :1], v[:, :1], causal=False)),
                 "full": _synced(lambda: _sdpa(q, k, v, causal=False)),
             }
             with torch.no_grad():
                 samples = measure_round_robin(candidates, cfg.timing)
             fraction = 1.0 / cfg.heads
-            ideal = fraction + (1.0 - fraction) * min(1.0, window / n)
+            ideal = fraction + (1.0 - fraction) * min(1.0, (window + cfg.sink) / n)
             vs_full = median_ratio(samples["aha"], samples["full"])
             rows.append(
                 {
                     "bench": "decode",
                     "n": n,
                     "window": window,
+                    "sink": cfg.sink,
                     "dtype": dtype_name,
                     "impl": choose_impl(q, k, route, window),
                     "us": samples["aha"].median * 1e6,
@@ -209,7 +219,7 @@ def decode_section(cfg: BenchConfig) -> Section:
             )
     return Section(
         name="decode",
-        title=f"decode step, B={cfg.batch} H={cfg.heads}/{cfg.kv_heads} D={cfg.head_dim}, 1 head global",
+        title=f"decode step, {_shape(cfg)}, 1 head global",
         columns=[
             Column("n", "cache"), Column("window", "w"), Column("dtype", "dtype"), Column("impl", "impl"),
             Column("us", "AHA us", ".0f"), Column("global_head_us", "global head alone us", ".0f"),
