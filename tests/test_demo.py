@@ -26,9 +26,19 @@ def test_quick_demo_writes_a_complete_report_and_resumes(tmp_path):
     assert sliding["global_fraction"] == 0.0 and sliding["perplexity"] > original["perplexity"]
     assert all(math.isfinite(row["perplexity"]) for row in report["headline"])
     assert {row["phase"] for row in report["speed"]} == {"prefill", "decode"}
-    assert "| original model (full attention) |" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "| original model (full attention) |" in readme
+    assert "| sliding window (w=32) + 1 sink key, no training |" in readme  # the default keeps one sink key
+    assert json.loads((out / "run" / "model" / "config.json").read_text())["aha"]["sink"] == 1
 
     trained = (out / "run" / "summary.json").stat().st_mtime
     second = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert second.exit_code == 0, second.output
     assert (out / "run" / "summary.json").stat().st_mtime == trained  # training was not redone
+
+
+def test_sliding_window_names_say_whether_the_sink_is_kept():
+    from aha.demo import sliding_window_name
+
+    assert sliding_window_name(128, 0) == "pure sliding window (w=128), no training"
+    assert sliding_window_name(128, 4) == "sliding window (w=128) + 4 sink keys, no training"
