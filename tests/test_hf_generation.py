@@ -17,8 +17,8 @@ def tokens(batch: int = 1, seq: int = PROMPT, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def routed_model(family: str = "llama"):
-    return aha.convert(tiny_model(family), window=WINDOW, router_init="random")
+def routed_model(family: str = "llama", sink: int = 0):
+    return aha.convert(tiny_model(family), window=WINDOW, sink=sink, router_init="random")
 
 
 def generate(model, ids, **kwargs):
@@ -28,8 +28,9 @@ def generate(model, ids, **kwargs):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "olmo2"])
 @pytest.mark.parametrize("route", [None, "local"])
-def test_greedy_generation_with_cache_equals_generation_without(family, route):
-    model = routed_model(family)
+@pytest.mark.parametrize("sink", [0, 2])
+def test_greedy_generation_with_cache_equals_generation_without(family, route, sink):
+    model = routed_model(family, sink)
     ids = tokens()
     with aha.force_routing(model, route):
         cached = generate(model, ids)
