@@ -4,8 +4,8 @@ Stages (each one's result is cached in the output folder, so re-running resumes;
 training stops after the current step with a checkpoint):
 
 1. load the model (default: the offline SmolLM2-135M) and the built-in corpora;
-2. score the original model on held-out text: full attention, and pure sliding window at the demo's
-   window (perplexity and passkey retrieval);
+2. score the original model on held-out text: full attention, and local attention only (the demo's
+   sliding window plus its sink keys) (perplexity and passkey retrieval);
 3. convert it to AHA and fine-tune with a global-fraction target (:func:`aha.train.train`);
 4. evaluate the routed model (:func:`aha.evaluation.run_evaluation`: perplexity, routing
    statistics, passkey, plots, token view);
