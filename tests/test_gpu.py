@@ -97,9 +97,9 @@ def test_triton_decode_matches_reference_and_reads_only_the_window(dtype, batch,
         torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("sink", [1, 300])
-def test_decode_with_sink_matches_reference_on_cuda(sink):
-    """Triton decode has no sink keys; with a sink the SDPA decode path runs instead."""
+@pytest.mark.parametrize("sink", [1, 1500])
+def test_triton_decode_with_sink_matches_reference_and_reads_only_sink_and_window(sink):
+    """Sink keys: chunk 0 (and more for a long sink) besides the window's chunks; left padding shifts them."""
     q, k, v = random_inputs(2, 8, 2, 1, 3000, torch.float32)
     route = torch.rand(2, 8, 1, device="cuda") < 0.3
     kpm = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
@@ -107,6 +107,14 @@ def test_decode_with_sink_matches_reference_on_cuda(sink):
     out = aha_attention(q, k, v, route, 256, key_padding_mask=kpm, sink=sink)
     expected = aha_attention(q, k, v, route, 256, impl="reference", key_padding_mask=kpm, sink=sink)
     torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+    local_only = torch.zeros_like(route)
+    clean = aha_attention(q, k, v, local_only, 256, key_padding_mask=kpm, sink=sink)
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    for row, first in enumerate((500, 0)):  # keys between the sink and the window are never read
+        k_poisoned[row, :, first + sink : 3000 - 256] = float("nan")
+        v_poisoned[row, :, first + sink : 3000 - 256] = float("nan")
+    poisoned = aha_attention(q, k_poisoned, v_poisoned, local_only, 256, key_padding_mask=kpm, sink=sink)
+    torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

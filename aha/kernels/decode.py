@@ -4,7 +4,7 @@ Local heads read only the last ``window`` keys of the cache (and the ``sink`` fi
 global heads read the whole cache.
 Out-of-window keys are never touched for local heads. On CPU the C++ kernel does this in one
 call (split-KV over threads, bf16 read as bf16); on CUDA a Triton split-KV kernel does
-(:mod:`aha.kernels.triton_decode`, without sink keys). Elsewhere, or without either, local heads take one SDPA call
+(:mod:`aha.kernels.triton_decode`). Elsewhere, or without either, local heads take one SDPA call
 over a slice view of the window and global heads one SDPA call per (batch, KV head) that has a
 global query head.
 """
@@ -42,10 +42,10 @@ def decode_attention(
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         assert starts is not None  # cpp_supports checked it
         return kernel_attention(q, k, v, route, window, scale, starts, sink)
-    if triton_decode is not None and sink == 0 and triton_decode_available(q):
+    if triton_decode is not None and triton_decode_available(q):
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         if starts is not None:  # real keys are one contiguous run
-            return triton_decode(q, k, v, route, window, scale, starts)
+            return triton_decode(q, k, v, route, window, scale, starts, sink)
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
