@@ -231,7 +231,7 @@ def headline_rows(baseline: dict[str, Any], evaluation: dict[str, Any]) -> list[
     local_routing = baseline["perplexity"]["modes"]["local"]["routing"]
     variants = [
         ("original model (full attention)", baseline, "full"),
-        (sliding_window_name(baseline["perplexity"]["window"], local_routing.get("sink", 0)), baseline, "local"),
+        (sliding_window_name(local_routing["window"], local_routing["sink"]), baseline, "local"),
         ("AHA: fine-tuned, learned routes", evaluation, "aha"),
         ("AHA model forced to full attention", evaluation, "full"),
     ]
@@ -337,7 +337,7 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         "",
         "## Training",
         "",
-        f"{training['steps']} steps of {s['seq_len']} tokens (window {s['window']}, sink keys {s.get('sink', 0)}, target global fraction "
+        f"{training['steps']} steps of {s['seq_len']} tokens (window {s['window']}, sink keys {s['sink']}, target global fraction "
         f"{s['target_global']}, distillation weight {s['distill']}, {_pct(s['passkey_mix'])} of the sequences passkey "
         "prompts with a haystack from the training corpora, never the essays); achieved global fraction on the last training batches: "
         f"{_pct(training['achieved_global_fraction_train'])}, final lambda {training['final_lambda']:.3g}.",

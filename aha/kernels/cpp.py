@@ -19,6 +19,7 @@ from torch import Tensor
 from aha.kernels._checks import AhaInputError
 from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
 from aha.kernels.gating import apply_route
+from aha.kernels.reference import first_key
 from aha.kernels.split import split_attention
 
 # Query rows per tile (measured on Zen 4, D = 64, w = 256, n = 4096 and 16384): a local tile of
@@ -39,13 +40,14 @@ def cpp_available() -> bool:
 def key_start(key_padding_mask: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
     """First real key per batch row ``[batch]`` int32, or None when a row's real keys are not
     one contiguous run (the kernel needs ``False* True* False*``: left and/or right padding)."""
-    if key_padding_mask is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
-    count = key_padding_mask.sum(1)
-    first = key_padding_mask.to(torch.uint8).argmax(1)
-    positions = torch.arange(key_padding_mask.shape[1], device=device)
-    run = (positions >= first[:, None]) & (positions < (first + count)[:, None])
-    return first.to(torch.int32) if torch.equal(run, key_padding_mask) else None
+    first = first_key(key_padding_mask, batch, device)
+    if key_padding_mask is not None:
+        count = key_padding_mask.sum(1)
+        positions = torch.arange(key_padding_mask.shape[1], device=device)
+        run = (positions >= first[:, None]) & (positions < (first + count)[:, None])
+        if not torch.equal(run, key_padding_mask):
+            return None
+    return first.to(torch.int32)
 
 
 def cpp_supports(q: Tensor, key_padding_mask: Tensor | None) -> bool:

@@ -27,6 +27,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from aha.kernels._checks import AhaInputError
 from aha.kernels.gating import apply_route
+from aha.kernels.reference import first_key
 
 BLOCK = 128
 
@@ -75,10 +76,7 @@ class SortedRoute:
         self.is_global = F.pad(hard.gather(-1, self.order), (0, padded - seq_q))
         position = (seq_kv - seq_q + self.order).to(torch.int32)
         self.position = F.pad(position, (0, padded - seq_q), value=-1)
-        start = torch.zeros(batch, dtype=torch.int32, device=device)
-        if key_padding_mask is not None:
-            start = key_padding_mask.to(torch.uint8).argmax(-1).to(torch.int32)  # first real key
-        start = start[:, None, None]
+        start = first_key(key_padding_mask, batch, device).to(torch.int32)[:, None, None]
         self.sink_end = start + sink
         lo = torch.where(self.is_global, start, torch.maximum(start, self.position - window + 1))
         # a query before the first real key still sees its own key (its output is zeroed later)

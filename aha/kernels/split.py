@@ -64,11 +64,11 @@ def band_attention(
     n_blocks = math.ceil(seq_q / block)
     span = block + window - 1
     first_query = seq_kv - seq_q
-    first_key = first_query - window + 1  # absolute position of column 0 of block 0
+    first_column = first_query - window + 1  # absolute position of column 0 of block 0
 
     def windows(t: Tensor) -> Tensor:
-        front = max(0, -first_key)
-        body = t[:, :, max(0, first_key) :]
+        front = max(0, -first_column)
+        body = t[:, :, max(0, first_column) :]
         back = n_blocks * block + window - 1 - front - body.shape[2]
         padded = F.pad(body, (0, 0, front, back))
         # [B, Hkv, n_blocks, span, D] view; blocks overlap in memory
@@ -82,37 +82,38 @@ def band_attention(
         .reshape(batch * kv_heads, n_blocks, group * block, dim)
     )
 
+    def per_kv_head(rows: Tensor) -> Tensor:
+        """A per-batch mask ``[B, n_blocks, block, keys]`` as ``[B * Hkv, n_blocks, group * block, keys]``."""
+        keys = rows.shape[-1]
+        return (
+            rows.repeat(1, 1, group, 1)[:, None]
+            .expand(batch, kv_heads, n_blocks, group * block, keys)
+            .reshape(batch * kv_heads, n_blocks, group * block, keys)
+        )
+
     device = q.device
     row = torch.arange(block, device=device)[:, None]
     col = torch.arange(span, device=device)[None, :]
     base = (col >= row) & (col <= row + window - 1)  # [block, span]
-    key_abs = first_key + torch.arange(n_blocks, device=device)[:, None] * block + col  # [n_blocks, span]
+    key_abs = first_column + torch.arange(n_blocks, device=device)[:, None] * block + col  # [n_blocks, span]
     own = (col == row + window - 1)[None]  # the query's own key
     if key_padding_mask is None:
         mask = base[None] & (key_abs >= 0)[:, None, :]  # [n_blocks, block, span]
         mask = mask.repeat(1, group, 1)[None]  # [1, n_blocks, group*block, span]
     else:
-        kpm = F.pad(key_padding_mask, (max(0, -first_key), 0), value=False)[:, max(0, first_key) :]
+        kpm = F.pad(key_padding_mask, (max(0, -first_column), 0), value=False)[:, max(0, first_column) :]
         kpm = F.pad(kpm, (0, n_blocks * block + window - 1 - kpm.shape[1]), value=False)
         key_ok = kpm.unfold(1, span, block)  # [B, n_blocks, span]
-        mask = base[None, None] & (key_ok[:, :, None, :] | own[None])  # [B, n_blocks, block, span]
-        mask = (
-            mask.repeat(1, 1, group, 1)[:, None]
-            .expand(batch, kv_heads, n_blocks, group * block, span)
-            .reshape(batch * kv_heads, n_blocks, group * block, span)
-        )
+        mask = per_kv_head(base[None, None] & (key_ok[:, :, None, :] | own[None]))
     if sink:
         k_sink, v_sink, sink_pos, sink_real = sink_keys(k, v, sink, key_padding_mask)
         query_abs = first_query + torch.arange(n_blocks * block, device=device).view(n_blocks, block)
         sink_mask = sink_real[:, None, None, :] & (sink_pos[:, None, None, :] <= query_abs[None, :, :, None] - window)
-        sink_mask = (
-            sink_mask.repeat(1, 1, group, 1)[:, None]
-            .expand(batch, kv_heads, n_blocks, group * block, sink)
-            .reshape(batch * kv_heads, n_blocks, group * block, sink)
+        mask = torch.cat([per_kv_head(sink_mask), mask.expand(batch * kv_heads, -1, -1, -1)], dim=-1)
+        kb, vb = (
+            torch.cat([t.reshape(batch * kv_heads, 1, sink, dim).expand(-1, n_blocks, -1, -1), blocks], dim=2)
+            for t, blocks in ((k_sink, kb), (v_sink, vb))
         )
-        mask = torch.cat([sink_mask, mask.expand(batch * kv_heads, -1, -1, -1)], dim=-1)
-        kb = torch.cat([k_sink.reshape(batch * kv_heads, 1, sink, dim).expand(-1, n_blocks, -1, -1), kb], dim=2)
-        vb = torch.cat([v_sink.reshape(batch * kv_heads, 1, sink, dim).expand(-1, n_blocks, -1, -1), vb], dim=2)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
     out = (
         out.view(batch, kv_heads, n_blocks, group, block, dim)

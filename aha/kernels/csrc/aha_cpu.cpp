@@ -756,15 +756,14 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t start = key_start[row / pb.q_heads];
     const int64_t lo = route[row] ? start : std::max<int64_t>(start, pos - pb.window + 1);
-    const int64_t sink_end = std::min(start + pb.sink, lo);  // sink keys the window misses
-    for (int64_t j0 = start; j0 < sink_end; j0 += kDecodeChunk) {
-      chunks.push_back({row, j0, std::min(sink_end, j0 + kDecodeChunk)});
-      costs.push_back(double(chunks.back().j1 - j0) + 64.0);
-    }
-    for (int64_t j0 = lo; j0 <= pos; j0 += kDecodeChunk) {
-      chunks.push_back({row, j0, std::min(pos + 1, j0 + kDecodeChunk)});
-      costs.push_back(double(chunks.back().j1 - j0) + 64.0);
-    }
+    auto add_chunks = [&](int64_t begin, int64_t end) {  // keys [begin, end)
+      for (int64_t j0 = begin; j0 < end; j0 += kDecodeChunk) {
+        chunks.push_back({row, j0, std::min(end, j0 + kDecodeChunk)});
+        costs.push_back(double(chunks.back().j1 - j0) + 64.0);
+      }
+    };
+    add_chunks(start, std::min(start + pb.sink, lo));  // the sink keys the window misses
+    add_chunks(lo, pos + 1);
   }
   std::fill(out, out + rows * D, from_float<T>(0.0f));  // rows that attend nothing (padded queries)
   std::fill(lse, lse + rows, kNegInf);
