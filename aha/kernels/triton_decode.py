@@ -8,7 +8,7 @@ chunk holds neither, so a local head touches at most ``window / CHUNK + 2`` chun
 and a global head all of them. Each live program writes its chunk's unnormalised output, running max and sum
 (flash-decoding); a second kernel merges the chunks with their log-sum-exp weights.
 
-Only imported where Triton is installed; :func:`triton_decode_available` says whether it can run
+Only imported where Triton is installed; :func:`triton_available` says whether it can run
 on given inputs (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, Triton's interpreter,
 handy for debugging the kernel without a GPU).
 """
@@ -112,8 +112,8 @@ def _merge_chunks(acc_ptr, max_ptr, sum_ptr, out_ptr, num_chunks, HEAD_DIM: tl.c
     tl.store(out_ptr + row * HEAD_DIM + dims, (acc / running_sum).to(out_ptr.dtype.element_ty))
 
 
-def triton_decode_available(q: Tensor) -> bool:
-    """Whether :func:`triton_decode` runs on ``q``'s device (CUDA, or any under the interpreter)."""
+def triton_available(q: Tensor) -> bool:
+    """Whether the Triton kernels (decode and prefill) run on ``q``: a CUDA tensor (any under the interpreter), head_dim a power of two >= 16."""
     head_dim = q.shape[-1]
     power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
     return power_of_two and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")

@@ -1,0 +1,115 @@
+"""The Triton prefill kernel (``impl="triton"``) against the reference.
+
+Runs on a CUDA device, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, with Triton
+installed); skipped elsewhere (CI installs no Triton). The interpreter mis-computes ``tl.dot`` on
+bf16 tensors, so bf16 runs on CUDA only.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aha import AhaInputError, aha_attention
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+        reason="needs a CUDA device (or TRITON_INTERPRET=1 for Triton's interpreter on CPU)",
+    ),
+]
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype=torch.float32, dim=64, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return tuple(
+        torch.randn(batch, heads, seq, dim, generator=gen, device=DEVICE, dtype=dtype)
+        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_kv), (kv_heads, seq_kv))
+    )
+
+
+def left_padding(batch, seq_kv, lengths):
+    return torch.arange(seq_kv, device=DEVICE)[None, :] >= (seq_kv - torch.tensor(lengths, device=DEVICE))[:, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, lengths, sink",
+    [
+        (1, 4, 2, 500, 500, 100, 0.1, None, 0),  # several local tiles, one or two global ones
+        (1, 2, 1, 300, 300, 16, 0.0, None, 100),  # all local: sink segment before each band
+        (1, 2, 1, 300, 300, 16, 1.0, None, 0),  # all global: every tile split
+        (2, 4, 4, 300, 777, 64, 0.5, (700, 777), 3),  # KV prefix, left padding, mixed tiles
+        (1, 2, 2, 130, 130, 500, 0.1, None, 0),  # window covers every key
+    ],
+)
+def test_triton_prefill_matches_reference(dtype, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, lengths, sink):
+    q, k, v = random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype)
+    route = torch.rand(batch, q_heads, seq_q, device=DEVICE) < rho
+    kpm = None if lengths is None else left_padding(batch, seq_kv, lengths)
+    out = aha_attention(q, k, v, route, window, impl="triton", key_padding_mask=kpm, sink=sink)
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    seq_q=st.integers(2, 200),
+    prefix=st.integers(0, 70),
+    window=st.integers(1, 150),
+    rho=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    padded=st.booleans(),
+    sink=st.sampled_from([0, 1, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_prefill_matches_reference_on_random_routes(batch, kv_heads, group, seq_q, prefix, window, rho, padded, sink, seed):
+    torch.manual_seed(seed)
+    seq_kv = seq_q + prefix
+    q, k, v = random_inputs(batch, kv_heads * group, kv_heads, seq_q, seq_kv, dim=16, seed=seed)
+    route = torch.rand(batch, kv_heads * group, seq_q, device=DEVICE) < rho
+    kpm = left_padding(batch, seq_kv, torch.randint(1, seq_kv + 1, (batch,)).tolist()) if padded else None
+    out = aha_attention(q, k, v, route, window, impl="triton", key_padding_mask=kpm, sink=sink)
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+def test_local_rows_never_read_keys_outside_the_sink_and_their_band(sink):
+    """Chunked prefill: 200 queries after a 1000-key prefix; local rows need keys from 1000 - window + 1 on."""
+    q, k, v = random_inputs(1, 4, 2, 200, 1200)
+    route = torch.zeros(1, 4, 200, dtype=torch.bool, device=DEVICE)
+    clean = aha_attention(q, k, v, route, 64, impl="triton", sink=sink)
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    k_poisoned[:, :, sink : 1000 - 63] = float("nan")
+    v_poisoned[:, :, sink : 1000 - 63] = float("nan")
+    poisoned = aha_attention(q, k_poisoned, v_poisoned, route, 64, impl="triton", sink=sink)
+    torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
+
+
+def test_soft_gate_mixes_the_branches():
+    q, k, v = random_inputs(1, 2, 1, 150, 150)
+    gate = torch.rand(1, 2, 150, device=DEVICE)
+    expected = aha_attention(q, k, v, gate, 20, impl="reference")
+    torch.testing.assert_close(aha_attention(q, k, v, gate, 20, impl="triton"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_errors_name_the_fix():
+    q, k, v = random_inputs(1, 2, 1, 64, 64)
+    route = torch.rand(1, 2, 64, device=DEVICE) < 0.5
+    with pytest.raises(AhaInputError, match="forward-only.*flex"):
+        aha_attention(q.requires_grad_(), k, v, route, 8, impl="triton")
+    holes = torch.ones(1, 64, dtype=torch.bool, device=DEVICE)
+    holes[0, 10] = False
+    with pytest.raises(AhaInputError, match="contiguous run.*flex"):
+        aha_attention(q.detach(), k, v, route, 8, impl="triton", key_padding_mask=holes)
