@@ -2,7 +2,8 @@
 
 bf16, B=1, 8 heads, head_dim 64, w=256, rho=0.07 at n = 16384 and 65536, against SDPA causal in
 the same process, timed with ``triton.testing.do_bench`` (median). Stage 1 sweeps tile sizes and
-warps at 8 splits; stage 2 sweeps the split count at the best tiles. Each configuration is checked
+warps at the default splitting; stage 2 sweeps the splits per tile and the split tiles per head
+at the best tiles. Each configuration is checked
 against flex before it is timed. Writes ``triton-tune.json`` into the output folder.
 
 Usage: python3 benchmarks/triton_tune.py [OUT_DIR]
@@ -21,6 +22,7 @@ from aha import aha_attention
 from aha.kernels import triton_prefill
 
 WINDOW, RHO, SEQ_LENS = 256, 0.07, (16384, 65536)
+SPLITTING = {"NUM_SPLITS": 8, "SPLIT_TILES": 16}
 
 
 def inputs(n: int) -> tuple[torch.Tensor, ...]:
@@ -63,12 +65,14 @@ def main() -> None:
         print(json.dumps({"sdpa_ms": sdpa_ms}), flush=True)
         rows = []
         for block_m, block_n, warps in itertools.product((64, 128), (32, 64, 128), (4, 8)):
-            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "NUM_SPLITS": 8, "NUM_STAGES": 3}
+            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "NUM_STAGES": 3, **SPLITTING}
             rows.append(time_config(config, cases, sdpa_ms))
         timed = [row for row in rows if "error" not in row]
         best = min(timed, key=lambda row: row[f"ms_{SEQ_LENS[-1]}"])
-        for splits in (4, 16, 32):
-            rows.append(time_config({**best_tiles(best), "NUM_SPLITS": splits}, cases, sdpa_ms))
+        for splits, split_tiles in itertools.product((4, 8, 16, 32), (8, 16, 32)):
+            splitting = {"NUM_SPLITS": splits, "SPLIT_TILES": split_tiles}
+            if splitting != SPLITTING:
+                rows.append(time_config({**best_tiles(best), **splitting}, cases, sdpa_ms))
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sdpa_ms": sdpa_ms, "rows": rows}
     (out_dir / "triton-tune.json").write_text(json.dumps(report, indent=1))
 

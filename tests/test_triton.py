@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from aha import AhaInputError, aha_attention
 
 pytest.importorskip("triton")
+from aha.kernels import triton_prefill  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -51,7 +52,12 @@ def left_padding(batch, seq_kv, lengths):
         (1, 2, 2, 130, 130, 500, 0.1, None, 0),  # window covers every key
     ],
 )
-def test_triton_prefill_matches_reference(dtype, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, lengths, sink):
+@pytest.mark.parametrize("split_tiles", [1, triton_prefill.SPLIT_TILES])
+def test_triton_prefill_matches_reference(
+    monkeypatch, split_tiles, dtype, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, lengths, sink
+):
+    """``split_tiles=1``: global tiles after a head's first run whole, as at high global fractions."""
+    monkeypatch.setattr(triton_prefill, "SPLIT_TILES", split_tiles)
     q, k, v = random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype)
     route = torch.rand(batch, q_heads, seq_q, device=DEVICE) < rho
     kpm = None if lengths is None else left_padding(batch, seq_kv, lengths)

@@ -6,10 +6,12 @@ reads one key range, the union of its rows' ranges, and masks per row inside it:
 
 * A tile of local rows reads the sink keys before its band, then its band (about
   ``BLOCK_M / (1 - rho) + window`` keys). One program computes it and writes its rows.
-* A tile that holds a global row reads a prefix of the keys. The prefix is split into
+* A tile that holds a global row reads a prefix of the keys. In the first :data:`SPLIT_TILES`
+  tiles of a head (the ones with the latest, longest-prefix global rows) the prefix is split into
   :data:`NUM_SPLITS` key ranges, one program each (split-KV, as in flash-decoding). The programs
   write unnormalised partial outputs with their row maxima and sums, and a second kernel merges
-  them with log-sum-exp weights.
+  them with log-sum-exp weights. Later global tiles (high global fractions) have parallelism
+  enough and run whole, like local tiles.
 
 Splitting matters on a GPU. With rho = 0.07 only a few tiles per head are global, each a long
 serial loop over the prefix, while the many local tiles finish at once. Unsplit, the global tiles
@@ -17,7 +19,8 @@ are the critical path (FlexAttention with the same sorted BlockMask measured 1.5
 on an H100 at n = 16384, ``benchmarks/RESULTS.md``). The split programs are launched first
 (longest work first). Local-tile programs follow. There is no ``BlockMask`` to build and no
 gather or scatter of q and the output: the kernels read q rows and write output rows through the
-sort order. One host sync reads the largest global count, to size the partials.
+sort order. The partials have a fixed size (``SPLIT_TILES`` tiles per head), so there is no host
+sync.
 
 Forward only (inference); training uses ``flex``. CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1`` (Triton's interpreter, for testing without a GPU).
@@ -38,7 +41,8 @@ from aha.kernels.triton_decode import triton_available
 # Launch configuration, not yet tuned on a GPU (benchmarks/triton_tune.py sweeps it there).
 BLOCK_M = 64  # sorted query rows per tile
 BLOCK_N = 64  # keys per inner iteration
-NUM_SPLITS = 8  # key ranges per global tile
+NUM_SPLITS = 8  # key ranges per split global tile
+SPLIT_TILES = 16  # tiles per head that are split when they hold a global row
 NUM_WARPS = 4
 NUM_STAGES = 3
 LOG2E = 1.4426950408889634
@@ -114,22 +118,22 @@ def _attend_range(
 @triton.jit
 def _prefill_tiles(
     q_ptr, k_ptr, v_ptr, out_ptr, order_ptr, n_global_ptr, first_key_ptr, acc_ptr, max_ptr, sum_ptr,
-    seq_q, seq_kv, window, sink, scale_log2e, q_heads, group, heads_total, global_tiles,
+    seq_q, seq_kv, window, sink, scale_log2e, q_heads, group, heads_total, split_tiles,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per (global tile, split) first, then one per local tile; tile-major, so the
+    """One program per (split tile, split) first, then one per whole tile; tile-major, so the
     first tiles of every head start before the second ones."""
     work = tl.program_id(0)
-    split_work = global_tiles * heads_total * NUM_SPLITS
+    split_work = split_tiles * heads_total * NUM_SPLITS
     is_split = work < split_work
     split = work % NUM_SPLITS  # read by split programs only
-    local_work = work - split_work
-    head_row = tl.where(is_split, (work // NUM_SPLITS) % heads_total, local_work % heads_total)
-    tile = tl.where(is_split, work // (NUM_SPLITS * heads_total), local_work // heads_total)
+    whole_work = work - split_work
+    head_row = tl.where(is_split, (work // NUM_SPLITS) % heads_total, whole_work % heads_total)
+    tile = tl.where(is_split, work // (NUM_SPLITS * heads_total), whole_work // heads_total)
     n_global = tl.load(n_global_ptr + head_row)
-    if (tile * BLOCK_M < n_global) != is_split:  # the other kind of program computes this tile
+    if ((tile < split_tiles) & (tile * BLOCK_M < n_global)) != is_split:  # the other kind of program computes it
         return
     batch = head_row // q_heads
     head = head_row % q_heads
@@ -167,12 +171,12 @@ def _prefill_tiles(
             position, is_global, first_key, sink_end, window, scale_log2e, acc, row_max, row_sum,
             HEAD_DIM, BLOCK_N, PRECISION,
         )  # fmt: skip
-        slot_rows = ((head_row * global_tiles + tile) * NUM_SPLITS + split) * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot_rows = ((head_row * split_tiles + tile) * NUM_SPLITS + split) * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(acc_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], acc)
         tl.store(max_ptr + slot_rows, row_max)
         tl.store(sum_ptr + slot_rows, row_sum)
     else:
-        # the sink keys before the band (none when the band reaches them), then the band
+        # the sink keys before the band (none when the band reaches them, or for a global tile), then the band
         acc, row_max, row_sum = _attend_keys(
             q, k_base, v_base, stride_kn, stride_vn, first_key, tl.minimum(sink_end, tile_lo), position, is_global,
             first_key, sink_end, window, scale_log2e, acc, row_max, row_sum, HEAD_DIM, BLOCK_N, PRECISION, True,
@@ -188,10 +192,10 @@ def _prefill_tiles(
 
 @triton.jit
 def _merge_splits(
-    acc_ptr, max_ptr, sum_ptr, out_ptr, order_ptr, n_global_ptr, seq_q, heads_total, global_tiles,
+    acc_ptr, max_ptr, sum_ptr, out_ptr, order_ptr, n_global_ptr, seq_q, heads_total, split_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """One program per global tile: merge its splits' partials and write its rows."""
+    """One program per split tile: merge its splits' partials and write its rows (tiles without a global row exit)."""
     work = tl.program_id(0)
     head_row = work % heads_total
     tile = work // heads_total
@@ -199,7 +203,7 @@ def _merge_splits(
         return
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    first_slot = (head_row * global_tiles + tile) * NUM_SPLITS
+    first_slot = (head_row * split_tiles + tile) * NUM_SPLITS
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in tl.static_range(NUM_SPLITS):
         row_max = tl.maximum(row_max, tl.load(max_ptr + (first_slot + split) * BLOCK_M + rows))
@@ -230,24 +234,24 @@ def triton_prefill(
     order = torch.argsort(torch.where(hard, -1 - positions, positions), dim=-1).to(torch.int32)
     n_global = hard.sum(-1, dtype=torch.int32).flatten()
     heads_total = batch * q_heads
-    global_tiles = triton.cdiv(int(n_global.max()), BLOCK_M)  # the host sync
-    slots = max(1, global_tiles * heads_total * NUM_SPLITS * BLOCK_M)
+    q_tiles = triton.cdiv(seq_q, BLOCK_M)
+    split_tiles = min(SPLIT_TILES, q_tiles)
+    slots = split_tiles * heads_total * NUM_SPLITS * BLOCK_M
     partials = torch.empty(slots * (head_dim + 2), dtype=torch.float32, device=q.device)
     acc, row_max, row_sum = partials.split([slots * head_dim, slots, slots])
     out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=q.dtype, device=q.device)
-    programs = global_tiles * heads_total * NUM_SPLITS + heads_total * triton.cdiv(seq_q, BLOCK_M)
+    programs = split_tiles * heads_total * NUM_SPLITS + heads_total * q_tiles
     _prefill_tiles[(programs,)](
         q, k, v, out, order, n_global, first_key, acc, row_max, row_sum,
-        seq_q, seq_kv, window, sink, scale * LOG2E, q_heads, q_heads // k.shape[1], heads_total, global_tiles,
+        seq_q, seq_kv, window, sink, scale * LOG2E, q_heads, q_heads // k.shape[1], heads_total, split_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_SPLITS=NUM_SPLITS,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
-    if global_tiles:
-        _merge_splits[(global_tiles * heads_total,)](
-            acc, row_max, row_sum, out, order, n_global, seq_q, heads_total, global_tiles,
-            HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, NUM_SPLITS=NUM_SPLITS,
-        )  # fmt: skip
+    _merge_splits[(split_tiles * heads_total,)](
+        acc, row_max, row_sum, out, order, n_global, seq_q, heads_total, split_tiles,
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, NUM_SPLITS=NUM_SPLITS,
+    )  # fmt: skip
     return out
 
 
