@@ -1,4 +1,4 @@
-"""GPU paths (FlexAttention prefill/training, Triton decode, a converted model) against the reference.
+"""GPU paths (FlexAttention prefill/training, a converted model) against the reference; the Triton kernels are in test_triton.py.
 
 Skipped where there is no CUDA device (CI); run on a GPU machine with ``pytest -m gpu``.
 """
@@ -70,51 +70,6 @@ def test_flex_backward_with_the_ste_gate_matches_reference(dtype, sink):
     tol = TOLERANCE[dtype]
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)  # sums over 500 keys
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, seq_kv, window", [(2, 8, 2, 5000, 256), (3, 4, 4, 100, 256), (1, 6, 3, 2100, 1)]
-)
-def test_triton_decode_matches_reference_and_reads_only_the_window(dtype, batch, q_heads, kv_heads, seq_kv, window):
-    q, k, v = random_inputs(batch, q_heads, kv_heads, 1, seq_kv, dtype)
-    route = torch.rand(batch, q_heads, 1, device="cuda") < 0.3
-    kpm = torch.ones(batch, seq_kv, dtype=torch.bool, device="cuda")
-    kpm[0, : seq_kv // 3] = False  # left padding
-    assert choose_impl(q, k, route, window, kpm) == "decode"
-    out = aha_attention(q, k, v, route, window, key_padding_mask=kpm)
-    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm)
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
-    # keys outside a local head's window are never read: poisoning them changes nothing there
-    if window < seq_kv:
-        k_poisoned, v_poisoned = k.clone(), v.clone()
-        k_poisoned[:, :, : seq_kv - window] = float("nan")
-        v_poisoned[:, :, : seq_kv - window] = float("nan")
-        local_only = torch.zeros_like(route)
-        poisoned = aha_attention(q, k_poisoned, v_poisoned, local_only, window, key_padding_mask=kpm)
-        clean = aha_attention(q, k, v, local_only, window, key_padding_mask=kpm)
-        torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("sink", [1, 1500])
-def test_triton_decode_with_sink_matches_reference_and_reads_only_sink_and_window(sink):
-    """Sink keys: chunk 0 (and more for a long sink) besides the window's chunks; left padding shifts them."""
-    q, k, v = random_inputs(2, 8, 2, 1, 3000, torch.float32)
-    route = torch.rand(2, 8, 1, device="cuda") < 0.3
-    kpm = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
-    kpm[0, :500] = False
-    out = aha_attention(q, k, v, route, 256, key_padding_mask=kpm, sink=sink)
-    expected = aha_attention(q, k, v, route, 256, impl="reference", key_padding_mask=kpm, sink=sink)
-    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
-    local_only = torch.zeros_like(route)
-    clean = aha_attention(q, k, v, local_only, 256, key_padding_mask=kpm, sink=sink)
-    k_poisoned, v_poisoned = k.clone(), v.clone()
-    for row, first in enumerate((500, 0)):  # keys between the sink and the window are never read
-        k_poisoned[row, :, first + sink : 3000 - 256] = float("nan")
-        v_poisoned[row, :, first + sink : 3000 - 256] = float("nan")
-    poisoned = aha_attention(q, k_poisoned, v_poisoned, local_only, 256, key_padding_mask=kpm, sink=sink)
-    torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -1,8 +1,8 @@
-"""The Triton prefill kernel (``impl="triton"``) against the reference.
+"""The Triton kernels (prefill: ``impl="triton"``; decode) against the reference.
 
-Runs on a CUDA device, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, with Triton
-installed); skipped elsewhere (CI installs no Triton). The interpreter mis-computes ``tl.dot`` on
-bf16 tensors, so bf16 runs on CUDA only.
+Runs on a CUDA device, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, which
+``conftest.py`` sets where there is no GPU; the test extra installs Triton on Linux x86-64).
+The interpreter mis-computes ``tl.dot`` on bf16 tensors, so bf16 prefill runs on CUDA only.
 """
 
 import os
@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from aha import AhaInputError, aha_attention
 
 pytest.importorskip("triton")
-from aha.kernels import triton_prefill  # noqa: E402
+from aha.kernels import choose_impl, triton_prefill  # noqa: E402
+from aha.kernels.cpp import key_start  # noqa: E402
+from aha.kernels.triton_decode import triton_decode  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -119,3 +121,34 @@ def test_errors_name_the_fix():
     holes[0, 10] = False
     with pytest.raises(AhaInputError, match="contiguous run.*flex"):
         aha_attention(q.detach(), k, v, route, 8, impl="triton", key_padding_mask=holes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, seq_kv, window, sink",
+    [(2, 8, 2, 5000, 256, 0), (3, 4, 4, 100, 256, 0), (1, 6, 3, 2100, 1, 0), (2, 8, 2, 3000, 256, 1), (2, 4, 2, 3000, 256, 1500)],
+)
+def test_triton_decode_matches_reference_and_reads_only_the_sink_and_window(dtype, batch, q_heads, kv_heads, seq_kv, window, sink):
+    """Called directly (on CPU the dispatcher gives decode steps to the C++ kernel), and on CUDA through the dispatcher."""
+    q, k, v = random_inputs(batch, q_heads, kv_heads, 1, seq_kv, dtype)
+    route = torch.rand(batch, q_heads, 1, device=DEVICE) < 0.3
+    kpm = left_padding(batch, seq_kv, [seq_kv - seq_kv // 3] + [seq_kv] * (batch - 1))
+    first_key = key_start(kpm, batch, q.device)
+    scale = 64**-0.5
+
+    def decode(k, v, route):
+        out = triton_decode(q, k, v, route, window, scale, first_key, sink)
+        return out.masked_fill(~kpm[:, None, -1:, None], 0.0)  # as aha_attention does for padded queries
+
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
+    torch.testing.assert_close(decode(k, v, route), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    if DEVICE == "cuda":  # where the dispatcher itself picks this kernel
+        assert choose_impl(q, k, route, window, kpm) == "decode"
+        dispatched = aha_attention(q, k, v, route, window, key_padding_mask=kpm, sink=sink)
+        torch.testing.assert_close(dispatched, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    local_only = torch.zeros_like(route)
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    for row, first in enumerate(first_key.tolist()):  # keys between the sink and the window are never read
+        k_poisoned[row, :, first + sink : seq_kv - window] = float("nan")
+        v_poisoned[row, :, first + sink : seq_kv - window] = float("nan")
+    torch.testing.assert_close(decode(k_poisoned, v_poisoned, local_only), decode(k, v, local_only), atol=0, rtol=0)

@@ -42,7 +42,7 @@ def decode_attention(
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         assert starts is not None  # cpp_supports checked it
         return kernel_attention(q, k, v, route, window, scale, starts, sink)
-    if triton_decode is not None and triton_available(q):
+    if triton_decode is not None and q.is_cuda and triton_available(q):
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         if starts is not None:  # real keys are one contiguous run
             return triton_decode(q, k, v, route, window, scale, starts, sink)

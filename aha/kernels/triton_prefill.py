@@ -116,6 +116,14 @@ def _attend_range(
 
 
 @triton.jit
+def _store_rows(out_ptr, head_row, seq_q, order, row_valid, acc, row_sum, HEAD_DIM: tl.constexpr):
+    """Normalise a tile's rows and write them to their original positions ``order`` (padding rows: nothing)."""
+    out = acc / tl.where(row_valid, row_sum, 1.0)[:, None]
+    out_rows = out_ptr + (head_row * seq_q + order)[:, None] * HEAD_DIM
+    tl.store(out_rows + tl.arange(0, HEAD_DIM)[None, :], out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
 def _prefill_tiles(
     q_ptr, k_ptr, v_ptr, out_ptr, order_ptr, n_global_ptr, first_key_ptr, acc_ptr, max_ptr, sum_ptr,
     seq_q, seq_kv, window, sink, scale_log2e, q_heads, group, heads_total, split_tiles,
@@ -186,8 +194,7 @@ def _prefill_tiles(
             position, is_global, first_key, sink_end, window, scale_log2e, acc, row_max, row_sum,
             HEAD_DIM, BLOCK_N, PRECISION,
         )  # fmt: skip
-        out_rows = out_ptr + (head_row * seq_q + order)[:, None] * HEAD_DIM
-        tl.store(out_rows + dims[None, :], (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        _store_rows(out_ptr, head_row, seq_q, order, row_valid, acc, row_sum, HEAD_DIM)
 
 
 @triton.jit
@@ -207,6 +214,7 @@ def _merge_splits(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in tl.static_range(NUM_SPLITS):
         row_max = tl.maximum(row_max, tl.load(max_ptr + (first_slot + split) * BLOCK_M + rows))
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # padding rows: every split empty
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for split in tl.static_range(NUM_SPLITS):
@@ -217,8 +225,7 @@ def _merge_splits(
     sorted_rows = tile * BLOCK_M + rows
     row_valid = sorted_rows < seq_q
     order = tl.load(order_ptr + head_row * seq_q + sorted_rows, mask=row_valid, other=0)
-    out_rows = out_ptr + (head_row * seq_q + order)[:, None] * HEAD_DIM
-    tl.store(out_rows + dims[None, :], (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    _store_rows(out_ptr, head_row, seq_q, order, row_valid, acc, row_sum, HEAD_DIM)
 
 
 def triton_prefill(
