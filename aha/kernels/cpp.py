@@ -18,7 +18,7 @@ from torch import Tensor
 
 from aha.kernels._checks import AhaInputError
 from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
-from aha.kernels.gating import apply_route
+from aha.kernels.gating import apply_route_with_kernel
 from aha.kernels.reference import first_key
 from aha.kernels.split import split_attention
 
@@ -119,11 +119,6 @@ def cpp_attention(
     starts = key_start(key_padding_mask, q.shape[0], q.device)
     if q.dtype not in KERNEL_DTYPES or starts is None:
         return split_attention(q, k, v, route, window, scale, key_padding_mask, sink)
-    every = torch.ones(route.shape, dtype=torch.bool, device=q.device)
-    return apply_route(
-        route,
-        window >= k.shape[2],
-        routed=lambda hard: kernel_attention(q, k, v, hard, window, scale, starts, sink),
-        full=lambda: kernel_attention(q, k, v, every, window, scale, starts),
-        local=lambda: kernel_attention(q, k, v, ~every, window, scale, starts, sink),
+    return apply_route_with_kernel(
+        route, window >= k.shape[2], lambda hard, sink: kernel_attention(q, k, v, hard, window, scale, starts, sink), sink
     )

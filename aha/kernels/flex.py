@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from aha.kernels._checks import AhaInputError
-from aha.kernels.gating import apply_route
+from aha.kernels.gating import apply_route_with_kernel
 from aha.kernels.reference import first_key
 
 BLOCK = 128
@@ -207,11 +207,6 @@ def flex_attention_aha(
             "impl='flex' has no backward on CPU (FlexAttention in torch 2.13 is forward-only there); "
             "use impl='cpp' or impl='auto' for training, or run under torch.no_grad()"
         )
-    every = torch.ones(route.shape, dtype=torch.bool, device=q.device)
-    return apply_route(
-        route,
-        window >= k.shape[2],
-        routed=lambda hard: flex_routed(q, k, v, hard, window, scale, key_padding_mask, sink),
-        full=lambda: flex_routed(q, k, v, every, window, scale, key_padding_mask),
-        local=lambda: flex_routed(q, k, v, ~every, window, scale, key_padding_mask, sink),
+    return apply_route_with_kernel(
+        route, window >= k.shape[2], lambda hard, sink: flex_routed(q, k, v, hard, window, scale, key_padding_mask, sink), sink
     )

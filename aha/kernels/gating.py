@@ -49,3 +49,19 @@ def apply_route(
         g = route[..., None].to(out.dtype)
         out = out + (g - g.detach()) * branch_gap
     return out
+
+
+def apply_route_with_kernel(
+    route: Tensor, window_covers_keys: bool, routed: Callable[[Tensor, int], Tensor], sink: int
+) -> Tensor:
+    """:func:`apply_route` for an implementation whose routed kernel also computes the dense
+    branches: ``routed(hard, sink)`` on the route itself, on an all-global route (full attention,
+    no sink) and on an all-local route (sliding window)."""
+    every = torch.ones(route.shape, dtype=torch.bool, device=route.device)
+    return apply_route(
+        route,
+        window_covers_keys,
+        routed=lambda hard: routed(hard, sink),
+        full=lambda: routed(every, 0),
+        local=lambda: routed(~every, sink),
+    )

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from aha.kernels._checks import AhaInputError
 from aha.kernels.cpp import key_start
-from aha.kernels.gating import apply_route
+from aha.kernels.gating import apply_route_with_kernel
 from aha.kernels.triton_decode import triton_available
 
 # Launch configuration, not yet tuned on a GPU (benchmarks/triton_tune.py sweeps it there).
@@ -289,11 +289,6 @@ def triton_attention(
             "impl='triton' needs each row's real keys to be one contiguous run (left or right padding); "
             "use impl='flex' for a key_padding_mask with holes"
         )
-    every = torch.ones(route.shape, dtype=torch.bool, device=q.device)
-    return apply_route(
-        route,
-        window >= k.shape[2],
-        routed=lambda hard: triton_prefill(q, k, v, hard, window, scale, first_key, sink),
-        full=lambda: triton_prefill(q, k, v, every, window, scale, first_key),
-        local=lambda: triton_prefill(q, k, v, ~every, window, scale, first_key, sink),
+    return apply_route_with_kernel(
+        route, window >= k.shape[2], lambda hard, sink: triton_prefill(q, k, v, hard, window, scale, first_key, sink), sink
     )
