@@ -1,46 +1,24 @@
 """The Triton kernels (prefill: ``impl="triton"``; decode) against the reference.
 
-Runs on a CUDA device, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, which
-``conftest.py`` sets where there is no GPU; the test extra installs Triton on Linux x86-64).
-The interpreter mis-computes ``tl.dot`` on bf16 tensors, so bf16 prefill runs on CUDA only.
+Runs on a CUDA device, or on CPU under Triton's interpreter (see ``triton_support``). The
+interpreter mis-computes ``tl.dot`` on bf16 tensors, so bf16 prefill runs on CUDA only. The
+hypothesis property test is in ``test_triton_properties.py`` (GPU images may lack hypothesis).
 """
-
-import os
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from aha import AhaInputError, aha_attention
 
 pytest.importorskip("triton")
+from triton_support import DEVICE, TOLERANCE, left_padding, needs_a_triton_device, random_inputs  # noqa: E402
+
 from aha.kernels import choose_impl, triton_prefill  # noqa: E402
 from aha.kernels.cpp import key_start  # noqa: E402
 from aha.kernels.triton_decode import triton_decode  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-        reason="needs a CUDA device (or TRITON_INTERPRET=1 for Triton's interpreter on CPU)",
-    ),
-]
+pytestmark = needs_a_triton_device
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-
-
-def random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype=torch.float32, dim=64, seed=0):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    return tuple(
-        torch.randn(batch, heads, seq, dim, generator=gen, device=DEVICE, dtype=dtype)
-        for heads, seq in ((q_heads, seq_q), (kv_heads, seq_kv), (kv_heads, seq_kv))
-    )
-
-
-def left_padding(batch, seq_kv, lengths):
-    return torch.arange(seq_kv, device=DEVICE)[None, :] >= (seq_kv - torch.tensor(lengths, device=DEVICE))[:, None]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -66,30 +44,6 @@ def test_triton_prefill_matches_reference(
     out = aha_attention(q, k, v, route, window, impl="triton", key_padding_mask=kpm, sink=sink)
     expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
     torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    batch=st.integers(1, 2),
-    kv_heads=st.integers(1, 2),
-    group=st.sampled_from([1, 2]),
-    seq_q=st.integers(2, 200),
-    prefix=st.integers(0, 70),
-    window=st.integers(1, 150),
-    rho=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
-    padded=st.booleans(),
-    sink=st.sampled_from([0, 1, 4]),
-    seed=st.integers(0, 2**16),
-)
-def test_triton_prefill_matches_reference_on_random_routes(batch, kv_heads, group, seq_q, prefix, window, rho, padded, sink, seed):
-    torch.manual_seed(seed)
-    seq_kv = seq_q + prefix
-    q, k, v = random_inputs(batch, kv_heads * group, kv_heads, seq_q, seq_kv, dim=16, seed=seed)
-    route = torch.rand(batch, kv_heads * group, seq_q, device=DEVICE) < rho
-    kpm = left_padding(batch, seq_kv, torch.randint(1, seq_kv + 1, (batch,)).tolist()) if padded else None
-    out = aha_attention(q, k, v, route, window, impl="triton", key_padding_mask=kpm, sink=sink)
-    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("sink", [0, 2])
