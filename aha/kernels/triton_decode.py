@@ -56,7 +56,7 @@ def _decode_chunks(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     HEAD_DIM: tl.constexpr, CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # batch * q_heads + head
+    row = tl.program_id(0).to(tl.int64)  # batch * q_heads + head; int64: cache offsets pass 2**31 elements
     chunk = tl.program_id(1)
     batch = row // q_heads
     head = row % q_heads

@@ -140,6 +140,7 @@ def _prefill_tiles(
     whole_work = work - split_work
     head_row = tl.where(is_split, (work // NUM_SPLITS) % heads_total, whole_work % heads_total)
     tile = tl.where(is_split, work // (NUM_SPLITS * heads_total), whole_work // heads_total)
+    head_row = head_row.to(tl.int64)  # offsets from it pass 2**31 elements in large batches
     n_global = tl.load(n_global_ptr + head_row)
     if ((tile < split_tiles) & (tile * BLOCK_M < n_global)) != is_split:  # the other kind of program computes it
         return
@@ -204,7 +205,7 @@ def _merge_splits(
 ):  # fmt: skip
     """One program per split tile: merge its splits' partials and write its rows (tiles without a global row exit)."""
     work = tl.program_id(0)
-    head_row = work % heads_total
+    head_row = (work % heads_total).to(tl.int64)
     tile = work // heads_total
     if tile * BLOCK_M >= tl.load(n_global_ptr + head_row):
         return
