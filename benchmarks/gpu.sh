@@ -3,7 +3,7 @@
 #   tests    the CUDA tests: FlexAttention prefill/training, the Triton prefill and decode kernels, a converted model
 #   prefill  whether flex's whole-graph compile works, then `aha bench` prefill with flex and triton side by side
 #   tune     the Triton prefill launch-configuration sweep (benchmarks/triton_tune.py)
-#   train    `aha bench` forward+backward and peak memory
+#   train    `aha bench` forward+backward (flex and triton) and peak memory
 #   decode   `aha bench` decode step at batch 16
 # Needs a CUDA machine whose python3 has torch, triton and transformers; runs from the repository
 # root without installing aha.
@@ -37,8 +37,8 @@ if wanted tune; then
     python3 benchmarks/triton_tune.py "$out" 2>&1 | tee "$out/triton-tune.log"
 fi
 if wanted train; then
-    python3 -m aha.cli bench --parts train,memory --dtype bfloat16 --train-n 4096,16384 --memory-n 65536 --rounds 3 \
-        --out "$out" 2>&1 | tee "$out/gpu-bench-train.log"
+    python3 -m aha.cli bench --parts train,memory --impl flex,triton --dtype bfloat16 --train-n 4096,16384 \
+        --memory-n 65536 --rounds 3 --out "$out" 2>&1 | tee "$out/gpu-bench-train.log"
 fi
 if wanted decode; then
     python3 -m aha.cli bench --parts decode --dtype bfloat16 --batch 16 --decode-n 4096,16384,65536 --rounds 3 \

@@ -1,4 +1,4 @@
-"""The Triton kernels (prefill: ``impl="triton"``; decode) against the reference.
+"""The Triton kernels (``impl="triton"``: forward and backward; decode) against the reference.
 
 Runs on a CUDA device, or on CPU under Triton's interpreter (see ``triton_support``). The
 interpreter mis-computes ``tl.dot`` on bf16 tensors, so bf16 prefill runs on CUDA only. The
@@ -36,14 +36,21 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 def test_triton_prefill_matches_reference(
     monkeypatch, split_tiles, dtype, batch, q_heads, kv_heads, seq_q, seq_kv, window, rho, lengths, sink
 ):
-    """``split_tiles=1``: global tiles after a head's first run whole, as at high global fractions."""
+    """Output and q/k/v gradients. ``split_tiles=1``: global tiles after a head's first run whole
+    (as at high global fractions), in the forward and in the dq kernel."""
     monkeypatch.setattr(triton_prefill, "SPLIT_TILES", split_tiles)
-    q, k, v = random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype)
+    q, k, v = (t.requires_grad_() for t in random_inputs(batch, q_heads, kv_heads, seq_q, seq_kv, dtype))
     route = torch.rand(batch, q_heads, seq_q, device=DEVICE) < rho
     kpm = None if lengths is None else left_padding(batch, seq_kv, lengths)
-    out = aha_attention(q, k, v, route, window, impl="triton", key_padding_mask=kpm, sink=sink)
-    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
-    torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    grad_out = torch.randn_like(q)
+    results = []
+    for impl in ["triton", "reference"]:
+        out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm, sink=sink)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(results[0][0], results[1][0], atol=tol, rtol=tol)
+    for got, want in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol * 10)  # sums over hundreds of keys
 
 
 @pytest.mark.parametrize("sink", [0, 2])
@@ -66,15 +73,26 @@ def test_soft_gate_mixes_the_branches():
     torch.testing.assert_close(aha_attention(q, k, v, gate, 20, impl="triton"), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_errors_name_the_fix():
+def test_straight_through_gate_gets_the_branch_difference_and_qkv_their_gradients():
+    """Training: a binary float gate that requires grad (the STE's forward values), with a sink."""
+    q, k, v = (t.requires_grad_() for t in random_inputs(1, 4, 2, 200, 200))
+    gate = (torch.rand(1, 4, 200, device=DEVICE) < 0.2).float().requires_grad_()
+    grad_out = torch.randn_like(q)
+    results = []
+    for impl in ["triton", "reference"]:
+        out = aha_attention(q, k, v, gate, 24, impl=impl, sink=1)
+        results.append(torch.autograd.grad(out, (q, k, v, gate), grad_out))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_padding_mask_with_holes_names_the_fix():
     q, k, v = random_inputs(1, 2, 1, 64, 64)
     route = torch.rand(1, 2, 64, device=DEVICE) < 0.5
-    with pytest.raises(AhaInputError, match="forward-only.*flex"):
-        aha_attention(q.requires_grad_(), k, v, route, 8, impl="triton")
     holes = torch.ones(1, 64, dtype=torch.bool, device=DEVICE)
     holes[0, 10] = False
     with pytest.raises(AhaInputError, match="contiguous run.*flex"):
-        aha_attention(q.detach(), k, v, route, 8, impl="triton", key_padding_mask=holes)
+        aha_attention(q, k, v, route, 8, impl="triton", key_padding_mask=holes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,16 +17,22 @@ import pytest
 
 CAPABILITIES = [80, 90]
 DTYPES = ["fp32", "bf16"]
-KERNEL_NAMES = ["prefill", "merge", "decode"]
+KERNEL_NAMES = ["prefill", "merge", "dq", "dkdv", "decode"]
 POINTER_TYPES = {
     "route_ptr": "u8",
     "order_ptr": "i32",
     "n_global_ptr": "i32",
     "first_key_ptr": "i32",
+    "tile_lo_ptr": "i32",
+    "tile_hi_ptr": "i32",
     "acc_ptr": "fp32",
     "max_ptr": "fp32",
     "sum_ptr": "fp32",
-}  # q, k, v and out pointers take the input dtype
+    "lse_ptr": "fp32",
+    "delta_ptr": "fp32",
+    "dq_ptr": "fp32",
+}  # q, k, v, out, do, dk and dv pointers take the input dtype
+FLOAT_ARGUMENTS = ("scale", "scale_log2e")
 
 
 def signature(kernel, dtype: str) -> dict[str, str]:
@@ -37,7 +43,7 @@ def signature(kernel, dtype: str) -> dict[str, str]:
         elif name.isupper():
             types[name] = "constexpr"
         else:
-            types[name] = "fp32" if name == "scale_log2e" else "i32"
+            types[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
     return types
 
 
@@ -49,9 +55,12 @@ def compile_all() -> dict[str, str]:
 
     from aha.kernels import triton_decode, triton_prefill
 
+    tiles = {"BLOCK_M": triton_prefill.BLOCK_M, "BLOCK_N": triton_prefill.BLOCK_N}
     kernels = {
-        "prefill": (triton_prefill._prefill_tiles, {"BLOCK_M": triton_prefill.BLOCK_M, "BLOCK_N": triton_prefill.BLOCK_N, "NUM_SPLITS": triton_prefill.NUM_SPLITS}),
+        "prefill": (triton_prefill._prefill_tiles, {**tiles, "NUM_SPLITS": triton_prefill.NUM_SPLITS}),
         "merge": (triton_prefill._merge_splits, {"BLOCK_M": triton_prefill.BLOCK_M, "NUM_SPLITS": triton_prefill.NUM_SPLITS}),
+        "dq": (triton_prefill._dq_tiles, {**tiles, "NUM_SPLITS": triton_prefill.NUM_SPLITS}),
+        "dkdv": (triton_prefill._dkdv_blocks, tiles),
         "decode": (triton_decode._decode_chunks, {"CHUNK_SIZE": triton_decode.CHUNK, "BLOCK": triton_decode.BLOCK_N}),
     }
     results = {}

@@ -1,4 +1,4 @@
-"""Property test of the Triton prefill kernel against the reference on random shapes and routes."""
+"""Property test of the Triton attention kernels (output and q/k/v gradients) against the reference on random shapes and routes."""
 
 import pytest
 import torch
@@ -33,6 +33,12 @@ def test_triton_prefill_matches_reference_on_random_routes(batch, kv_heads, grou
     q, k, v = random_inputs(batch, kv_heads * group, kv_heads, seq_q, seq_kv, dim=16, seed=seed)
     route = torch.rand(batch, kv_heads * group, seq_q, device=DEVICE) < rho
     kpm = left_padding(batch, seq_kv, torch.randint(1, seq_kv + 1, (batch,)).tolist()) if padded else None
-    out = aha_attention(q, k, v, route, window, impl="triton", key_padding_mask=kpm, sink=sink)
-    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn_like(q)
+    results = []
+    for impl in ["triton", "reference"]:
+        out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm, sink=sink)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for got, want in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

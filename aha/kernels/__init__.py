@@ -11,8 +11,8 @@ Implementations (all share :data:`AttentionImpl`'s signature):
   (token, head); differentiable.
 * ``decode`` -- one query per head against a long cache; local heads read only the window.
 * ``flex`` -- FlexAttention with queries sorted by route so tiles are skipped (GPU; CPU forward only).
-* ``triton`` -- a Triton forward kernel over the same sorted queries, with global tiles split over
-  the keys (GPU inference; needs Triton).
+* ``triton`` -- Triton kernels over the same sorted queries, with global tiles split over the
+  keys; forward and backward (GPU; needs Triton).
 
 Models, training, evaluation and the CLI call :func:`aha_attention`, never an implementation.
 """
@@ -69,7 +69,7 @@ def choose_impl(q: Tensor, k: Tensor, route: Tensor, window: int, key_padding_ma
     fraction and with or without grad: on 2 Zen 4 cores it was faster than SDPA causal even at
     rho = 1 (1.3-2x forward, 1.4x forward+backward; ``benchmarks/RESULTS.md``), so there is no
     fraction above which plain SDPA wins. ``split`` switches to SDPA itself above half global.
-    ``triton`` (CUDA inference) is opt-in until it has been timed on a GPU against ``flex``.
+    ``triton`` (CUDA) is opt-in until it has been timed on a GPU against ``flex``.
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or route.requires_grad)
     if q.shape[2] == 1 and not needs_grad and is_binary(route):
