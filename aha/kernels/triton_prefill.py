@@ -182,6 +182,29 @@ def _key_ranges(is_split, split, tile_lo, tile_hi, first_key, sink_end, NUM_SPLI
 
 
 @triton.jit
+def _tile_program(
+    work, split_tiles, heads_total, q_heads, n_global_ptr, first_key_ptr, order_ptr, seq_q, seq_kv, window, sink,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """What a program of the forward (and of the dq backward) computes: :func:`_work_item`, then
+    :func:`_tile_rows` and :func:`_key_ranges` of its tile. Returns ``(skip, is_split, split,
+    head_row, tile, batch, head, first_key, sink_end, sorted_rows, row_valid, order, position,
+    is_global, tile_lo, tile_hi, shared_lo, shared_hi, sink_hi, lo, hi)``."""
+    is_split, split, head_row, tile, n_global, skip = _work_item(work, split_tiles, heads_total, n_global_ptr, BLOCK_M, NUM_SPLITS)
+    batch = head_row // q_heads
+    first_key = tl.load(first_key_ptr + batch)
+    sink_end = first_key + sink
+    sorted_rows, row_valid, order, position, is_global, tile_lo, tile_hi, shared_lo, shared_hi = _tile_rows(
+        order_ptr, head_row, tile, n_global, first_key, seq_q, seq_kv, window, BLOCK_M
+    )
+    sink_hi, lo, hi = _key_ranges(is_split, split, tile_lo, tile_hi, first_key, sink_end, NUM_SPLITS, BLOCK_N)
+    return (
+        skip, is_split, split, head_row, tile, batch, head_row % q_heads, first_key, sink_end, sorted_rows, row_valid,
+        order, position, is_global, tile_lo, tile_hi, shared_lo, shared_hi, sink_hi, lo, hi,
+    )  # fmt: skip
+
+
+@triton.jit
 def _store_rows(out_ptr, lse_ptr, head_row, seq_q, sorted_rows, order, row_valid, acc, row_max, row_sum, HEAD_DIM: tl.constexpr):
     """Normalise a tile's rows and write them to their original positions ``order``, and their
     log2-sum-exp (for the backward) in sorted order; padding rows write nothing."""
@@ -203,19 +226,15 @@ def _prefill_tiles(
 ):  # fmt: skip
     """Forward: whole tiles write their rows; split programs write partials for :func:`_merge_splits`.
     Every tile's key range goes to ``tile_lo``/``tile_hi`` for the backward."""
-    is_split, split, head_row, tile, n_global, skip = _work_item(
-        tl.program_id(0), split_tiles, heads_total, n_global_ptr, BLOCK_M, NUM_SPLITS
-    )
+    (
+        skip, is_split, split, head_row, tile, batch, head, first_key, sink_end, sorted_rows, row_valid, order, position,
+        is_global, tile_lo, tile_hi, shared_lo, shared_hi, sink_hi, lo, hi,
+    ) = _tile_program(
+        tl.program_id(0), split_tiles, heads_total, q_heads, n_global_ptr, first_key_ptr, order_ptr, seq_q, seq_kv,
+        window, sink, BLOCK_M, BLOCK_N, NUM_SPLITS,
+    )  # fmt: skip
     if skip:
         return
-    batch = head_row // q_heads
-    head = head_row % q_heads
-    first_key = tl.load(first_key_ptr + batch)
-    sink_end = first_key + sink
-    sorted_rows, row_valid, order, position, is_global, tile_lo, tile_hi, shared_lo, shared_hi = _tile_rows(
-        order_ptr, head_row, tile, n_global, first_key, seq_q, seq_kv, window, BLOCK_M
-    )
-    sink_hi, lo, hi = _key_ranges(is_split, split, tile_lo, tile_hi, first_key, sink_end, NUM_SPLITS, BLOCK_N)
     if split == 0:
         tl.store(tile_lo_ptr + head_row * q_tiles + tile, tile_lo)
         tl.store(tile_hi_ptr + head_row * q_tiles + tile, tile_hi)
@@ -316,19 +335,15 @@ def _dq_tiles(
 ):  # fmt: skip
     """Backward, dq: the forward's programs (split tiles split the same way) add ``scale * ds @ k``
     of their key ranges into the fp32 ``dq`` rows."""
-    is_split, split, head_row, tile, n_global, skip = _work_item(
-        tl.program_id(0), split_tiles, heads_total, n_global_ptr, BLOCK_M, NUM_SPLITS
-    )
+    (
+        skip, _, _, head_row, _, batch, head, first_key, sink_end, sorted_rows, row_valid, order, position,
+        is_global, _, _, _, _, sink_hi, lo, hi,
+    ) = _tile_program(
+        tl.program_id(0), split_tiles, heads_total, q_heads, n_global_ptr, first_key_ptr, order_ptr, seq_q, seq_kv,
+        window, sink, BLOCK_M, BLOCK_N, NUM_SPLITS,
+    )  # fmt: skip
     if skip:
         return
-    batch = head_row // q_heads
-    head = head_row % q_heads
-    first_key = tl.load(first_key_ptr + batch)
-    sink_end = first_key + sink
-    sorted_rows, row_valid, order, position, is_global, tile_lo, tile_hi, _, _ = _tile_rows(
-        order_ptr, head_row, tile, n_global, first_key, seq_q, seq_kv, window, BLOCK_M
-    )
-    sink_hi, lo, hi = _key_ranges(is_split, split, tile_lo, tile_hi, first_key, sink_end, NUM_SPLITS, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     rows = (head_row * seq_q + order)[:, None] * HEAD_DIM + dims[None, :]  # do, dq: contiguous [B, Hq, Sq, D]
     q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + order[:, None] * stride_qn + dims[None, :], mask=row_valid[:, None], other=0.0)
