@@ -462,13 +462,13 @@ class _TritonAttention(torch.autograd.Function):
             HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, NUM_SPLITS=NUM_SPLITS,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, order, n_global, first_key, tile_range)
-        ctx.settings = (window, scale, sink)
+        ctx.settings = (window, scale, sink, BLOCK_M)  # the saved tile ranges are per BLOCK_M rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         q, k, v, out, lse, order, n_global, first_key, tile_range = ctx.saved_tensors
-        window, scale, sink = ctx.settings
+        window, scale, sink, block_m = ctx.settings
         batch, q_heads, seq_q, head_dim = q.shape
         kv_heads, seq_kv = k.shape[1], k.shape[2]
         grad_out = grad_out.contiguous()
@@ -478,7 +478,7 @@ class _TritonAttention(torch.autograd.Function):
         split_tiles = min(SPLIT_TILES, q_tiles)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        common = dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS)
+        common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS)
         _dq_tiles[(split_tiles * heads_total * NUM_SPLITS + heads_total * q_tiles,)](
             q, k, v, grad_out, dq, lse, delta, order, n_global, first_key,
             seq_q, seq_kv, window, sink, scale, scale * LOG2E, q_heads, q_heads // kv_heads, heads_total, split_tiles,
