@@ -147,16 +147,30 @@ def _work_item(work, split_tiles, heads_total, n_global_ptr, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _tile_rows(order_ptr, head_row, tile, n_global, first_key, seq_q, seq_kv, window, BLOCK_M: tl.constexpr):
-    """A tile's sorted rows: ``(sorted_rows, row_valid, order, position, is_global, tile_lo, tile_hi,
-    shared_lo, shared_hi)``. ``[tile_lo, tile_hi)`` holds every key a row sees except the sink
-    keys; ``[shared_lo, shared_hi)`` the keys every row sees (none when the tile has padding rows
-    or queries before the first real key)."""
+def _sorted_rows(order_ptr, head_row, tile, seq_q, BLOCK_M: tl.constexpr):
+    """A tile's rows in sorted order: ``(sorted_rows, row_valid, order)``; ``order`` is each row's
+    original query index (0 for padding rows past ``seq_q``)."""
     sorted_rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = sorted_rows < seq_q
-    order = tl.load(order_ptr + head_row * seq_q + sorted_rows, mask=row_valid, other=0)
+    return sorted_rows, row_valid, tl.load(order_ptr + head_row * seq_q + sorted_rows, mask=row_valid, other=0)
+
+
+@triton.jit
+def _rows(order_ptr, head_row, tile, n_global, seq_q, seq_kv, BLOCK_M: tl.constexpr):
+    """:func:`_sorted_rows` and each row's key ``position`` (-1 for padding rows) and route:
+    ``(sorted_rows, row_valid, order, position, is_global)``."""
+    sorted_rows, row_valid, order = _sorted_rows(order_ptr, head_row, tile, seq_q, BLOCK_M)
     position = tl.where(row_valid, seq_kv - seq_q + order, -1)
-    is_global = sorted_rows < n_global
+    return sorted_rows, row_valid, order, position, sorted_rows < n_global
+
+
+@triton.jit
+def _tile_rows(order_ptr, head_row, tile, n_global, first_key, seq_q, seq_kv, window, BLOCK_M: tl.constexpr):
+    """:func:`_rows` and the tile's key ranges: ``(sorted_rows, row_valid, order, position,
+    is_global, tile_lo, tile_hi, shared_lo, shared_hi)``. ``[tile_lo, tile_hi)`` holds every key a
+    row sees except the sink keys; ``[shared_lo, shared_hi)`` the keys every row sees (none when
+    the tile has padding rows or queries before the first real key)."""
+    sorted_rows, row_valid, order, position, is_global = _rows(order_ptr, head_row, tile, n_global, seq_q, seq_kv, BLOCK_M)
     row_lo = tl.where(is_global, first_key, tl.maximum(first_key, position - window + 1))
     row_lo = tl.minimum(row_lo, position)
     tile_lo = tl.min(tl.where(row_valid, row_lo, seq_kv), axis=0)
@@ -205,6 +219,24 @@ def _tile_program(
 
 
 @triton.jit
+def _load_q_rows(q_ptr, batch, head, order, row_valid, stride_qb, stride_qh, stride_qn, HEAD_DIM: tl.constexpr):
+    """q rows ``[BLOCK_M, HEAD_DIM]`` of a tile, gathered through ``order`` (padding rows: 0)."""
+    rows = q_ptr + batch * stride_qb + head * stride_qh + order[:, None] * stride_qn
+    return tl.load(rows + tl.arange(0, HEAD_DIM)[None, :], mask=row_valid[:, None], other=0.0)
+
+
+@triton.jit
+def _load_grad_rows(do_ptr, lse_ptr, delta_ptr, head_row, seq_q, sorted_rows, order, row_valid, HEAD_DIM: tl.constexpr):
+    """The backward's inputs for a tile's rows: ``do`` (contiguous ``[B, Hq, Sq, D]``), the saved
+    log2-sum-exp (sorted order) and ``delta = rowsum(do * out)`` (original order)."""
+    do_rows = do_ptr + (head_row * seq_q + order)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    do = tl.load(do_rows, mask=row_valid[:, None], other=0.0)
+    lse = tl.load(lse_ptr + head_row * seq_q + sorted_rows, mask=row_valid, other=0.0)
+    delta = tl.load(delta_ptr + head_row * seq_q + order, mask=row_valid, other=0.0)
+    return do, lse, delta
+
+
+@triton.jit
 def _store_rows(out_ptr, lse_ptr, head_row, seq_q, sorted_rows, order, row_valid, acc, row_max, row_sum, HEAD_DIM: tl.constexpr):
     """Normalise a tile's rows and write them to their original positions ``order``, and their
     log2-sum-exp (for the backward) in sorted order; padding rows write nothing."""
@@ -240,7 +272,7 @@ def _prefill_tiles(
         tl.store(tile_hi_ptr + head_row * q_tiles + tile, tile_hi)
 
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + order[:, None] * stride_qn + dims[None, :], mask=row_valid[:, None], other=0.0)
+    q = _load_q_rows(q_ptr, batch, head, order, row_valid, stride_qb, stride_qh, stride_qn, HEAD_DIM)
     k_base = k_ptr + batch * stride_kb + (head // group) * stride_kh
     v_base = v_ptr + batch * stride_vb + (head // group) * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -288,9 +320,7 @@ def _merge_splits(
         weight = tl.exp2(tl.load(max_ptr + slot_rows) - row_max)  # an empty split has max -inf: weight 0
         row_sum += weight * tl.load(sum_ptr + slot_rows)
         acc += weight[:, None] * tl.load(acc_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :])
-    sorted_rows = tile * BLOCK_M + rows
-    row_valid = sorted_rows < seq_q
-    order = tl.load(order_ptr + head_row * seq_q + sorted_rows, mask=row_valid, other=0)
+    sorted_rows, row_valid, order = _sorted_rows(order_ptr, head_row, tile, seq_q, BLOCK_M)
     _store_rows(out_ptr, lse_ptr, head_row, seq_q, sorted_rows, order, row_valid, acc, row_max, row_sum, HEAD_DIM)
 
 
@@ -344,12 +374,8 @@ def _dq_tiles(
     )  # fmt: skip
     if skip:
         return
-    dims = tl.arange(0, HEAD_DIM)
-    rows = (head_row * seq_q + order)[:, None] * HEAD_DIM + dims[None, :]  # do, dq: contiguous [B, Hq, Sq, D]
-    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + order[:, None] * stride_qn + dims[None, :], mask=row_valid[:, None], other=0.0)
-    do = tl.load(do_ptr + rows, mask=row_valid[:, None], other=0.0)
-    lse = tl.load(lse_ptr + head_row * seq_q + sorted_rows, mask=row_valid, other=0.0)
-    delta = tl.load(delta_ptr + head_row * seq_q + order, mask=row_valid, other=0.0)
+    q = _load_q_rows(q_ptr, batch, head, order, row_valid, stride_qb, stride_qh, stride_qn, HEAD_DIM)
+    do, lse, delta = _load_grad_rows(do_ptr, lse_ptr, delta_ptr, head_row, seq_q, sorted_rows, order, row_valid, HEAD_DIM)
     k_base = k_ptr + batch * stride_kb + (head // group) * stride_kh
     v_base = v_ptr + batch * stride_vb + (head // group) * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -361,7 +387,8 @@ def _dq_tiles(
         q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, hi, position, is_global, first_key,
         sink_end, window, scale_log2e, dq, HEAD_DIM, BLOCK_N, PRECISION,
     )  # fmt: skip
-    tl.atomic_add(dq_ptr + rows, dq * scale, mask=row_valid[:, None])
+    dq_rows = dq_ptr + (head_row * seq_q + order)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.atomic_add(dq_rows, dq * scale, mask=row_valid[:, None])
 
 
 @triton.jit
@@ -401,14 +428,13 @@ def _dkdv_blocks(
             tile_hi = tl.load(tile_hi_ptr + head_row * q_tiles + tile)
             sink_hi = tl.minimum(sink_end, tile_lo)
             if ((block_lo < tile_hi) & (block_hi > tile_lo)) | ((block_lo < sink_hi) & (block_hi > first_key)):
-                sorted_rows, row_valid, order, position, is_global, _, _, _, _ = _tile_rows(
-                    order_ptr, head_row, tile, n_global, first_key, seq_q, seq_kv, window, BLOCK_M
+                sorted_rows, row_valid, order, position, is_global = _rows(
+                    order_ptr, head_row, tile, n_global, seq_q, seq_kv, BLOCK_M
                 )
-                row_mask = row_valid[:, None]
-                q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + order[:, None] * stride_qn + dims[None, :], mask=row_mask, other=0.0)
-                do = tl.load(do_ptr + (head_row * seq_q + order)[:, None] * HEAD_DIM + dims[None, :], mask=row_mask, other=0.0)
-                lse = tl.load(lse_ptr + head_row * seq_q + sorted_rows, mask=row_valid, other=0.0)
-                delta = tl.load(delta_ptr + head_row * seq_q + order, mask=row_valid, other=0.0)
+                q = _load_q_rows(q_ptr, batch, head, order, row_valid, stride_qb, stride_qh, stride_qn, HEAD_DIM)
+                do, lse, delta = _load_grad_rows(
+                    do_ptr, lse_ptr, delta_ptr, head_row, seq_q, sorted_rows, order, row_valid, HEAD_DIM
+                )
                 p, ds = _probabilities_and_score_grads(
                     q, k, v, do, lse, delta, keys, seq_kv, position, is_global, first_key, sink_end, window,
                     scale_log2e, PRECISION,
@@ -423,6 +449,13 @@ def _dkdv_blocks(
 def _strides(*tensors: Tensor) -> list[int]:
     """Batch, head and sequence strides of each ``[B, H, S, D]`` tensor, in order."""
     return [stride for t in tensors for stride in t.stride()[:3]]
+
+
+def _tile_grid(heads_total: int, q_tiles: int) -> tuple[int, int]:
+    """``(split_tiles, programs)`` of the forward and dq launches: the first ``split_tiles`` tiles of
+    a head may be split (``NUM_SPLITS`` programs each), every tile may run whole (:func:`_work_item`)."""
+    split_tiles = min(SPLIT_TILES, q_tiles)
+    return split_tiles, split_tiles * heads_total * NUM_SPLITS + heads_total * q_tiles
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -443,14 +476,13 @@ class _TritonAttention(torch.autograd.Function):
         n_global = hard.sum(-1, dtype=torch.int32).flatten()
         heads_total = batch * q_heads
         q_tiles = triton.cdiv(seq_q, BLOCK_M)
-        split_tiles = min(SPLIT_TILES, q_tiles)
+        split_tiles, programs = _tile_grid(heads_total, q_tiles)
         slots = split_tiles * heads_total * NUM_SPLITS * BLOCK_M
         partials = torch.empty(slots * (head_dim + 2), dtype=torch.float32, device=q.device)
         acc, row_max, row_sum = partials.split([slots * head_dim, slots, slots])
         tile_range = torch.empty(2, heads_total, q_tiles, dtype=torch.int32, device=q.device)
         out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=q.dtype, device=q.device)
         lse = torch.empty(heads_total, seq_q, dtype=torch.float32, device=q.device)
-        programs = split_tiles * heads_total * NUM_SPLITS + heads_total * q_tiles
         _prefill_tiles[(programs,)](
             q, k, v, out, lse, order, n_global, first_key, tile_range[0], tile_range[1], acc, row_max, row_sum,
             seq_q, seq_kv, window, sink, scale * LOG2E, q_heads, q_heads // k.shape[1], heads_total, q_tiles, split_tiles,
@@ -475,11 +507,11 @@ class _TritonAttention(torch.autograd.Function):
         delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, Sq]: rowsum(do * o)
         heads_total = batch * q_heads
         q_tiles = tile_range.shape[-1]
-        split_tiles = min(SPLIT_TILES, q_tiles)
+        split_tiles, programs = _tile_grid(heads_total, q_tiles)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
         common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS)
-        _dq_tiles[(split_tiles * heads_total * NUM_SPLITS + heads_total * q_tiles,)](
+        _dq_tiles[(programs,)](
             q, k, v, grad_out, dq, lse, delta, order, n_global, first_key,
             seq_q, seq_kv, window, sink, scale, scale * LOG2E, q_heads, q_heads // kv_heads, heads_total, split_tiles,
             *_strides(q, k, v), NUM_SPLITS=NUM_SPLITS, **common,
