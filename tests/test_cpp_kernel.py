@@ -1,12 +1,14 @@
 """The C++ CPU kernel (impl='cpp' and the decode path): what the shared property tests do not reach."""
 
+import platform
 import shutil
 
 import pytest
 import torch
+from kernel_support import cpp_microkernels
 
 from aha import aha_attention, choose_impl
-from aha.kernels import cpp
+from aha.kernels import _cpp_build, cpp
 from aha.kernels._cpp_build import cpp_kernel_error
 
 needs_kernel = pytest.mark.skipif(not cpp.cpp_available(), reason=f"C++ kernel unavailable: {cpp_kernel_error()}")
@@ -26,59 +28,67 @@ def grads_of(impl, q, k, v, route, window, kpm=None, sink=0):
 
 
 @needs_kernel
+@pytest.mark.parametrize("impl", cpp_microkernels())
 @pytest.mark.parametrize("dim", [64, 80, 128])
 @pytest.mark.parametrize("rho", [0.0, 0.15, 1.0])
-def test_long_sequences_cross_key_blocks(dim, rho):
+def test_long_sequences_cross_key_blocks(impl, dim, rho):
     """Over 512 keys a tile's range is cut into several blocks merged by the online softmax."""
     q = torch.randn(1, 4, 1300, dim)
     k, v = torch.randn(2, 1, 2, 1400, dim)
     route = torch.rand(1, 4, 1300) < rho
     want = grads_of("reference", q, k, v, route, 300)
-    got = grads_of("cpp", q, k, v, route, 300)
+    got = grads_of(impl, q, k, v, route, 300)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
 
 @needs_kernel
+@pytest.mark.parametrize("impl", cpp_microkernels())
 @pytest.mark.parametrize("rho", [0.0, 0.15])
-def test_sink_keys_spanning_several_key_blocks(rho):
+def test_sink_keys_spanning_several_key_blocks(impl, rho):
     """A sink longer than a key block (512) is read in blocks of its own before each local tile's window."""
     q = torch.randn(1, 2, 1500, 16)
     k, v = torch.randn(2, 1, 1, 1500, 16)
     route = torch.rand(1, 2, 1500) < rho
     want = grads_of("reference", q, k, v, route, 100, sink=700)
-    got = grads_of("cpp", q, k, v, route, 100, sink=700)
+    got = grads_of(impl, q, k, v, route, 100, sink=700)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-def test_half_precision_forward_and_backward(dtype, tol):
+@pytest.mark.parametrize(
+    "dtype, tol, impl",
+    [(dtype, tol, m) for dtype, tol in [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)] for m in cpp_microkernels(dtype)],
+)
+def test_half_precision_forward_and_backward(dtype, tol, impl):
     q = torch.randn(1, 4, 600, 32)
     k, v = torch.randn(2, 1, 2, 600, 32)
     route = torch.rand(1, 4, 600) < 0.2
     want = grads_of("reference", q, k, v, route, 70)
-    got = grads_of("cpp", q.to(dtype), k.to(dtype), v.to(dtype), route, 70)
+    got = grads_of(impl, q.to(dtype), k.to(dtype), v.to(dtype), route, 70)
     for g, w in zip(got, want):
         assert g.dtype == dtype
         torch.testing.assert_close(g.float(), w, atol=tol, rtol=tol)
 
 
 @needs_kernel
-def test_strided_inputs_need_no_copy_and_match():
+@pytest.mark.parametrize("impl", cpp_microkernels())
+def test_strided_inputs_need_no_copy_and_match(impl):
     """[batch, seq, heads, dim] projections transposed to [batch, heads, seq, dim] (HF layout)."""
     q = torch.randn(2, 90, 4, 16).transpose(1, 2)
     k, v = (torch.randn(2, 90, 2, 16).transpose(1, 2) for _ in range(2))
     route = torch.rand(2, 4, 90) < 0.3
     expected = aha_attention(q, k, v, route, 11, impl="reference")
-    torch.testing.assert_close(aha_attention(q, k, v, route, 11, impl="cpp"), expected, atol=1e-5, rtol=1e-5)
+    out = aha_attention(q, k, v, route, 11, impl=impl)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel
+@pytest.mark.parametrize("impl", cpp_microkernels())
 @pytest.mark.parametrize("layout", ["left", "right", "both", "holes"])
 @pytest.mark.parametrize("sink", [0, 3])
-def test_padding_layouts(layout, sink):
+def test_padding_layouts(impl, layout, sink):
     q = torch.randn(2, 4, 60, 16)
     k, v = torch.randn(2, 2, 2, 80, 16)
     route = torch.rand(2, 4, 60) < 0.3
@@ -91,7 +101,7 @@ def test_padding_layouts(layout, sink):
         kpm[1, 40:45] = False
     assert (cpp.key_start(kpm, 2, q.device) is None) == (layout == "holes")  # holes fall back to split
     want = grads_of("reference", q, k, v, route, 9, kpm, sink)
-    got = grads_of("cpp", q, k, v, route, 9, kpm, sink)
+    got = grads_of(impl, q, k, v, route, 9, kpm, sink)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
@@ -147,3 +157,41 @@ def test_decode_with_sink_reads_only_the_sink_and_window_keys(decode_path):
     v[:, 0, 2:2990] = float("nan")
     torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl="decode", sink=2), out)
     assert (out - aha_attention(q, k, v, route, 10, impl="decode")).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def avx2_ops():
+    """The kernel built for AVX2 + FMA only (x86-64-v3), as torch.ops.aha_avx2: the portable build."""
+    if not cpp.cpp_available() or platform.machine() != "x86_64":
+        pytest.skip(f"C++ kernel unavailable: {cpp_kernel_error()}")
+    if not torch.cpu.get_capabilities().get("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    target = _cpp_build.library_path(_cpp_build._compiler() or "").with_suffix(".avx2.so")
+    if not target.exists():
+        _cpp_build.build_variant(target, arch="x86-64-v3", namespace="aha_avx2")
+    torch.ops.load_library(str(target))
+    return torch.ops.aha_avx2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dtype, microkernel, tol", [(torch.float32, 1, 1e-5), (torch.float32, 2, 1e-5), (torch.bfloat16, 1, 3e-2)]
+)
+def test_portable_avx2_build_matches_reference(avx2_ops, dtype, microkernel, tol):
+    """Without AVX-512 the hand-written GEMMs run on AVX2 pairs; oneDNN's fp32 micro-GEMMs are JIT."""
+    assert avx2_ops.microkernel(dtype, microkernel).startswith("avx2" if microkernel == 1 else "onednn")
+    q = torch.randn(2, 4, 300, 64)
+    k, v = torch.randn(2, 2, 2, 340, 64)
+    route = torch.rand(2, 4, 300) < 0.3
+    starts = torch.tensor([0, 25], dtype=torch.int32)  # batch row 1 is left-padded (every query is real)
+    kpm = torch.arange(340)[None, :] >= starts[:, None].long()
+    q, k, v = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    want = aha_attention(q, k, v, route, 40, impl="reference", key_padding_mask=kpm, sink=2)
+    out_grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), out_grad)
+    with torch.no_grad():
+        out, lse = avx2_ops.forward(q, k, v, route, starts, 40, 2, 64**-0.5, 32, 64, microkernel)
+        grads = avx2_ops.backward(out_grad, q, k, v, out, lse, route, starts, 40, 2, 64**-0.5, 32, 64, microkernel)
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)

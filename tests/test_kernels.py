@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_support import FAST_IMPLS, cpp_microkernels
 
 from aha import AhaInputError, aha_attention
-
-FAST_IMPLS = ["split", "cpp"]
 
 
 def make_qkv(batch, q_heads, kv_heads, seq_q, seq_kv, dim, dtype=torch.float32, requires_grad=False):
@@ -112,7 +111,7 @@ def test_fast_paths_match_reference_on_random_routes(
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{impl}: {m}")
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", ["split", *cpp_microkernels(torch.bfloat16)])
 @pytest.mark.parametrize("rho", [0.1, 0.9])
 def test_bf16_matches_reference_loosely(impl, rho):
     q, k, v = make_qkv(1, 4, 2, 200, 200, 32, dtype=torch.bfloat16)
@@ -193,6 +192,8 @@ def test_default_scale_is_inverse_sqrt_dim():
         (lambda a: a.update(k=torch.randn(1, 2, 10, 8, dtype=torch.float64)), "share a dtype"),
         (lambda a: a.update(q=torch.randint(0, 3, (1, 4, 10, 8))), "floating-point"),
         (lambda a: a.update(impl="nope"), "unknown impl"),
+        (lambda a: a.update(impl="cpp:amx"), "unknown impl"),
+        (lambda a: a.update(impl="split:vector"), "unknown impl"),
         (lambda a: a.update(key_padding_mask=torch.ones(1, 9, dtype=torch.bool)), "key_padding_mask must have shape"),
     ],
 )
@@ -205,6 +206,13 @@ def test_bad_inputs_raise_clear_errors(change, message):
     with pytest.raises(AhaInputError, match=message):
         aha_attention(args["q"], args["k"], args["v"], args["route"], args["window"], impl=args["impl"],
                       key_padding_mask=args["key_padding_mask"], sink=args["sink"])
+
+
+@pytest.mark.skipif(not cpp_microkernels(), reason="C++ kernel unavailable")
+def test_a_microkernel_that_cannot_run_the_dtype_says_so():
+    q, k, v = make_qkv(1, 2, 2, 10, 10, 16, dtype=torch.float16)
+    with pytest.raises(AhaInputError, match="does not run torch.float16 on this CPU"):
+        aha_attention(q, k, v, torch.ones(1, 2, 10, dtype=torch.bool), 4, impl="cpp:onednn")
 
 
 def test_decode_rejects_multi_token_queries():

@@ -108,22 +108,16 @@ def register_group(name: str) -> Callable[[BenchGroup], BenchGroup]:
     return add
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
 def machine_info(threads: int, clock: str) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
     import aha
     from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
+    from aha.kernels.cpu_tuning import cpu_isa, cpu_model
 
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "isa": cpu_isa(),
         "logical_cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "threads": threads,
@@ -171,7 +165,8 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console(width=None if sys.stdout.isatty() else 200)
     meta = report["meta"]
     console.print(
-        f"[bold]aha bench[/bold]  {meta['date']}  {meta['cpu']}  threads={meta['threads']}  clock={meta['clock']}  "
+        f"[bold]aha bench[/bold]  {meta['date']}  {meta['cpu']} ({meta.get('isa', '?')})  threads={meta['threads']}  "
+        f"clock={meta['clock']}  "
         f"torch {meta['torch']}  C++ kernel: {'yes' if meta['cpp_kernel'] else 'no'}  GPU: {meta.get('cuda') or 'none'}"
     )
     for group, sections in report["groups"].items():

@@ -28,6 +28,8 @@ from torch import Tensor
 from aha.benchmarking import BenchConfig, Column, Section, register_group
 from aha.benchmarking.timing import Samples, measure_round_robin, median_ratio
 from aha.kernels import aha_attention, choose_impl
+from aha.kernels.cpp import cpp_available
+from aha.kernels.cpu_tuning import kernel_choice, microkernel_name
 from aha.stats import ideal_cost_ratio
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,8 +124,9 @@ def _routed_rows(cfg: BenchConfig, bench: str, seq_lens: list[int], rhos: list[f
                         cases.append((name, window, rho, impl))
             with torch.set_grad_enabled(grad):
                 samples = measure_round_robin(candidates, cfg.timing)
-                used = {impl: choose_impl(q, k, routes[rhos[0]], cfg.windows[0]) for impl in cfg.impls}
+                used = {(rho, window): choose_impl(q, k, routes[rho], window) for rho in rhos for window in cfg.windows}
             for name, window, rho, impl in cases:
+                ran = used[rho, window] if impl == "auto" else impl
                 fraction = float(routes[rho].float().mean())
                 rows.append(
                     {
@@ -134,11 +137,23 @@ def _routed_rows(cfg: BenchConfig, bench: str, seq_lens: list[int], rhos: list[f
                         "window": window,
                         "sink": cfg.sink,
                         "dtype": dtype_name,
-                        "impl": used[impl] if impl == "auto" else impl,
+                        "impl": ran,
+                        "microkernel": kernel_label(ran, dtype),
                         **_ratio_fields(samples[name], samples["sdpa"], ideal_cost_ratio(fraction, window + cfg.sink, n)),
                     }
                 )
     return rows
+
+
+def kernel_label(impl: str, dtype: torch.dtype) -> str:
+    """What an implementation ran for ``dtype``: the C++ kernel's microkernel (e.g. ``onednn-amx-bf16``,
+    ``avx512-fp32 decode`` for its decode path), else ``-``."""
+    name, _, forced = impl.partition(":")
+    if name == "cpp":
+        return microkernel_name(dtype, forced or kernel_choice(dtype).microkernel) or "-"
+    if name == "decode" and not torch.cuda.is_available() and cpp_available():
+        return f"{microkernel_name(dtype, 'vector')} decode"
+    return "-"
 
 
 def _shape(cfg: BenchConfig) -> str:
@@ -154,7 +169,8 @@ def prefill_section(cfg: BenchConfig) -> Section:
         title=f"prefill forward, {_shape(cfg)}",
         columns=[
             Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
-            Column("impl", "impl"), Column("ms", "AHA ms", ".1f"), Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
+            Column("impl", "impl"), Column("microkernel", "microkernel"), Column("ms", "AHA ms", ".1f"),
+            Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
         ],  # fmt: skip
         rows=_routed_rows(cfg, "prefill", cfg.seq_lens, cfg.rhos, grad=False),
         notes=[
@@ -171,7 +187,8 @@ def train_section(cfg: BenchConfig) -> Section:
         title=f"forward+backward, {_shape(cfg)}",
         columns=[
             Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
-            Column("impl", "impl"), Column("ms", "AHA ms", ".1f"), Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
+            Column("impl", "impl"), Column("microkernel", "microkernel"), Column("ms", "AHA ms", ".1f"),
+            Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
         ],  # fmt: skip
         rows=_routed_rows(cfg, "train", cfg.train_seq_lens, cfg.train_rhos, grad=True),
         notes=["Hard (bool) routes: training with the STE gate adds a no-grad full + local pass for d out/d g."],
@@ -206,6 +223,7 @@ def decode_section(cfg: BenchConfig) -> Section:
                     "sink": cfg.sink,
                     "dtype": dtype_name,
                     "impl": choose_impl(q, k, route, window),
+                    "microkernel": kernel_label(choose_impl(q, k, route, window), dtype),
                     "us": samples["aha"].median * 1e6,
                     "global_head_us": samples["global_head"].median * 1e6,
                     "full_us": samples["full"].median * 1e6,
@@ -222,6 +240,7 @@ def decode_section(cfg: BenchConfig) -> Section:
         title=f"decode step, {_shape(cfg)}, 1 head global",
         columns=[
             Column("n", "cache"), Column("window", "w"), Column("dtype", "dtype"), Column("impl", "impl"),
+            Column("microkernel", "microkernel"),
             Column("us", "AHA us", ".0f"), Column("global_head_us", "global head alone us", ".0f"),
             Column("vs_global_head", "AHA/global head", ".2f"), Column("full_us", "SDPA all heads us", ".0f"),
             *_RATIO_COLUMNS,

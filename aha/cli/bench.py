@@ -80,3 +80,48 @@ def bench(
     print_report(report)
     if out is not None:
         typer.echo(f"wrote {write_report(report, out)}")
+
+
+@app.command()
+def calibrate(
+    dtype: str = typer.Option("float32,bfloat16", help="Comma-separated dtypes to measure (float32, bfloat16, float16)."),
+    threads: int = typer.Option(2, help="torch threads (the choice is kept per thread count)."),
+) -> None:
+    """Measure which CPU microkernel is fastest here and above which global fraction SDPA wins; cache it.
+
+    ``impl="auto"`` does this by itself on first use of a dtype; run it again after changing the
+    machine's load or the torch build. ``AHA_CPU_TUNING=off`` disables the measurement.
+    """
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from aha.kernels.cpp import cpp_available
+    from aha.kernels.cpu_tuning import (
+        cpu_isa,
+        cpu_model,
+        microkernel_name,
+        recalibrate,
+        tuning_path,
+    )
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    names = _csv(dtype, str) or []
+    unknown = [name for name in names if name not in dtypes]
+    if unknown:
+        raise typer.BadParameter(f"unknown dtype(s) {unknown}; choose from {list(dtypes)}")
+    if not cpp_available():
+        raise typer.BadParameter("the C++ kernel is unavailable, so there is nothing to calibrate (see `aha bench`)")
+    torch.set_num_threads(threads)
+    table = Table(title=f"{cpu_model()} ({cpu_isa()}), {threads} threads", title_justify="left")
+    for column in ("dtype", "microkernel", "forward: SDPA above fraction (4K / 16K / 64K)", "forward+backward", "cache"):
+        table.add_column(column)
+    def crossovers(choice: KernelChoice, training: bool) -> str:
+        values = [choice.crossover(n, training) for n in (4096, 16384, 65536)]
+        return " / ".join("never" if x > 1 else f"{x:.2f}" for x in values)
+
+    for name, choice in recalibrate([dtypes[n] for n in names]).items():
+        label = microkernel_name(name, choice.microkernel) or choice.microkernel
+        row = [label, crossovers(choice, False), crossovers(choice, True), str(tuning_path(name))]
+        table.add_row(str(name).removeprefix("torch."), *row)
+    Console(width=200).print(table)

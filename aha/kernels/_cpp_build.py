@@ -49,17 +49,32 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _compile_command(compiler: str, output: Path) -> list[str]:
+def _compile_command(compiler: str, output: Path, arch: str = "native", namespace: str = "aha") -> list[str]:
     from torch.utils import cpp_extension
 
     torch_lib = Path(torch.__file__).parent / "lib"
     includes = [arg for path in cpp_extension.include_paths() for arg in ("-isystem", path)]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
-        compiler, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", str(output),
+        compiler, "-O3", f"-march={arch}", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DAHA_OPS_NAMESPACE={namespace}", *includes, str(SOURCE), "-o", str(output),
         f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}",
     ]  # fmt: skip
+
+
+def _compile(compiler: str, output: Path, arch: str = "native", namespace: str = "aha") -> None:
+    result = subprocess.run(_compile_command(compiler, output, arch, namespace), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling {SOURCE.name} (-march={arch}) failed:\n{result.stderr[-4000:]}")
+
+
+def build_variant(target: Path, arch: str, namespace: str) -> None:
+    """Compile the kernel for another instruction set (``-march=arch``, e.g. ``x86-64-v3`` = AVX2)
+    with its ops under ``torch.ops.<namespace>``, so it can be loaded beside the native build."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found; install g++ or set CXX")
+    _compile(compiler, target, arch, namespace)
 
 
 def library_path(compiler: str) -> Path:
@@ -76,9 +91,7 @@ def _build(compiler: str, target: Path) -> None:
     # compile to a private name and rename: concurrent builders never load a half-written file
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        result = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-4000:]}")
+        _compile(compiler, partial)
         os.replace(partial, target)
 
 

@@ -18,16 +18,10 @@ from torch import Tensor
 
 from aha.kernels._checks import AhaInputError
 from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
+from aha.kernels.cpu_tuning import KernelChoice, kernel_choice, microkernel_name
 from aha.kernels.gating import apply_route_with_kernel
 from aha.kernels.reference import first_key
 from aha.kernels.split import split_attention
-
-# Query rows per tile (measured on Zen 4, D = 64, w = 256, n = 4096 and 16384): a local tile of
-# r rows reads r + window - 1 keys for r * window useful scores, so small tiles waste less; a
-# global tile wastes the staircase of its rows' end positions (about r / (rho * n) of its work)
-# but reuses each key block over more rows. 16 and 48-row tiles were slower.
-LOCAL_TILE_ROWS = 32
-GLOBAL_TILE_ROWS = 64
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -59,30 +53,41 @@ def cpp_supports(q: Tensor, key_padding_mask: Tensor | None) -> bool:
 
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, route, starts, window, sink, scale):  # type: ignore[override]
-        out, lse = torch.ops.aha.forward(q, k, v, route, starts, window, sink, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)
+    def forward(ctx, q, k, v, route, starts, window, sink, scale, settings):  # type: ignore[override]
+        out, lse = torch.ops.aha.forward(q, k, v, route, starts, window, sink, scale, *settings)
         ctx.save_for_backward(q, k, v, route, starts, out, lse)
-        ctx.window, ctx.sink, ctx.scale = window, sink, scale
+        ctx.window, ctx.sink, ctx.scale, ctx.settings = window, sink, scale, settings
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, route, starts, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.aha.backward(
-            dout, q, k, v, out, lse, route, starts, ctx.window, ctx.sink, ctx.scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS
+            dout, q, k, v, out, lse, route, starts, ctx.window, ctx.sink, ctx.scale, *ctx.settings
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def kernel_attention(
-    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, starts: Tensor, sink: int = 0
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hard: Tensor,
+    window: int,
+    scale: float,
+    starts: Tensor,
+    sink: int = 0,
+    choice: KernelChoice | None = None,
 ) -> Tensor:
     """Run the kernel for a bool route ``[B, Hq, Sq]`` (True = global); differentiable in q, k, v.
 
     Shapes: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (last dim contiguous or copied),
     ``starts`` ``[B]`` int32 first real key -> ``[B, Hq, Sq, D]``. A head_dim that is not a
-    multiple of 16 is zero-padded (scores and the kept output columns are unchanged).
+    multiple of 16 is zero-padded (scores and the kept output columns are unchanged). ``choice``
+    (default: :func:`~aha.kernels.cpu_tuning.kernel_choice` for this dtype) picks the microkernel.
     """
+    choice = choice or kernel_choice(q.dtype)
+    settings = (*choice.tile_rows, choice.code)
     dim = q.shape[-1]
     pad = -dim % 16
     if pad:
@@ -90,9 +95,9 @@ def kernel_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     hard = hard.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = _KernelFunction.apply(q, k, v, hard, starts, window, sink, scale)
+        out = _KernelFunction.apply(q, k, v, hard, starts, window, sink, scale, settings)
     else:
-        out = torch.ops.aha.forward(q, k, v, hard, starts, window, sink, scale, LOCAL_TILE_ROWS, GLOBAL_TILE_ROWS)[0]
+        out = torch.ops.aha.forward(q, k, v, hard, starts, window, sink, scale, *settings)[0]
     return out[..., :dim] if pad else out
 
 
@@ -105,12 +110,15 @@ def cpp_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
     sink: int = 0,
+    choice: KernelChoice | None = None,
 ) -> Tensor:
     """AHA attention with the C++ kernel (see the module docstring); q ``[B, Hq, Sq, D]``,
     k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` (True / g = 1 = global) -> ``[B, Hq, Sq, D]``.
+    ``choice`` forces a microkernel (default: the one measured fastest here for the dtype).
 
     Raises:
-        AhaInputError: the kernel is not built (the message says why) or the inputs are not on CPU.
+        AhaInputError: the kernel is not built (the message says why), the inputs are not on CPU,
+            or the forced microkernel does not run this dtype here.
     """
     if q.device.type != "cpu":
         raise AhaInputError(f"impl='cpp' runs on CPU tensors; these are on {q.device}. Use impl='auto'")
@@ -119,6 +127,13 @@ def cpp_attention(
     starts = key_start(key_padding_mask, q.shape[0], q.device)
     if q.dtype not in KERNEL_DTYPES or starts is None:
         return split_attention(q, k, v, route, window, scale, key_padding_mask, sink)
+    if choice is not None and microkernel_name(q.dtype, choice.microkernel) is None:
+        raise AhaInputError(
+            f"impl='cpp:{choice.microkernel}' does not run {q.dtype} on this CPU; use impl='cpp:vector' or 'auto'"
+        )
     return apply_route_with_kernel(
-        route, window >= k.shape[2], lambda hard, sink: kernel_attention(q, k, v, hard, window, scale, starts, sink), sink
+        route,
+        window >= k.shape[2],
+        lambda hard, sink: kernel_attention(q, k, v, hard, window, scale, starts, sink, choice),
+        sink,
     )

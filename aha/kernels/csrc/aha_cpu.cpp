@@ -20,7 +20,10 @@
 // softmax normaliser per query (-inf for a query with no key), which the backward reuses.
 // aha::forward with one query per head (decoding) takes a split-KV dot-product path instead.
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <fbgemm/Utils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -41,6 +44,7 @@
 #include <limits>
 #include <memory>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 namespace {
@@ -64,6 +68,9 @@ inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
 // 2^x with ~1 ulp relative error (Cephes exp2f polynomial on x - round(x)); exactly 0 for
 // x < -126, including -inf. Softmax arguments are <= 0, larger ones are clamped to 2^127.
+// kFast: a degree-4 polynomial, relative error 2.7e-6, for probabilities rounded to bf16 (whose
+// own rounding error is 3.9e-3); 2^0 is then not exactly 1.
+template <bool kFast = false>
 inline vfloat vexp2(vfloat x) {
   const vfloat lowest = vsplat(-126.0f);
   const vfloat xc = vmax(x, lowest) > vsplat(127.0f) ? vsplat(127.0f) : vmax(x, lowest);
@@ -74,13 +81,22 @@ inline vfloat vexp2(vfloat x) {
   const vfloat n = (xc + magic) - magic;
 #endif
   const vfloat f = xc - n;
-  vfloat p = vsplat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  vfloat p;
+  if constexpr (kFast) {
+    p = vsplat(9.560519835786383e-3f);
+    p = p * f + 5.591712286326782e-2f;
+    p = p * f + 2.402498165047801e-1f;
+    p = p * f + 6.931219575470391e-1f;
+    p = p * f + 9.999991904522173e-1f;
+  } else {
+    p = vsplat(1.535336188319500e-4f);
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+  }
 #if defined(__AVX512F__)
   const vfloat r = (vfloat)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n
 #else
@@ -294,20 +310,50 @@ Tiling make_tiles(const Problem& pb, const bool* route, const int32_t* key_start
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Key blocks of nearly equal size (at most kMaxKeyBlock) covering [lo, hi].
-inline int64_t key_block_count(int64_t lo, int64_t hi) { return (hi - lo + kMaxKeyBlock) / kMaxKeyBlock; }
+// Key blocks. A block owns the keys [j0, j1); the GEMMs run over its cover, `rows` keys from a0
+// (a0 <= j0, a0 + rows >= j1). Keys of the cover outside [j0, j1) are masked for every query row,
+// so a microkernel may widen a block to the sizes it computes fastest.
+struct KeyBlock {
+  int64_t a0, rows, j0, j1;
+};
 
-// Calls fn(j0, j1) for the key blocks [j0, j1) a tile reads: its sink keys, then its key range.
-template <typename Fn>
-void for_each_key_block(const Tile& tile, Fn&& fn) {
-  auto blocks_of = [&](int64_t lo, int64_t hi) {
+// Blocks of nearly equal size (at most kMaxKeyBlock), each its own cover: the hand-written kernels.
+struct EvenBlocks {
+  template <typename Fn>
+  static void split(int64_t lo, int64_t hi, Fn&& fn) {
     if (hi < lo) return;
-    const int64_t blocks = key_block_count(lo, hi);
     const int64_t span = hi - lo + 1;
-    for (int64_t blk = 0; blk < blocks; ++blk) fn(lo + span * blk / blocks, lo + span * (blk + 1) / blocks);
-  };
-  blocks_of(tile.sink_lo, tile.sink_hi);
-  blocks_of(tile.key_lo, tile.key_hi);
+    const int64_t blocks = (span + kMaxKeyBlock - 1) / kMaxKeyBlock;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t j0 = lo + span * blk / blocks, j1 = lo + span * (blk + 1) / blocks;
+      fn(KeyBlock{j0, j1 - j0, j0, j1});
+    }
+  }
+};
+
+// Blocks cut at multiples of kPanel, covers aligned to 16 keys: the oneDNN micro-GEMMs, whose
+// JIT-compiled kernels are cached per shape (so few shapes), read V^T panel by panel.
+#ifndef AHA_PANEL
+#define AHA_PANEL 512
+#endif
+constexpr int64_t kPanel = AHA_PANEL;
+struct PanelBlocks {
+  template <typename Fn>
+  static void split(int64_t lo, int64_t hi, Fn&& fn) {
+    for (int64_t j0 = lo; j0 <= hi;) {
+      const int64_t j1 = std::min(hi + 1, (j0 / kPanel + 1) * kPanel);
+      const int64_t a0 = j0 / kLanes * kLanes;
+      fn(KeyBlock{a0, round_up(j1, kLanes) - a0, j0, j1});
+      j0 = j1;
+    }
+  }
+};
+
+// Calls fn(block) for the key blocks a tile reads: its sink keys, then its key range.
+template <typename Blocks, typename Fn>
+void for_each_key_block(const Tile& tile, Fn&& fn) {
+  Blocks::split(tile.sink_lo, tile.sink_hi, fn);
+  Blocks::split(tile.key_lo, tile.key_hi, fn);
 }
 
 template <typename Elem = float>
@@ -318,6 +364,52 @@ struct AlignedBuffer {
              std::free) {}
   Elem* get() const { return data.get(); }
 };
+
+// Per-call scratch that the next call on the same thread reuses (up to kKeptBytes): a fresh
+// allocation of this size is fresh pages, and faulting them in cost 5-10% of a 16K-key forward.
+template <typename T>
+class CallBuffer {
+ public:
+  static constexpr size_t kKeptBytes = size_t(64) << 20;
+  explicit CallBuffer(int64_t count) : bytes_(round_up(std::max<int64_t>(count, 1) * sizeof(T), 64)) {
+    if (bytes_ > kKeptBytes) {
+      own_.reset(static_cast<std::byte*>(std::aligned_alloc(64, bytes_)));
+      data_ = own_.get();
+      return;
+    }
+    thread_local std::unique_ptr<std::byte[], void (*)(void*)> kept{nullptr, std::free};
+    thread_local size_t capacity = 0;
+    TORCH_CHECK(!t_call_buffer_busy, "aha: CallBuffer is not reentrant");
+    if (bytes_ > capacity) {
+      kept.reset(static_cast<std::byte*>(std::aligned_alloc(64, bytes_)));
+      capacity = bytes_;
+    }
+    data_ = kept.get();
+    borrowed_ = t_call_buffer_busy = true;
+  }
+  ~CallBuffer() {
+    if (borrowed_) t_call_buffer_busy = false;
+  }
+  CallBuffer(const CallBuffer&) = delete;
+  CallBuffer& operator=(const CallBuffer&) = delete;
+  T* get() const { return reinterpret_cast<T*>(data_); }
+
+ private:
+  static inline thread_local bool t_call_buffer_busy = false;
+  size_t bytes_;
+  std::unique_ptr<std::byte[], void (*)(void*)> own_{nullptr, std::free};
+  std::byte* data_ = nullptr;
+  bool borrowed_ = false;
+};
+
+// The oneDNN micro-GEMMs keep per-thread hardware state (AMX tile configuration) between calls;
+// a thread that used them releases it when its share of a parallel region ends.
+thread_local bool t_brgemm_vnni_used = false;
+thread_local bool t_brgemm_used = false;
+inline void release_brgemm() {
+  if (t_brgemm_used) at::native::cpublas::brgemm_release(t_brgemm_vnni_used);
+  t_brgemm_used = t_brgemm_vnni_used = false;
+}
 
 // Runs task(index, thread_slot) for every index, largest tasks first, balanced dynamically.
 template <typename Fn>
@@ -330,6 +422,7 @@ void run_tasks(const std::vector<int64_t>& order, Fn&& task) {
       for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(order.size()); i = next.fetch_add(1))
         task(order[i], slot);
     }
+    release_brgemm();
   });
 }
 
@@ -353,19 +446,24 @@ struct TileLimits {
   }
 };
 
-// Sets S^T[j, i] = fill for key rows j of block [j0, j1) that row i does not read (outside its
-// range and not a sink key <= hi[i]); only key rows outside the tile's shared range are visited.
-inline void mask_block(float* s, int64_t ld, int64_t j0, int64_t j1, const Tile& tile, const TileLimits& lim,
+// Sets S^T[j, i] = fill for the keys j of the block's cover that row i does not read: every key
+// outside [j0, j1), and the keys outside row i's range that are not sink keys <= hi[i]. Keys in
+// the tile's shared range are read by every row and skipped.
+inline void mask_block(float* s, int64_t ld, const KeyBlock& blk, const Tile& tile, const TileLimits& lim,
                        int64_t padded, float fill) {
   const vfloat fillv = vsplat(fill);
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = blk.a0; j < blk.a0 + blk.rows; ++j) {
+    float* row = s + (j - blk.a0) * ld;
+    if (j < blk.j0 || j >= blk.j1) {
+      for (int64_t i = 0; i < padded; i += kLanes) vstore(row + i, fillv);
+      continue;
+    }
     if (j >= tile.shared_lo && j <= tile.shared_hi) {
-      j = tile.shared_hi;  // skip to the first key past the shared range
+      j = std::min<int64_t>(tile.shared_hi, blk.j1 - 1);  // skip to the first key past the shared range
       continue;
     }
     const vint key = vint{} + static_cast<int32_t>(j);
     const vint sink = vint{} + (j < tile.sink_end ? -1 : 0);
-    float* row = s + (j - j0) * ld;
     for (int64_t i = 0; i < padded; i += kLanes) {
       const vint inside = ((vloadi(lim.lo + i) <= key) | sink) & (vloadi(lim.hi + i) >= key);
       vstore(row + i, inside ? vload(row + i) : fillv);
@@ -376,36 +474,98 @@ inline void mask_block(float* s, int64_t ld, int64_t j0, int64_t j1, const Tile&
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Two fp32 vectors rounded to bf16 (nearest even) and interleaved: word i = (a[i], b[i]).
+inline void store_bf16_pairs(vfloat a, vfloat b, uint32_t* dst) {
+#if defined(__AVX512BF16__)
+  // a in the low half, b in the high half, then interleaved: one word per lane
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a);
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, both));
+#else
+  for (int lane = 0; lane < kLanes; ++lane)
+    dst[lane] = uint32_t(c10::BFloat16(a[lane]).x) | uint32_t(c10::BFloat16(b[lane]).x) << 16;
+#endif
+}
+
 // Online-softmax step for one key block: S^T [nb x padded] (times `to_log2` in log2 units) becomes
-// P^T; the running max m (log2 units) and sum l of every query column are updated and the first
-// M rows of O are rescaled to the new max.
-inline void softmax_block(float* s, int64_t nb, int64_t padded, int64_t M, float to_log2, float* m, float* l,
-                          float* o, int64_t D) {
+// P^T; the running max m (log2 units) and sum l of every query column are updated and the
+// accumulated output of each query is rescaled to the new max (skipped where the max did not
+// move): O [padded x D] with `o_rows`, else O^T [D x padded].
+// P^T is written over S^T, or, with `pairs`, only as bf16 pairs of key rows (pairs[q][i] =
+// (P^T[2q][i], P^T[2q+1][i]), the VNNI layout; an odd last row is paired with 0), then from the
+// faster exponential (l sums the same unrounded values).
+// G column groups of 16 are done at once (G = 0: any padded, group by group): S^T is read row by
+// row in order, and the G max and sum chains are independent.
+template <int G>
+inline void softmax_groups(float* s, int64_t nb, int64_t padded, int64_t i0, float to_log2, float* m, float* l,
+                           float* o, int64_t D, bool o_rows, uint32_t* pairs) {
+  constexpr int kG = G > 0 ? G : 1;
   const vfloat c = vsplat(to_log2);
-  for (int64_t i = 0; i < padded; i += kLanes) {
-    const vfloat m_old = vload(m + i);
-    vfloat raw_max = vsplat(kNegInf);
-    for (int64_t j = 0; j < nb; ++j) raw_max = vmax(raw_max, vload(s + j * padded + i));
-    const vfloat mx = vmax(m_old, raw_max * c);
-    const vfloat m_use = mx == vsplat(kNegInf) ? vfloat{} : mx;  // no key yet: avoid -inf - -inf
-    const vfloat alpha = vexp2(m_old - m_use);
-    vfloat sum{};
-    for (int64_t j = 0; j < nb; ++j) {
-      const vfloat p = vexp2(vload(s + j * padded + i) * c - m_use);
-      vstore(s + j * padded + i, p);
-      sum += p;
+  vfloat mx[kG], m_use[kG], sum[kG];
+  for (int g = 0; g < kG; ++g) mx[g] = vsplat(kNegInf);
+  for (int64_t j = 0; j < nb; ++j)
+    for (int g = 0; g < kG; ++g) mx[g] = vmax(mx[g], vload(s + j * padded + i0 + g * kLanes));
+  for (int g = 0; g < kG; ++g) {
+    const vfloat m_old = vload(m + i0 + g * kLanes);
+    mx[g] = vmax(m_old, mx[g] * c);
+    m_use[g] = mx[g] == vsplat(kNegInf) ? vfloat{} : mx[g];  // no key yet: avoid -inf - -inf
+    sum[g] = vfloat{};
+  }
+  if (pairs) {
+    for (int64_t q = 0; 2 * q < nb; ++q) {
+      const float* row0 = s + 2 * q * padded + i0;
+      for (int g = 0; g < kG; ++g) {
+        const vfloat p0 = vexp2<true>(vload(row0 + g * kLanes) * c - m_use[g]);
+        const vfloat p1 = 2 * q + 1 < nb ? vexp2<true>(vload(row0 + padded + g * kLanes) * c - m_use[g]) : vfloat{};
+        sum[g] += p0 + p1;
+        store_bf16_pairs(p0, p1, pairs + q * padded + i0 + g * kLanes);
+      }
     }
-    vstore(l + i, vload(l + i) * alpha + sum);
-    vstore(m + i, mx);
-    alignas(64) float a[kLanes];
-    vstore(a, alpha);
-    for (int64_t r = i; r < std::min(i + kLanes, M); ++r)
-      for (int64_t d = 0; d < D; d += kLanes) vstore(o + r * D + d, vload(o + r * D + d) * a[r - i]);
+  } else {
+    for (int64_t j = 0; j < nb; ++j)
+      for (int g = 0; g < kG; ++g) {
+        float* x = s + j * padded + i0 + g * kLanes;
+        const vfloat p = vexp2(vload(x) * c - m_use[g]);
+        vstore(x, p);
+        sum[g] += p;
+      }
+  }
+  for (int g = 0; g < kG; ++g) {
+    const int64_t i = i0 + g * kLanes;
+    const vfloat m_old = vload(m + i);
+    const vfloat alpha = vexp2(m_old - m_use[g]);
+    vstore(l + i, vload(l + i) * alpha + sum[g]);
+    vstore(m + i, mx[g]);
+    // a column with no key before this block holds zeros: nothing to rescale
+    const vint moved = (alpha != vsplat(1.0f)) & (m_old != vsplat(kNegInf));
+    bool any = false;
+    for (int lane = 0; lane < kLanes; ++lane) any |= moved[lane] != 0;
+    if (!any) continue;
+    if (o_rows) {
+      for (int r = 0; r < kLanes; ++r)
+        for (int64_t d = 0; d < D; d += kLanes) vstore(o + (i + r) * D + d, vload(o + (i + r) * D + d) * alpha[r]);
+    } else {
+      for (int64_t d = 0; d < D; ++d) vstore(o + d * padded + i, vload(o + d * padded + i) * alpha);
+    }
   }
 }
 
-#if defined(__AVX512BF16__)
-// Packing for Bf16PairDot: a word holds two bf16 that are consecutive along the reduction.
+inline void softmax_block(float* s, int64_t nb, int64_t padded, float to_log2, float* m, float* l, float* o,
+                          int64_t D, bool o_rows, uint32_t* pairs) {
+  switch (padded / kLanes) {
+    case 1: return softmax_groups<1>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
+    case 2: return softmax_groups<2>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
+    case 3: return softmax_groups<3>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
+    case 4: return softmax_groups<4>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
+    default:
+      for (int64_t i = 0; i < padded; i += kLanes)
+        softmax_groups<0>(s, nb, padded, i, to_log2, m, l, o, D, o_rows, pairs);
+  }
+}
+
+// Packing into pairs of bf16 held in 32-bit words, consecutive along the reduction: the operand
+// layout of vdpbf16ps (Bf16PairDot) and the VNNI layout of oneDNN's bf16 micro-GEMMs.
 
 // qw[p][i] = (Q[i][2p], Q[i][2p+1]): word p of query row i, for the tile's rows (0 for padding).
 inline void pack_query_pairs(const c10::BFloat16* qh, int64_t q_st, const int32_t* rows, int64_t M, int64_t padded,
@@ -417,16 +577,6 @@ inline void pack_query_pairs(const c10::BFloat16* qh, int64_t q_st, const int32_
   }
 }
 
-// pw[q][i] = (P^T[2q][i], P^T[2q+1][i]) rounded to bf16; P^T has an even number of rows.
-inline void pack_probability_pairs(const float* s, int64_t padded, int64_t pairs, uint32_t* pw) {
-  for (int64_t q = 0; q < pairs; ++q)
-    for (int64_t i = 0; i < padded; i += kLanes) {
-      const __m512i even = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)vload(s + 2 * q * padded + i)));
-      const __m512i odd = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)vload(s + (2 * q + 1) * padded + i)));
-      _mm512_storeu_si512(pw + q * padded + i, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
-    }
-}
-
 // vw[q][c] = (V[j0+2q][c], V[j0+2q+1][c]) for keys [j0, j0 + nb); a missing last key is 0.
 inline void pack_value_pairs(const c10::BFloat16* vh, int64_t v_st, int64_t j0, int64_t nb, int64_t D, uint32_t* vw) {
   for (int64_t q = 0; q < (nb + 1) / 2; ++q) {
@@ -435,120 +585,456 @@ inline void pack_value_pairs(const c10::BFloat16* vh, int64_t v_st, int64_t j0, 
     for (int64_t c = 0; c < D; ++c) vw[q * D + c] = uint32_t(even[c].x) | (odd ? uint32_t(odd[c].x) << 16 : 0u);
   }
 }
+
+// The K and V rows of one (batch, KV head).
+template <typename T>
+struct HeadKV {
+  const T* k;
+  const T* v;
+  int64_t b, kv_head;
+};
+
+// dst [cols x rows] = src [rows x cols]^T for 16- or 32-bit elements (fbgemm's SIMD transpose).
+template <typename T>
+inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4);
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, float>;
+  fbgemm::transpose_simd<Bits>(rows, cols, reinterpret_cast<const Bits*>(src), ld_src, reinterpret_cast<Bits*>(dst),
+                               ld_dst);
+}
+
+// X^T of every (batch, KV head) in panels of kPanel keys, [batch, kv_heads, panels, D, kPanel], zero
+// past the last key: the A operand of the GEMMs that reduce over keys (V^T . P^T, K^T . dS^T).
+template <typename T>
+struct TransposedPanels {
+  const Problem& pb;
+  int64_t panels;
+  CallBuffer<T> data;
+  TransposedPanels(const Problem& problem, const T* x, int64_t sb, int64_t sh, int64_t st)
+      : pb(problem), panels((pb.seq_kv + kPanel - 1) / kPanel), data(pb.batch * pb.kv_heads * panels * pb.dim * kPanel) {
+    const int64_t D = pb.dim;
+    at::parallel_for(0, pb.batch * pb.kv_heads * panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t index = begin; index < end; ++index) {
+        const int64_t head = index / panels, panel = index % panels;
+        const T* xh = x + (head / pb.kv_heads) * sb + (head % pb.kv_heads) * sh;
+        T* dst = data.get() + index * D * kPanel;
+        const int64_t first = panel * kPanel, count = std::min(kPanel, pb.seq_kv - first);
+        transpose(count, D, xh + first * st, st, dst, kPanel);
+        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kPanel + count, dst + (d + 1) * kPanel, T(0.0f));
+      }
+    });
+  }
+  // The panel column of `key`: columns [key, key + n) for a block within one panel.
+  const T* at(const HeadKV<T>& h, int64_t key) const {
+    return data.get() + ((h.b * pb.kv_heads + h.kv_head) * panels + key / kPanel) * pb.dim * kPanel + key % kPanel;
+  }
+};
+
+// The rows of a block's cover from [seq, D] rows with stride ld, as (pointer, stride): in place, or
+// copied into `pad` with zero rows where the cover runs past the last key.
+template <typename T>
+std::pair<const T*, int64_t> cover_rows(const T* base, int64_t ld, const KeyBlock& blk, int64_t seq, int64_t D, T* pad) {
+  const T* first = base + blk.a0 * ld;
+  if (blk.a0 + blk.rows <= seq) return {first, ld};
+  const int64_t real = seq - blk.a0;
+  for (int64_t j = 0; j < blk.rows; ++j)
+    for (int64_t d = 0; d < D; ++d) pad[j * D + d] = j < real ? first[j * ld + d] : T(0.0f);
+  return {pad, D};
+}
+
+// The query rows of a tile, gathered as rows [padded x D] (zero padding rows), times `factor` when
+// it is not 1 (then fp32).
+template <typename T, typename U>
+inline void gather_rows(const T* qh, int64_t q_st, const int32_t* rows, int64_t M, int64_t padded, int64_t D,
+                        float factor, U* dst) {
+  for (int64_t i = 0; i < padded; ++i) {
+    U* out = dst + i * D;
+    if (i >= M) {
+      std::fill(out, out + D, U(0.0f));
+    } else if (std::is_same_v<T, U> && factor == 1.0f) {
+      std::memcpy(out, qh + rows[i] * q_st, D * sizeof(T));
+    } else {
+      if constexpr (std::is_same_v<U, float>) {
+        widen_row(qh + rows[i] * q_st, out, D);
+        for (int64_t d = 0; d < D; ++d) out[d] *= factor;
+      }
+    }
+  }
+}
+
+// Microkernels of the forward. Each computes, for one tile whose query rows it has loaded,
+//   scores(block):      S^T [cover x padded] = K[cover] . Q^T   (log2 units if kPrescaled, else raw)
+//   accumulate(block):  O [M x D] += P . V[cover]  (kOutputRows), else O^T [D x padded] += V^T . P^T
+// with per-thread scratch in Scratch. P^T is in S^T, or in bf16 pairs when pairs() is not null.
+// The tile loop, masking and softmax are shared.
+
+// Hand-written GEMMs on fp32 rows (bf16/fp16 widened block by block): AVX-512 or AVX2.
+template <typename T>
+struct VectorKernel {
+  static constexpr bool kPrescaled = true;
+  static constexpr bool kOutputRows = true;
+  using Blocks = EvenBlocks;
+  const Problem& pb;
+  struct Scratch {
+    AlignedBuffer<> qrows, qt, kbuf, vbuf;
+    Scratch(const Problem& pb, int64_t P)
+        : qrows(P * pb.dim), qt(pb.dim * P), kbuf(kMaxKeyBlock * pb.dim), vbuf(kMaxKeyBlock * pb.dim) {}
+    uint32_t* pairs() { return nullptr; }
+  };
+  void load_queries(Scratch& sc, const T* qh, const int32_t* rows, int64_t M, int64_t padded) const {
+    gather_rows(qh, pb.q_st, rows, M, padded, pb.dim, pb.scale * kLog2e, sc.qrows.get());
+    transpose(padded, pb.dim, sc.qrows.get(), pb.dim, sc.qt.get(), padded);
+  }
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+    auto [kp, ldk] = rows_as_float(h.k, pb.k_st, blk.a0, blk.rows, pb.dim, sc.kbuf.get());
+    gemm<false>(blk.rows, padded, pb.dim, kp, ldk, 1, sc.qt.get(), padded, s, padded);
+  }
+  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t M, int64_t padded, float* s,
+                  float* o) const {
+    auto [vp, ldv] = rows_as_float(h.v, pb.v_st, blk.a0, blk.rows, pb.dim, sc.vbuf.get());
+    gemm<true>(M, pb.dim, blk.rows, s, 1, padded, vp, ldv, o, pb.dim);
+  }
+};
+
+// Query rows of a tile as the bf16-pair B operand Q^T: qw[p][i] = (Q[i][2p], Q[i][2p+1]).
+struct QueryPairs {
+  AlignedBuffer<c10::BFloat16> qrows;
+  AlignedBuffer<uint32_t> qw;
+  QueryPairs(int64_t D, int64_t P) : qrows(P * D), qw(D / 2 * P) {}
+  void load(const Problem& pb, const c10::BFloat16* qh, const int32_t* rows, int64_t M, int64_t padded) {
+    gather_rows(qh, pb.q_st, rows, M, padded, pb.dim, 1.0f, qrows.get());
+    transpose(padded, pb.dim / 2, reinterpret_cast<const uint32_t*>(qrows.get()), pb.dim / 2, qw.get(), padded);
+  }
+};
+
+#if defined(__AVX512BF16__)
+// bf16 with AVX512-BF16: the hand-written GEMMs read bf16 pairs (vdpbf16ps), K rows in place.
+struct Bf16PairKernel {
+  static constexpr bool kPrescaled = false;
+  static constexpr bool kOutputRows = true;
+  using Blocks = EvenBlocks;
+  using T = c10::BFloat16;
+  const Problem& pb;
+  struct Scratch {
+    QueryPairs q;
+    AlignedBuffer<uint32_t> pw, vw;
+    Scratch(const Problem& pb, int64_t P)
+        : q(pb.dim, P), pw((kMaxKeyBlock / 2 + 1) * P), vw((kMaxKeyBlock / 2 + 1) * pb.dim) {}
+    uint32_t* pairs() { return pw.get(); }
+  };
+  void load_queries(Scratch& sc, const T* qh, const int32_t* rows, int64_t M, int64_t padded) const {
+    sc.q.load(pb, qh, rows, M, padded);
+  }
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+    const auto* kw = reinterpret_cast<const uint32_t*>(h.k + blk.a0 * pb.k_st);
+    gemm<false, Bf16PairDot>(blk.rows, padded, pb.dim / 2, kw, pb.k_st / 2, 1, sc.q.qw.get(), padded, s, padded);
+  }
+  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t M, int64_t padded, float*,
+                  float* o) const {
+    pack_value_pairs(h.v, pb.v_st, blk.a0, blk.rows, pb.dim, sc.vw.get());
+    gemm<true, Bf16PairDot>(M, pb.dim, (blk.rows + 1) / 2, sc.pw.get(), 1, padded, sc.vw.get(), pb.dim, o, pb.dim);
+  }
+};
 #endif
 
+// oneDNN micro-GEMMs (at::native::cpublas::brgemm, the ones PyTorch's CPU flash attention uses):
+// AMX tiles for bf16 where the CPU has them (else AVX-512), AVX-512/AVX2 FMA for fp32; chosen by
+// oneDNN at run time. The A operands are K rows in place and V^T, transposed once per call into
+// panels of kPanel keys (zero past the last key); the B operands are Q^T and P^T, in VNNI pairs
+// for bf16.
 template <typename T>
-void forward_impl(const Problem& pb, const T* q, const T* k, const T* v, const Tiling& tl, T* out, float* lse) {
+struct BrgemmKernel {
+  static constexpr bool kVnni = std::is_same_v<T, c10::BFloat16>;
+  static constexpr bool kPrescaled = !kVnni;
+  static constexpr bool kOutputRows = false;
+  using Blocks = PanelBlocks;
+  const Problem& pb;
+  TransposedPanels<T> vt;
+
+  BrgemmKernel(const Problem& problem, const T* v) : pb(problem), vt(problem, v, pb.v_sb, pb.v_sh, pb.v_st) {}
+
+  struct Scratch {
+    std::conditional_t<kVnni, QueryPairs, std::monostate> q;
+    AlignedBuffer<float> qrows, qt;
+    AlignedBuffer<uint32_t> pw;
+    AlignedBuffer<T> kpad;
+    Scratch(const Problem& pb, int64_t P)
+        : q(make_queries(pb.dim, P)), qrows(kVnni ? 0 : P * pb.dim), qt(kVnni ? 0 : pb.dim * P),
+          pw(kVnni ? kPanel / 2 * P : 0), kpad(kPanel * pb.dim) {}
+    static auto make_queries(int64_t D, int64_t P) {
+      if constexpr (kVnni) return QueryPairs(D, P); else return std::monostate{};
+    }
+    uint32_t* pairs() { return kVnni ? pw.get() : nullptr; }
+  };
+  static void mark_used() {
+    t_brgemm_used = true;
+    t_brgemm_vnni_used |= kVnni;
+  }
+  void load_queries(Scratch& sc, const T* qh, const int32_t* rows, int64_t M, int64_t padded) const {
+    if constexpr (kVnni) {
+      sc.q.load(pb, qh, rows, M, padded);
+    } else {
+      gather_rows(qh, pb.q_st, rows, M, padded, pb.dim, pb.scale * kLog2e, sc.qrows.get());
+      transpose(padded, pb.dim, sc.qrows.get(), pb.dim, sc.qt.get(), padded);
+    }
+  }
+  const T* query_operand(Scratch& sc) const {
+    if constexpr (kVnni) return reinterpret_cast<const T*>(sc.q.qw.get()); else return sc.qt.get();
+  }
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+    auto [a, lda] = cover_rows(h.k, pb.k_st, blk, pb.seq_kv, pb.dim, sc.kpad.get());
+    mark_used();
+    at::native::cpublas::brgemm(blk.rows, padded, pb.dim, lda, padded, padded, false, a, query_operand(sc), s, kVnni);
+  }
+  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t, int64_t padded, float* s,
+                  float* ot) const {
+    const T* a = vt.at(h, blk.a0);
+    const T* b = kVnni ? reinterpret_cast<const T*>(sc.pw.get()) : reinterpret_cast<const T*>(s);
+    mark_used();
+    at::native::cpublas::brgemm(pb.dim, padded, blk.rows, kPanel, padded, padded, true, a, b, ot, kVnni);
+  }
+};
+
+// out rows = O^T columns / l, converted to T (bf16 rounded to nearest even).
+template <typename T>
+inline void store_row(const float* o, float scale, int64_t D, T* dst) {
+  int64_t d = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    for (; d + kLanes <= D; d += kLanes)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh((__m512)(vload(o + d) * scale)));
+#endif
+  for (; d < D; ++d) dst[d] = from_float<T>(o[d] * scale);
+}
+
+template <typename T, typename Kernel>
+void forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* k, const T* v, const Tiling& tl,
+                  T* out, float* lse) {
   const int64_t D = pb.dim;
   const int64_t group = pb.group();
   int64_t max_rows = 16;
   for (const Tile& t : tl.tiles) max_rows = std::max<int64_t>(max_rows, t.count);
   const int64_t P = round_up(max_rows, kLanes);
-  // bf16 with AVX512-BF16: the GEMMs read bf16 pairs directly (K rows must hold whole pairs)
-  constexpr bool kPairKernel = kHasBf16Dot && std::is_same_v<T, c10::BFloat16>;
-  const bool pairs = kPairKernel && pb.k_st % 2 == 0;
-  const float to_log2 = pb.scale * kLog2e;
+  const float softmax_factor = Kernel::kPrescaled ? 1.0f : pb.scale * kLog2e;
 
   std::vector<double> costs(tl.tiles.size());
   for (size_t i = 0; i < costs.size(); ++i) costs[i] = tl.tiles[i].cost;
   const auto order = largest_first(costs);
 
   struct Scratch {
-    AlignedBuffer<> qt, s, o, m, l, kbuf, vbuf;
-    AlignedBuffer<uint32_t> qw, pw, vw;
-    Scratch(int64_t D, int64_t P, bool pairs)
-        : qt(pairs ? 0 : D * P), s((kMaxKeyBlock + 1) * P), o(P * D), m(P), l(P), kbuf(pairs ? 0 : kMaxKeyBlock * D),
-          vbuf(pairs ? 0 : kMaxKeyBlock * D), qw(pairs ? D / 2 * P : 0), pw(pairs ? (kMaxKeyBlock / 2 + 1) * P : 0),
-          vw(pairs ? (kMaxKeyBlock / 2 + 1) * D : 0) {}
+    typename Kernel::Scratch kernel;
+    AlignedBuffer<> s, acc, o, m, l;
+    Scratch(const Problem& pb, int64_t P)
+        : kernel(pb, P), s((kMaxKeyBlock + 2) * P), acc(pb.dim * P), o(P * pb.dim), m(P), l(P) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
 
   run_tasks(order, [&](int64_t index, int64_t slot) {
     if (index < 0) {
-      if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(D, P, pairs);
+      if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(pb, P);
       return;
     }
     Scratch& sc = *scratch[slot];
     const Tile& tile = tl.tiles[index];
     const int64_t M = tile.count;
     const int64_t padded = round_up(M, kLanes);
-    const T* qh = q + tile.b * pb.q_sb + tile.h * pb.q_sh;
-    const T* kh = k + tile.b * pb.k_sb + (tile.h / group) * pb.k_sh;
-    const T* vh = v + tile.b * pb.v_sb + (tile.h / group) * pb.v_sh;
+    const HeadKV<T> head{k + tile.b * pb.k_sb + (tile.h / group) * pb.k_sh,
+                         v + tile.b * pb.v_sb + (tile.h / group) * pb.v_sh, tile.b, tile.h / group};
     const int32_t* rows = tl.rows.data() + tile.offset;
     TileLimits lim;
     lim.load(tl, tile, padded);
 
-    float* qt = sc.qt.get();
-#if defined(__AVX512BF16__)
-    if constexpr (kPairKernel) {
-      if (pairs) pack_query_pairs(qh, pb.q_st, rows, M, padded, D, sc.qw.get());
-    }
-#endif
-    if (!pairs) {  // Q^T in fp32, pre-scaled so that scores come out in log2 units
-      float row[1024];
-      for (int64_t i = 0; i < padded; ++i) {
-        if (i < M) widen_row(qh + rows[i] * pb.q_st, row, D);
-        for (int64_t d = 0; d < D; ++d) qt[d * padded + i] = i < M ? row[d] * to_log2 : 0.0f;
-      }
-    }
-    float* o = sc.o.get();
-    float* m = sc.m.get();
-    float* l = sc.l.get();
-    std::fill(o, o + padded * D, 0.0f);
+    kernel.load_queries(sc.kernel, q + tile.b * pb.q_sb + tile.h * pb.q_sh, rows, M, padded);
+    float *s = sc.s.get(), *acc = sc.acc.get(), *m = sc.m.get(), *l = sc.l.get();
+    std::fill(acc, acc + D * padded, 0.0f);
     std::fill(m, m + padded, kNegInf);
     std::fill(l, l + padded, 0.0f);
-    float* s = sc.s.get();
-
-    for_each_key_block(tile, [&](int64_t j0, int64_t j1) {
-      const int64_t nb = j1 - j0;
-#if defined(__AVX512BF16__)
-      if constexpr (kPairKernel) {
-        if (pairs) {
-          const auto* kw = reinterpret_cast<const uint32_t*>(kh + j0 * pb.k_st);
-          gemm<false, Bf16PairDot>(nb, padded, D / 2, kw, pb.k_st / 2, 1, sc.qw.get(), padded, s, padded);
-          mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
-          softmax_block(s, nb, padded, M, to_log2, m, l, o, D);
-          std::fill(s + nb * padded, s + (nb + 1) * padded, 0.0f);  // pairs need an even row count
-          pack_probability_pairs(s, padded, (nb + 1) / 2, sc.pw.get());
-          pack_value_pairs(vh, pb.v_st, j0, nb, D, sc.vw.get());
-          gemm<true, Bf16PairDot>(M, D, (nb + 1) / 2, sc.pw.get(), 1, padded, sc.vw.get(), D, o, D);
-          return;
-        }
-      }
-#endif
-      auto [kp, ldk] = rows_as_float(kh, pb.k_st, j0, nb, D, sc.kbuf.get());
-      auto [vp, ldv] = rows_as_float(vh, pb.v_st, j0, nb, D, sc.vbuf.get());
-      gemm<false>(nb, padded, D, kp, ldk, 1, qt, padded, s, padded);
-      mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
-      softmax_block(s, nb, padded, M, 1.0f, m, l, o, D);
-      gemm<true>(M, D, nb, s, 1, padded, vp, ldv, o, D);
+    for_each_key_block<typename Kernel::Blocks>(tile, [&](const KeyBlock& blk) {
+      kernel.scores(sc.kernel, head, blk, padded, s);
+      mask_block(s, padded, blk, tile, lim, padded, kNegInf);
+      softmax_block(s, blk.rows, padded, softmax_factor, m, l, acc, D, Kernel::kOutputRows, sc.kernel.pairs());
+      kernel.accumulate(sc.kernel, head, blk, M, padded, s, acc);
     });
 
+    const float* o = acc;  // O [padded x D]
+    if constexpr (!Kernel::kOutputRows) {
+      transpose(D, padded, acc, padded, sc.o.get(), D);
+      o = sc.o.get();
+    }
     T* oh = out + (tile.b * pb.q_heads + tile.h) * pb.seq_q * D;
     float* lh = lse + (tile.b * pb.q_heads + tile.h) * pb.seq_q;
     for (int64_t i = 0; i < M; ++i) {
       const bool empty = lim.lo[i] > lim.hi[i];
-      const float inv = empty ? 0.0f : 1.0f / l[i];
-      T* dst = oh + rows[i] * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(o[i * D + d] * inv);
+      store_row(o + i * D, empty ? 0.0f : 1.0f / l[i], D, oh + rows[i] * D);
       lh[rows[i]] = empty ? kNegInf : (m[i] + std::log2(l[i])) * kLn2;
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward. Tasks are (batch, KV head, part): a task owns the dK/dV accumulators of its part, so
-// no two threads write the same memory; parts > 1 only when there are fewer KV heads than threads.
+// Backward (FlashAttention-2 style, from the forward's log-sum-exp). Per tile and key block:
+//   P^T = 2^(S^T - lse), dV += P^T . dO, dP^T = V . dO^T, dS^T = P^T * (dP^T - delta) * scale,
+//   dK += dS^T . Q, dQ += dS . K.
+// Microkernels supply the GEMMs; masking, the exponential and dS are shared. Tasks are (batch,
+// KV head, part): a task owns the dK/dV accumulators of its part, so no two threads write the same
+// memory; parts > 1 only when there are fewer KV heads than threads.
 
+// Hand-written GEMMs on fp32 rows (bf16/fp16 widened): AVX-512 or AVX2.
 template <typename T>
-void backward_impl(const Problem& pb, const T* q, const T* k, const T* v, const T* out, const T* dout,
-                   const float* lse, const Tiling& tl, int64_t parts, T* dq, float* dk_parts, float* dv_parts) {
+struct VectorBackward {
+  static constexpr bool kPrescaled = true;
+  static constexpr bool kOutputRows = true;  // dQ accumulates as rows [padded x D]
+  using Blocks = EvenBlocks;
+  const Problem& pb;
+  struct Scratch {
+    AlignedBuffer<> qrows, qt, dorows, dot, kbuf, vbuf;
+    const float* kp = nullptr;
+    int64_t ldk = 0;
+    Scratch(const Problem& pb, int64_t P)
+        : qrows(P * pb.dim), qt(pb.dim * P), dorows(P * pb.dim), dot(pb.dim * P), kbuf(kMaxKeyBlock * pb.dim),
+          vbuf(kMaxKeyBlock * pb.dim) {}
+  };
+  void load_tile(Scratch& sc, const T* qh, const T* doh, const int32_t* rows, int64_t M, int64_t padded) const {
+    const int64_t D = pb.dim;
+    gather_rows(qh, pb.q_st, rows, M, padded, D, 1.0f, sc.qrows.get());
+    gather_rows(doh, D, rows, M, padded, D, 1.0f, sc.dorows.get());
+    transpose(padded, D, sc.qrows.get(), D, sc.qt.get(), padded);
+    transpose(padded, D, sc.dorows.get(), D, sc.dot.get(), padded);
+    const float qscale = pb.scale * kLog2e;
+    for (int64_t x = 0; x < D * padded; ++x) sc.qt.get()[x] *= qscale;
+  }
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+    std::tie(sc.kp, sc.ldk) = rows_as_float(h.k, pb.k_st, blk.a0, blk.rows, pb.dim, sc.kbuf.get());
+    gemm<false>(blk.rows, padded, pb.dim, sc.kp, sc.ldk, 1, sc.qt.get(), padded, s, padded);
+  }
+  void grad_v(Scratch& sc, const KeyBlock& blk, int64_t M, int64_t padded, const float* s, float* dv) const {
+    gemm<true>(blk.rows, pb.dim, M, s, padded, 1, sc.dorows.get(), pb.dim, dv + blk.a0 * pb.dim, pb.dim);
+  }
+  void grad_probs(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* dp) const {
+    auto [vp, ldv] = rows_as_float(h.v, pb.v_st, blk.a0, blk.rows, pb.dim, sc.vbuf.get());
+    gemm<false>(blk.rows, padded, pb.dim, vp, ldv, 1, sc.dot.get(), padded, dp, padded);
+  }
+  void grad_qk(Scratch& sc, const HeadKV<T>&, const KeyBlock& blk, int64_t M, int64_t padded, const float* ds,
+               float* dk, float* dq) const {
+    gemm<true>(M, pb.dim, blk.rows, ds, 1, padded, sc.kp, sc.ldk, dq, pb.dim);
+    gemm<true>(blk.rows, pb.dim, M, ds, padded, 1, sc.qrows.get(), pb.dim, dk + blk.a0 * pb.dim, pb.dim);
+  }
+};
+
+// x rows [2r, 2r+1] of a [rows x D] bf16 matrix as the VNNI B operand: w[r][d] = (X[2r][d], X[2r+1][d]).
+inline void pack_row_pairs(const c10::BFloat16* x, int64_t rows, int64_t D, uint32_t* w) {
+  for (int64_t r = 0; r < rows / 2; ++r)
+    for (int64_t d = 0; d < D; ++d) w[r * D + d] = uint32_t(x[2 * r * D + d].x) | uint32_t(x[(2 * r + 1) * D + d].x) << 16;
+}
+
+// [rows x padded] fp32 rounded to bf16 (a plain A operand).
+inline void round_to_bf16(const float* x, int64_t count, c10::BFloat16* out) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + kLanes <= count; i += kLanes)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh((__m512)vload(x + i)));
+#endif
+  for (; i < count; ++i) out[i] = c10::BFloat16(x[i]);
+}
+
+// oneDNN micro-GEMMs (AMX for bf16 where present). A operands: K and V rows in place, P^T and
+// dS^T (bf16 copies for bf16), K^T in panels; B operands: Q^T, dO^T, dO, Q and dS^T (VNNI pairs
+// for bf16). dQ accumulates transposed, [D x padded].
+template <typename T>
+struct BrgemmBackward {
+  static constexpr bool kVnni = std::is_same_v<T, c10::BFloat16>;
+  static constexpr bool kPrescaled = !kVnni;
+  static constexpr bool kOutputRows = false;
+  using Blocks = PanelBlocks;
+  using Operand = std::conditional_t<kVnni, uint32_t, float>;
+  const Problem& pb;
+  TransposedPanels<T> kt;
+
+  BrgemmBackward(const Problem& problem, const T* k) : pb(problem), kt(problem, k, pb.k_sb, pb.k_sh, pb.k_st) {}
+
+  struct Scratch {
+    AlignedBuffer<T> qrows, dorows, pbuf, dsbuf, pad;
+    AlignedBuffer<Operand> qt, dot, qw, dow, dsw;
+    Scratch(const Problem& pb, int64_t P)
+        : qrows(P * pb.dim), dorows(P * pb.dim), pbuf(kVnni ? kPanel * P : 0), dsbuf(kVnni ? kPanel * P : 0),
+          pad(kPanel * pb.dim), qt(kVnni ? pb.dim / 2 * P : pb.dim * P), dot(kVnni ? pb.dim / 2 * P : pb.dim * P),
+          qw(kVnni ? P / 2 * pb.dim : 0), dow(kVnni ? P / 2 * pb.dim : 0), dsw(kVnni ? kPanel / 2 * P : 0) {}
+  };
+  static void mark_used() {
+    t_brgemm_used = true;
+    t_brgemm_vnni_used |= kVnni;
+  }
+  // Q^T / dO^T as B operands [D x padded] (pairs of D for bf16) and Q / dO rows [padded x D] (pairs of rows).
+  void load_tile(Scratch& sc, const T* qh, const T* doh, const int32_t* rows, int64_t M, int64_t padded) const {
+    const int64_t D = pb.dim;
+    gather_rows(qh, pb.q_st, rows, M, padded, D, 1.0f, sc.qrows.get());
+    gather_rows(doh, D, rows, M, padded, D, 1.0f, sc.dorows.get());
+    if constexpr (kVnni) {
+      transpose(padded, D / 2, reinterpret_cast<const uint32_t*>(sc.qrows.get()), D / 2, sc.qt.get(), padded);
+      transpose(padded, D / 2, reinterpret_cast<const uint32_t*>(sc.dorows.get()), D / 2, sc.dot.get(), padded);
+      pack_row_pairs(sc.qrows.get(), padded, D, sc.qw.get());
+      pack_row_pairs(sc.dorows.get(), padded, D, sc.dow.get());
+    } else {
+      transpose(padded, D, sc.qrows.get(), D, sc.qt.get(), padded);
+      transpose(padded, D, sc.dorows.get(), D, sc.dot.get(), padded);
+      const float qscale = pb.scale * kLog2e;
+      for (int64_t x = 0; x < D * padded; ++x) sc.qt.get()[x] *= qscale;
+    }
+  }
+  const T* b_operand(const AlignedBuffer<Operand>& pairs_or_fp32) const {
+    return reinterpret_cast<const T*>(pairs_or_fp32.get());
+  }
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+    auto [a, lda] = cover_rows(h.k, pb.k_st, blk, pb.seq_kv, pb.dim, sc.pad.get());
+    mark_used();
+    at::native::cpublas::brgemm(blk.rows, padded, pb.dim, lda, padded, padded, false, a, b_operand(sc.qt), s, kVnni);
+  }
+  void grad_v(Scratch& sc, const KeyBlock& blk, int64_t, int64_t padded, const float* s, float* dv) const {
+    const T* a = reinterpret_cast<const T*>(s);
+    const T* b = reinterpret_cast<const T*>(sc.dorows.get());
+    if constexpr (kVnni) {
+      round_to_bf16(s, blk.rows * padded, sc.pbuf.get());
+      a = sc.pbuf.get();
+      b = b_operand(sc.dow);
+    }
+    mark_used();
+    at::native::cpublas::brgemm(blk.rows, pb.dim, padded, padded, pb.dim, pb.dim, true, a, b, dv + blk.a0 * pb.dim, kVnni);
+  }
+  void grad_probs(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* dp) const {
+    auto [a, lda] = cover_rows(h.v, pb.v_st, blk, pb.seq_kv, pb.dim, sc.pad.get());
+    mark_used();
+    at::native::cpublas::brgemm(blk.rows, padded, pb.dim, lda, padded, padded, false, a, b_operand(sc.dot), dp, kVnni);
+  }
+  void grad_qk(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t, int64_t padded, const float* ds,
+               float* dk, float* dqt) const {
+    const T* a = reinterpret_cast<const T*>(ds);
+    const T* b_q = reinterpret_cast<const T*>(sc.qrows.get());
+    const T* b_ds = reinterpret_cast<const T*>(ds);
+    if constexpr (kVnni) {
+      round_to_bf16(ds, blk.rows * padded, sc.dsbuf.get());
+      for (int64_t q = 0; q < blk.rows / 2; ++q)
+        for (int64_t i = 0; i < padded; i += kLanes)
+          store_bf16_pairs(vload(ds + 2 * q * padded + i), vload(ds + (2 * q + 1) * padded + i), sc.dsw.get() + q * padded + i);
+      a = sc.dsbuf.get();
+      b_q = b_operand(sc.qw);
+      b_ds = b_operand(sc.dsw);
+    }
+    mark_used();
+    at::native::cpublas::brgemm(blk.rows, pb.dim, padded, padded, pb.dim, pb.dim, true, a, b_q, dk + blk.a0 * pb.dim, kVnni);
+    at::native::cpublas::brgemm(pb.dim, padded, blk.rows, kPanel, padded, padded, true, kt.at(h, blk.a0), b_ds, dqt, kVnni);
+  }
+};
+
+template <typename T, typename Kernel>
+void backward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* k, const T* v, const T* out,
+                   const T* dout, const float* lse, const Tiling& tl, int64_t parts, int64_t acc_rows, T* dq,
+                   float* dk_parts, float* dv_parts) {
   const int64_t D = pb.dim;
   const int64_t group = pb.group();
   int64_t max_rows = 16;
   for (const Tile& t : tl.tiles) max_rows = std::max<int64_t>(max_rows, t.count);
   const int64_t P = round_up(max_rows, kLanes);
+  const float exp_factor = Kernel::kPrescaled ? 1.0f : pb.scale * kLog2e;
 
   // tiles of each (b, kv head), dealt to `parts` tasks largest first onto the least loaded part
   const int64_t heads = pb.batch * pb.kv_heads;
@@ -569,96 +1055,79 @@ void backward_impl(const Problem& pb, const T* q, const T* k, const T* v, const 
   }
 
   struct Scratch {
-    AlignedBuffer<> qt, dot, qrows, dorows, s, dp, dqt, delta, lse2, kbuf, vbuf;
-    Scratch(int64_t D, int64_t P)
-        : qt(D * P), dot(D * P), qrows(P * D), dorows(P * D), s(kMaxKeyBlock * P), dp(kMaxKeyBlock * P), dqt(P * D),
-          delta(P), lse2(P), kbuf(kMaxKeyBlock * D), vbuf(kMaxKeyBlock * D) {}
+    typename Kernel::Scratch kernel;
+    AlignedBuffer<> s, dp, dqacc, dqrows, delta, lse2, orow, dorow;
+    Scratch(const Problem& pb, int64_t P)
+        : kernel(pb, P), s(kMaxKeyBlock * P), dp(kMaxKeyBlock * P), dqacc(P * pb.dim), dqrows(P * pb.dim), delta(P),
+          lse2(P), orow(pb.dim), dorow(pb.dim) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
 
   run_tasks(largest_first(task_cost), [&](int64_t task, int64_t slot) {
     if (task < 0) {
-      if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(D, P);
+      if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(pb, P);
       return;
     }
     Scratch& sc = *scratch[slot];
-    float* dk_acc = dk_parts + task * pb.seq_kv * D;
-    float* dv_acc = dv_parts + task * pb.seq_kv * D;
+    float* dk_acc = dk_parts + task * acc_rows * D;
+    float* dv_acc = dv_parts + task * acc_rows * D;
     for (int64_t index : task_tiles[task]) {
       const Tile& tile = tl.tiles[index];
       if (tile.key_hi < tile.key_lo) continue;  // every row empty: zero gradients
       const int64_t M = tile.count;
       const int64_t padded = round_up(M, kLanes);
       const int64_t head_off = (tile.b * pb.q_heads + tile.h);
-      const T* qh = q + tile.b * pb.q_sb + tile.h * pb.q_sh;
-      const T* oh = out + head_off * pb.seq_q * D;
       const T* doh = dout + head_off * pb.seq_q * D;
+      const T* oh = out + head_off * pb.seq_q * D;
       const float* lh = lse + head_off * pb.seq_q;
-      const T* kh = k + tile.b * pb.k_sb + (tile.h / group) * pb.k_sh;
-      const T* vh = v + tile.b * pb.v_sb + (tile.h / group) * pb.v_sh;
+      const HeadKV<T> head{k + tile.b * pb.k_sb + (tile.h / group) * pb.k_sh,
+                           v + tile.b * pb.v_sb + (tile.h / group) * pb.v_sh, tile.b, tile.h / group};
       const int32_t* rows = tl.rows.data() + tile.offset;
       TileLimits lim;
       lim.load(tl, tile, padded);
+      kernel.load_tile(sc.kernel, q + tile.b * pb.q_sb + tile.h * pb.q_sh, doh, rows, M, padded);
 
-      float *qt = sc.qt.get(), *dot = sc.dot.get(), *qrows = sc.qrows.get(), *dorows = sc.dorows.get();
-      float *delta = sc.delta.get(), *lse2 = sc.lse2.get(), *dqt = sc.dqt.get();
-      const float qscale = pb.scale * kLog2e;
-      float orow[1024];
+      float *delta = sc.delta.get(), *lse2 = sc.lse2.get(), *dqacc = sc.dqacc.get();
       for (int64_t i = 0; i < padded; ++i) {
-        float* qr = qrows + i * D;
-        float* dr = dorows + i * D;
         const bool live = i < M && lim.lo[i] <= lim.hi[i];
-        if (live) {
-          widen_row(qh + rows[i] * pb.q_st, qr, D);
-          widen_row(doh + rows[i] * D, dr, D);
-          widen_row(oh + rows[i] * D, orow, D);
-        } else {
-          std::fill(qr, qr + D, 0.0f);
-          std::fill(dr, dr + D, 0.0f);
-        }
         float dsum = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-          if (live) dsum += dr[d] * orow[d];
-          qt[d * padded + i] = qr[d] * qscale;
-          dot[d * padded + i] = dr[d];
+        if (live) {
+          widen_row(oh + rows[i] * D, sc.orow.get(), D);
+          widen_row(doh + rows[i] * D, sc.dorow.get(), D);
+          for (int64_t d = 0; d < D; ++d) dsum += sc.dorow.get()[d] * sc.orow.get()[d];
         }
         delta[i] = dsum;
         // +inf makes P = 2^(S - lse2) exactly 0 for rows that attend nothing
         lse2[i] = live ? lh[rows[i]] * kLog2e : std::numeric_limits<float>::infinity();
       }
-      std::fill(dqt, dqt + padded * D, 0.0f);
+      std::fill(dqacc, dqacc + padded * D, 0.0f);
       float* s = sc.s.get();
       float* dp = sc.dp.get();
+      const vfloat factor = vsplat(exp_factor), scale = vsplat(pb.scale);
 
-      for_each_key_block(tile, [&](int64_t j0, int64_t j1) {
-        const int64_t nb = j1 - j0;
-        auto [kp, ldk] = rows_as_float(kh, pb.k_st, j0, nb, D, sc.kbuf.get());
-        auto [vp, ldv] = rows_as_float(vh, pb.v_st, j0, nb, D, sc.vbuf.get());
-        // P^T = 2^(S^T - lse)
-        gemm<false>(nb, padded, D, kp, ldk, 1, qt, padded, s, padded);
-        mask_block(s, padded, j0, j1, tile, lim, padded, kNegInf);
+      for_each_key_block<typename Kernel::Blocks>(tile, [&](const KeyBlock& blk) {
+        const int64_t nb = blk.rows;
+        kernel.scores(sc.kernel, head, blk, padded, s);
+        mask_block(s, padded, blk, tile, lim, padded, kNegInf);
         for (int64_t j = 0; j < nb; ++j)
           for (int64_t i = 0; i < padded; i += kLanes)
-            vstore(s + j * padded + i, vexp2(vload(s + j * padded + i) - vload(lse2 + i)));
-        // dV += P^T . dO
-        gemm<true>(nb, D, M, s, padded, 1, dorows, D, dv_acc + j0 * D, D);
-        // dS^T = P^T * (dO . V^T - delta) * scale
-        gemm<false>(nb, padded, D, vp, ldv, 1, dot, padded, dp, padded);
-        const vfloat scale = vsplat(pb.scale);
+            vstore(s + j * padded + i, vexp2(vload(s + j * padded + i) * factor - vload(lse2 + i)));
+        kernel.grad_v(sc.kernel, blk, M, padded, s, dv_acc);
+        kernel.grad_probs(sc.kernel, head, blk, padded, dp);
         for (int64_t j = 0; j < nb; ++j)
           for (int64_t i = 0; i < padded; i += kLanes) {
             float* x = dp + j * padded + i;
             vstore(x, vload(s + j * padded + i) * (vload(x) - vload(delta + i)) * scale);
           }
-        // dQ += dS . K ; dK += dS^T . Q
-        gemm<true>(M, D, nb, dp, 1, padded, kp, ldk, dqt, D);
-        gemm<true>(nb, D, M, dp, padded, 1, qrows, D, dk_acc + j0 * D, D);
+        kernel.grad_qk(sc.kernel, head, blk, M, padded, dp, dk_acc, dqacc);
       });
-      T* dqh = dq + head_off * pb.seq_q * D;
-      for (int64_t i = 0; i < M; ++i) {
-        T* dst = dqh + rows[i] * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(dqt[i * D + d]);
+      const float* dqr = dqacc;  // dQ [padded x D]
+      if constexpr (!Kernel::kOutputRows) {
+        transpose(D, padded, dqacc, padded, sc.dqrows.get(), D);
+        dqr = sc.dqrows.get();
       }
+      T* dqh = dq + head_off * pb.seq_q * D;
+      for (int64_t i = 0; i < M; ++i) store_row(dqr + i * D, 1.0f, D, dqh + rows[i] * D);
     }
   });
 }
@@ -856,10 +1325,73 @@ Tiling tiles_for(const Problem& pb, const at::Tensor& route, const at::Tensor& k
     default: TORCH_CHECK(false, "aha: unsupported dtype ", dtype, " (use float32, bfloat16 or float16)"); \
   }
 
+// Microkernels: the GEMMs a forward or backward runs on (the `microkernel` argument of the ops).
+enum MicrokernelChoice : int64_t { kDefaultKernel = 0, kVectorKernel = 1, kBrgemmKernel = 2 };
+
+bool brgemm_supports(at::ScalarType dtype) {
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  if (dtype == at::kFloat) return true;
+#if defined(__AVX512F__)
+  return dtype == at::kBFloat16;  // oneDNN's bf16 micro-GEMMs need AVX-512 (AMX where present)
+#else
+  return false;
+#endif
+}
+
+bool has_amx_bf16() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+// kDefaultKernel: oneDNN for fp32 and bf16 on CPUs with AMX (measured 1.2-3x faster there), the
+// hand-written kernels elsewhere (faster on AMD Zen 4) and for fp16.
+int64_t resolve_microkernel(at::ScalarType dtype, int64_t choice) {
+  TORCH_CHECK(choice >= kDefaultKernel && choice <= kBrgemmKernel, "aha: microkernel must be 0 (default), 1 (vector) or 2 (brgemm)");
+  if (choice == kDefaultKernel)
+    return dtype != at::kHalf && has_amx_bf16() && brgemm_supports(dtype) ? kBrgemmKernel : kVectorKernel;
+  TORCH_CHECK(choice != kBrgemmKernel || brgemm_supports(dtype), "aha: the oneDNN microkernel does not support ", dtype,
+              " in this build on this CPU; use microkernel 1 (vector)");
+  return choice;
+}
+
+constexpr const char* kVectorIsa =
+#if defined(__AVX512F__)
+    "avx512";
+#elif defined(__AVX2__)
+    "avx2";
+#else
+    "generic";
+#endif
+
+// What a (dtype, microkernel choice) runs on this CPU, e.g. "onednn-amx-bf16" or "avx512-fp32".
+std::string microkernel_name(at::ScalarType dtype, int64_t choice) {
+  const int64_t resolved = resolve_microkernel(dtype, choice);
+  const std::string type = dtype == at::kFloat ? "fp32" : dtype == at::kBFloat16 ? "bf16" : dtype == at::kHalf ? "fp16" : "?";
+  if (resolved == kBrgemmKernel) return std::string("onednn-") + (dtype == at::kBFloat16 && has_amx_bf16() ? "amx-" : "") + type;
+  if (dtype == at::kFloat || (dtype == at::kBFloat16 && kHasBf16Dot)) return std::string(kVectorIsa) + "-" + type;
+  return std::string(kVectorIsa) + "-fp32 (" + type + " widened)";
+}
+
+template <typename T>
+void run_forward(const Problem& pb, int64_t microkernel, const T* q, const T* k, const T* v, const Tiling& tl, T* out,
+                 float* lse) {
+  if (microkernel == kBrgemmKernel) {
+    if constexpr (!std::is_same_v<T, c10::Half>) {
+      const BrgemmKernel<T> kernel(pb, v);
+      return forward_impl(pb, kernel, q, k, v, tl, out, lse);
+    }
+  }
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (pb.k_st % 2 == 0) return forward_impl(pb, Bf16PairKernel{pb}, q, k, v, tl, out, lse);
+  }
+#endif
+  forward_impl(pb, VectorKernel<T>{pb}, q, k, v, tl, out, lse);
+}
+
 std::tuple<at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& route, const at::Tensor& key_start, int64_t window,
-                                               int64_t sink, double scale, int64_t local_rows, int64_t global_rows) {
+                                               int64_t sink, double scale, int64_t local_rows, int64_t global_rows,
+                                               int64_t microkernel) {
   const Problem pb = describe(q, k, v, route, key_start, window, sink, scale);
+  const int64_t resolved = resolve_microkernel(q.scalar_type(), microkernel);
   at::Tensor out = at::empty({pb.batch, pb.q_heads, pb.seq_q, pb.dim}, q.options());
   at::Tensor lse = at::empty({pb.batch, pb.q_heads, pb.seq_q}, q.options().dtype(at::kFloat));
   if (pb.seq_q == 1) {
@@ -873,10 +1405,23 @@ std::tuple<at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, const at::Te
   }
   const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
   AHA_DISPATCH(q.scalar_type(),
-               forward_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                      v.const_data_ptr<scalar_t>(), tl, out.mutable_data_ptr<scalar_t>(),
-                                      lse.mutable_data_ptr<float>()));
+               run_forward<scalar_t>(pb, resolved, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                     v.const_data_ptr<scalar_t>(), tl, out.mutable_data_ptr<scalar_t>(),
+                                     lse.mutable_data_ptr<float>()));
   return {out, lse};
+}
+
+template <typename T>
+void run_backward(const Problem& pb, int64_t microkernel, const T* q, const T* k, const T* v, const T* out,
+                  const T* dout, const float* lse, const Tiling& tl, int64_t parts, int64_t acc_rows, T* dq,
+                  float* dk_parts, float* dv_parts) {
+  if (microkernel == kBrgemmKernel) {
+    if constexpr (!std::is_same_v<T, c10::Half>) {
+      const BrgemmBackward<T> kernel(pb, k);
+      return backward_impl(pb, kernel, q, k, v, out, dout, lse, tl, parts, acc_rows, dq, dk_parts, dv_parts);
+    }
+  }
+  backward_impl(pb, VectorBackward<T>{pb}, q, k, v, out, dout, lse, tl, parts, acc_rows, dq, dk_parts, dv_parts);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_backward(const at::Tensor& dout, const at::Tensor& q,
@@ -884,40 +1429,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_backward(const at::Tensor& do
                                                             const at::Tensor& out, const at::Tensor& lse,
                                                             const at::Tensor& route, const at::Tensor& key_start,
                                                             int64_t window, int64_t sink, double scale,
-                                                            int64_t local_rows, int64_t global_rows) {
+                                                            int64_t local_rows, int64_t global_rows,
+                                                            int64_t microkernel) {
   const Problem pb = describe(q, k, v, route, key_start, window, sink, scale);
+  const int64_t resolved = resolve_microkernel(q.scalar_type(), microkernel);
   const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat, "aha: bad saved tensors");
   const at::Tensor dout_c = dout.contiguous().to(q.scalar_type());
   const int64_t heads = pb.batch * pb.kv_heads;
   const int64_t threads = at::get_num_threads();
   const int64_t parts = heads >= 2 * threads ? 1 : (2 * threads + heads - 1) / heads;
+  const int64_t acc_rows = round_up(pb.seq_kv, kLanes);  // covers of the oneDNN blocks end on a multiple of 16
   at::Tensor dq = at::empty({pb.batch, pb.q_heads, pb.seq_q, pb.dim}, q.options());
-  at::Tensor dk_parts = at::zeros({pb.batch, pb.kv_heads, parts, pb.seq_kv, pb.dim}, q.options().dtype(at::kFloat));
-  at::Tensor dv_parts = at::zeros({pb.batch, pb.kv_heads, parts, pb.seq_kv, pb.dim}, q.options().dtype(at::kFloat));
+  at::Tensor dk_parts = at::zeros({pb.batch, pb.kv_heads, parts, acc_rows, pb.dim}, q.options().dtype(at::kFloat));
+  at::Tensor dv_parts = at::zeros({pb.batch, pb.kv_heads, parts, acc_rows, pb.dim}, q.options().dtype(at::kFloat));
   AHA_DISPATCH(q.scalar_type(),
-               backward_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                       v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-                                       dout_c.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(), tl, parts,
-                                       dq.mutable_data_ptr<scalar_t>(), dk_parts.mutable_data_ptr<float>(),
-                                       dv_parts.mutable_data_ptr<float>()));
-  at::Tensor dk = (parts == 1 ? dk_parts.squeeze(2) : dk_parts.sum(2)).to(q.scalar_type());
-  at::Tensor dv = (parts == 1 ? dv_parts.squeeze(2) : dv_parts.sum(2)).to(q.scalar_type());
-  return {dq, dk, dv};
+               run_backward<scalar_t>(pb, resolved, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                      v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+                                      dout_c.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(), tl, parts,
+                                      acc_rows, dq.mutable_data_ptr<scalar_t>(), dk_parts.mutable_data_ptr<float>(),
+                                      dv_parts.mutable_data_ptr<float>()));
+  auto finish = [&](const at::Tensor& grads) {
+    return (parts == 1 ? grads.squeeze(2) : grads.sum(2)).narrow(2, 0, pb.seq_kv).to(q.scalar_type()).contiguous();
+  };
+  return {dq, finish(dk_parts), finish(dv_parts)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(aha, m) {
+// The ops' namespace: `aha`, or another one for a second build loaded into the same process
+// (the tests load a portable AVX2 build as `aha_avx2`).
+#ifndef AHA_OPS_NAMESPACE
+#define AHA_OPS_NAMESPACE aha
+#endif
+#define AHA_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define AHA_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+AHA_LIBRARY(AHA_OPS_NAMESPACE, m) {
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, Tensor route, Tensor key_start, int window, int sink, float scale, "
-      "int local_rows, int global_rows) -> (Tensor, Tensor)");
+      "int local_rows, int global_rows, int microkernel) -> (Tensor, Tensor)");
+  m.def("microkernel(ScalarType dtype, int choice) -> str", &microkernel_name);
   m.def(
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor route, Tensor key_start, "
-      "int window, int sink, float scale, int local_rows, int global_rows) -> (Tensor, Tensor, Tensor)");
+      "int window, int sink, float scale, int local_rows, int global_rows, int microkernel) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(aha, CPU, m) {
+AHA_LIBRARY_IMPL(AHA_OPS_NAMESPACE, CPU, m) {
   m.impl("forward", &aha_forward);
   m.impl("backward", &aha_backward);
 }
+

@@ -1,0 +1,309 @@
+"""Which C++ CPU kernel runs, decided from measurements on the machine at hand.
+
+The C++ kernel has two microkernels: hand-written AVX-512/AVX2 GEMMs (``vector``) and the
+oneDNN micro-GEMMs PyTorch's own CPU flash attention uses (``onednn``: AMX tiles for bf16 where
+the CPU has them, JIT-compiled AVX-512/AVX2 elsewhere). Which one is faster, and whether the
+kernel beats SDPA causal at a high global fraction, depends on the CPU, the torch build and the
+dtype: on an Intel Xeon with AMX, oneDNN is 3-4x faster than the hand-written kernels in bf16,
+which were the faster choice on AMD Zen 4 (``benchmarks/RESULTS.md``).
+
+So each (CPU model, ISA flags, torch version, kernel source, threads, dtype) is measured once
+(several seconds: forward and forward + backward against SDPA at two lengths) and the result is
+cached as JSON under ``~/.cache/aha/cpu-tuning/`` (atomic write; ``AHA_CACHE_DIR`` moves it).
+:func:`kernel_choice` reads it; ``make install`` and ``aha calibrate`` measure ahead.
+
+Overrides:
+
+* ``AHA_CPU_TUNING=off``: measure nothing and use the built-in rule (oneDNN where the CPU has
+  AMX, the hand-written kernels elsewhere; the C++ kernel at every global fraction);
+* ``AHA_CPU_MICROKERNEL=vector|onednn``: force the microkernel (the crossover is still measured).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from aha.kernels._cpp_build import SOURCE, cache_dir, load_cpp_kernel
+
+_log = logging.getLogger(__name__)
+
+#: Microkernel names and the codes the C++ ops take (0 = the kernel's built-in rule).
+MICROKERNELS = {"default": 0, "vector": 1, "onednn": 2}
+
+#: Query rows per tile (local, global) for each microkernel, measured on 2 cores: the hand-written
+#: GEMMs on Zen 4 (a local tile of r rows reads r + window - 1 keys, so small local tiles waste
+#: less; 16 and 48 rows were slower), oneDNN on the AMX Xeon (larger tiles amortise each call).
+TILE_ROWS = {"vector": (32, 64), "onednn": (64, 64), "default": (32, 64)}
+
+#: Calibration runs: B=1, 8 heads, head_dim 64, window 256, at these sequence lengths and the
+#: global fractions LOW_FRACTION and 1 (the kernel's time is close to linear in the fraction).
+CALIBRATION_LENGTHS = (1024, 4096)
+CALIBRATION_WINDOW = 256
+LOW_FRACTION = 0.1
+#: The kernel is kept where its modelled time is at most this share of SDPA's.
+CROSSOVER_MARGIN = 0.95
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), e.g. ``AMD EPYC 9R14 96-Core Processor``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _capabilities() -> dict:
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
+def cpu_isa() -> str:
+    """The widest instruction set the kernels use here: ``amx``, ``avx512_bf16``, ``avx512``, ``avx2`` or ``scalar``."""
+    caps = _capabilities()
+    for name, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512_f"), ("avx2", "avx2")):
+        if caps.get(flag):
+            return name
+    return "scalar"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The C++ kernel's time relative to SDPA causal (same dtype, same run) at the calibration
+    lengths: ``full[i]`` at global fraction 1 and ``low[i]`` at :data:`LOW_FRACTION`, for
+    ``lengths[i]``. Between lengths the ratios are interpolated in log2(n); past the longest they
+    keep rising at the measured slope (the hand-written kernels' ratios grow with n) and never
+    fall; below the shortest they stay at its value."""
+
+    lengths: tuple[int, ...]
+    full: tuple[float, ...]
+    low: tuple[float, ...]
+
+    def _at(self, values: tuple[float, ...], n: int) -> float:
+        logs = [math.log2(length) for length in self.lengths]
+        x = math.log2(max(n, 1))
+        if len(values) == 1 or x <= logs[0]:
+            return values[0]
+        i = next((i for i in range(1, len(logs)) if x <= logs[i]), len(logs) - 1)
+        slope = (values[i] - values[i - 1]) / (logs[i] - logs[i - 1])
+        if x > logs[i]:
+            slope = max(slope, 0.0)
+        return values[i] + slope * (x - logs[i])
+
+    def crossover(self, n: int) -> float:
+        """The global fraction above which SDPA is modelled faster at length n (2.0: never)."""
+        full, low = self._at(self.full, n), self._at(self.low, n)
+        if full <= CROSSOVER_MARGIN:
+            return 2.0
+        local = max(0.0, (low - LOW_FRACTION * full) / (1 - LOW_FRACTION))  # the time at fraction 0
+        if local >= CROSSOVER_MARGIN:
+            return 0.0
+        return (CROSSOVER_MARGIN - local) / (full - local)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """How the C++ kernel runs one dtype on this machine.
+
+    Attributes:
+        microkernel: ``vector``, ``onednn`` or ``default`` (the kernel's built-in rule).
+        forward: cost of a forward without grad relative to SDPA (None: never fall back).
+        train: the same for forward + backward.
+        measured: where and how it was measured (empty when not measured).
+    """
+
+    microkernel: str = "default"
+    forward: CostModel | None = None
+    train: CostModel | None = None
+    measured: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.microkernel not in MICROKERNELS:
+            raise ValueError(f"unknown microkernel {self.microkernel!r}; choose one of {sorted(MICROKERNELS)}")
+
+    @property
+    def code(self) -> int:
+        """The ``microkernel`` argument of the C++ ops."""
+        return MICROKERNELS[self.microkernel]
+
+    @property
+    def tile_rows(self) -> tuple[int, int]:
+        """(local, global) query rows per tile."""
+        return TILE_ROWS[self.microkernel]
+
+    def crossover(self, seq: int, training: bool) -> float:
+        """Global fraction above which ``split`` (SDPA's kernel) is faster at length ``seq`` (> 1: never)."""
+        model = self.train if training else self.forward
+        return 2.0 if model is None else model.crossover(seq)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "KernelChoice":
+        data = json.loads(text)
+        models = {
+            mode: None if data.get(mode) is None else CostModel(**{key: tuple(v) for key, v in data[mode].items()})
+            for mode in ("forward", "train")
+        }
+        return cls(microkernel=data["microkernel"], measured=data.get("measured", {}), **models)
+
+
+def microkernel_name(dtype: torch.dtype, microkernel: str) -> str | None:
+    """What ``microkernel`` runs for ``dtype`` on this CPU (e.g. ``onednn-amx-bf16``), None if unsupported."""
+    if not load_cpp_kernel():
+        return None
+    try:
+        return torch.ops.aha.microkernel(dtype, MICROKERNELS[microkernel])
+    except RuntimeError:
+        return None
+
+
+def tuning_path(dtype: torch.dtype) -> Path:
+    """Where the calibration of ``dtype`` on this machine is cached."""
+    flags = sorted(name for name, on in _capabilities().items() if on is True)
+    key = hashlib.sha256(
+        "|".join([cpu_model(), ",".join(flags), torch.__version__, str(torch.get_num_threads())]).encode()
+        + SOURCE.read_bytes()
+    ).hexdigest()[:16]
+    return cache_dir() / "cpu-tuning" / f"{str(dtype).removeprefix('torch.')}-{key}.json"
+
+
+Timer = Callable[[dict[str, Callable[[], object]]], dict[str, float]]
+
+
+def _median_seconds(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Interleaved, noise-aware timing of each candidate (median seconds per call)."""
+    from aha.benchmarking.timing import TimingPolicy, measure_round_robin
+
+    policy = TimingPolicy(rounds=3, min_sample_s=0.05, max_wait_s=2.0)
+    return {name: samples.median for name, samples in measure_round_robin(candidates, policy).items()}
+
+
+def calibrate(
+    dtype: torch.dtype, timer: Timer = _median_seconds, lengths: tuple[int, ...] = CALIBRATION_LENGTHS
+) -> KernelChoice:
+    """Measure the microkernels and the crossover for ``dtype`` on this machine (no caching).
+
+    At the longest length the forward of every supported microkernel is timed at global fraction
+    :data:`LOW_FRACTION` and 1 against SDPA causal; the one with the smaller summed ratio wins
+    (``AHA_CPU_MICROKERNEL`` forces one). The winner's forward and forward + backward are then
+    timed at every length. ``timer`` maps named callables to seconds per call (tests pass a fake).
+    """
+    from aha.kernels.cpp import kernel_attention
+
+    forced = os.environ.get("AHA_CPU_MICROKERNEL")
+    names = [forced] if forced else [m for m in ("vector", "onednn") if microkernel_name(dtype, m)]
+    generator = torch.Generator().manual_seed(0)
+    timings: dict[str, dict[str, float]] = {}
+
+    def ratios(seq: int, microkernels: list[str], grad: bool) -> dict[str, tuple[float, float]]:
+        """(kernel / SDPA at global fraction 1, at LOW_FRACTION) per microkernel."""
+        q, k, v = (torch.randn(1, 8, seq, 64, generator=generator).to(dtype).requires_grad_(grad) for _ in range(3))
+        routes = {1.0: torch.ones(1, 8, seq, dtype=torch.bool), LOW_FRACTION: torch.rand(1, 8, seq, generator=generator) < LOW_FRACTION}
+        starts = torch.zeros(1, dtype=torch.int32)
+        out_grad = torch.randn_like(q)
+
+        def run(attend: Callable[[], torch.Tensor]) -> Callable[[], object]:
+            return (lambda: torch.autograd.grad(attend(), (q, k, v), out_grad)) if grad else attend
+
+        candidates = {"sdpa": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+        for name in microkernels:
+            choice = KernelChoice(microkernel=name)
+            for rho, route in routes.items():
+                candidates[f"{name} {rho}"] = run(
+                    lambda route=route, choice=choice: kernel_attention(
+                        q, k, v, route, CALIBRATION_WINDOW, 64**-0.5, starts, 0, choice
+                    )
+                )
+        with torch.set_grad_enabled(grad):
+            seconds = timer(candidates)
+        timings[f"{'train' if grad else 'forward'} n={seq}"] = seconds
+        sdpa = seconds["sdpa"]
+        return {m: (seconds[f"{m} 1.0"] / sdpa, seconds[f"{m} {LOW_FRACTION}"] / sdpa) for m in microkernels}
+
+    longest = max(lengths)
+    first = ratios(longest, names, grad=False)
+    best = min(names, key=lambda m: sum(first[m]))
+    models = {}
+    for mode, grad in (("forward", False), ("train", True)):
+        points = {n: first[best] if n == longest and not grad else ratios(n, [best], grad)[best] for n in sorted(lengths)}
+        models[mode] = CostModel(
+            lengths=tuple(points), full=tuple(p[0] for p in points.values()), low=tuple(p[1] for p in points.values())
+        )
+    measured = {
+        "seconds": timings,
+        "window": CALIBRATION_WINDOW,
+        "cpu": cpu_model(),
+        "isa": cpu_isa(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    return KernelChoice(microkernel=best, measured=measured, **models)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def _load(path: Path) -> KernelChoice | None:
+    try:
+        return KernelChoice.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+_lock = threading.Lock()
+_choices: dict[torch.dtype, KernelChoice] = {}
+
+
+def kernel_choice(dtype: torch.dtype) -> KernelChoice:
+    """The C++ kernel's settings for ``dtype`` here: cached, else measured once (and cached).
+
+    ``AHA_CPU_TUNING=off`` gives the built-in rule without measuring (or ``AHA_CPU_MICROKERNEL``).
+    """
+    with _lock:
+        if dtype in _choices:
+            return _choices[dtype]
+        forced = os.environ.get("AHA_CPU_MICROKERNEL")
+        if forced is not None and forced not in MICROKERNELS:
+            raise ValueError(f"AHA_CPU_MICROKERNEL={forced!r}; choose one of {sorted(MICROKERNELS)}")
+        if os.environ.get("AHA_CPU_TUNING", "").lower() in ("off", "0", "false") or not load_cpp_kernel():
+            choice = KernelChoice(microkernel=forced or "default")
+        else:
+            path = tuning_path(dtype)
+            choice = _load(path)
+            if choice is None or (forced and choice.microkernel != forced):
+                _log.warning("aha: measuring the CPU kernels for %s once on this machine (about 10 s)", dtype)
+                choice = calibrate(dtype)
+                _write_atomically(path, choice.to_json())
+        _choices[dtype] = choice
+        return choice
+
+
+def recalibrate(dtypes: list[torch.dtype]) -> dict[torch.dtype, KernelChoice]:
+    """Measure ``dtypes`` again (ignoring the cache), cache and return the results."""
+    results = {}
+    for dtype in dtypes:
+        choice = calibrate(dtype)
+        _write_atomically(tuning_path(dtype), choice.to_json())
+        with _lock:
+            _choices[dtype] = choice
+        results[dtype] = choice
+    return results
+
