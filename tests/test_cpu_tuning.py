@@ -7,7 +7,7 @@ import torch
 
 from aha import choose_impl
 from aha.kernels import cpp, cpu_tuning
-from aha.kernels.cpu_tuning import CROSSOVER_MARGIN, CostModel, KernelChoice
+from aha.kernels.cpu_tuning import CostModel, KernelChoice
 
 needs_kernel = pytest.mark.skipif(not cpp.cpp_available(), reason="C++ kernel unavailable")
 
@@ -17,14 +17,15 @@ def _no_forced_microkernel(monkeypatch):
     monkeypatch.delenv("AHA_CPU_MICROKERNEL", raising=False)
 
 
-def fake_timer(costs):
-    """A timer answering seconds from ``costs``: name prefix -> (seconds at fraction 1, at 0.1)."""
+def fake_timer(costs, split=1.05):
+    """A timer answering seconds from ``costs`` (microkernel -> seconds at fraction 1 and at 0.1),
+    ``split`` at fraction 0.9, and 1 s for SDPA."""
 
     def timer(candidates):
         seconds = {}
         for name in candidates:
-            if name == "sdpa":
-                seconds[name] = 1.0
+            if name in ("sdpa", "split"):
+                seconds[name] = 1.0 if name == "sdpa" else split
             else:
                 microkernel, rho = name.split()
                 seconds[name] = costs[microkernel][0 if rho == "1.0" else 1]
@@ -34,20 +35,24 @@ def fake_timer(costs):
 
 
 def test_cost_model_interpolates_and_only_rises_past_the_longest_length():
-    model = CostModel(lengths=(1024, 4096), full=(0.8, 1.0), low=(0.3, 0.3))
+    model = CostModel(lengths=(1024, 4096), full=(0.8, 1.0), low=(0.3, 0.3), split=(1.1, 1.1))
     assert model._at(model.full, 512) == pytest.approx(0.8)
     assert model._at(model.full, 2048) == pytest.approx(0.9)
     assert model._at(model.full, 16384) == pytest.approx(1.2)
-    falling = CostModel(lengths=(1024, 4096), full=(1.0, 0.8), low=(0.3, 0.3))
+    falling = CostModel(lengths=(1024, 4096), full=(1.0, 0.8), low=(0.3, 0.3), split=(1.1, 1.1))
     assert falling._at(falling.full, 16384) == pytest.approx(0.8)
 
 
-def test_crossover_is_where_the_linear_model_meets_the_margin():
-    assert CostModel(lengths=(4096,), full=(CROSSOVER_MARGIN,), low=(0.2,)).crossover(4096) > 1
-    model = CostModel(lengths=(4096,), full=(1.5,), low=(0.24,))  # 0.1 at fraction 0
-    rho = model.crossover(4096)
-    assert 0.1 + rho * (1.5 - 0.1) == pytest.approx(CROSSOVER_MARGIN)
-    assert CostModel(lengths=(4096,), full=(2.0,), low=(1.1,)).crossover(4096) == 0.0
+def test_split_is_chosen_only_where_its_model_is_faster():
+    fast_kernel = CostModel(lengths=(4096,), full=(0.9,), low=(0.2,), split=(1.05,))
+    assert fast_kernel.crossover(4096) > 1  # faster than split even at fraction 1
+    slow_kernel = CostModel(lengths=(4096,), full=(1.5,), low=(0.24,), split=(1.05,))  # 0.1 at fraction 0
+    rho = slow_kernel.crossover(4096)
+    assert 0.5 < rho < 1
+    assert slow_kernel.kernel(4096, rho) == pytest.approx(slow_kernel.split_time(4096, rho), rel=1e-6)
+    assert slow_kernel.split_time(4096, 0.4) == float("inf")  # below half global split is never modelled
+    hopeless = CostModel(lengths=(4096,), full=(3.0,), low=(2.0,), split=(1.05,))
+    assert hopeless.crossover(4096) == 0.5
 
 
 @needs_kernel
@@ -67,7 +72,7 @@ def test_calibration_falls_back_above_the_measured_crossover(monkeypatch):
     choice = cpu_tuning.calibrate(torch.float32, fake_timer(costs), lengths=(64,))
     assert choice.microkernel == "vector"
     rho = choice.crossover(64, training=False)
-    assert 0.5 < rho < 0.7
+    assert 0.6 < rho < 0.8
     q, k = torch.randn(2, 1, 8, 64, 16)
     with monkeypatch.context() as patch:
         patch.setitem(cpu_tuning._choices, torch.float32, choice)
@@ -87,7 +92,7 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
 
     def fake_calibrate(dtype):
         calls.append(dtype)
-        return KernelChoice(microkernel="vector", forward=CostModel((1024,), (1.2,), (0.3,)))
+        return KernelChoice(microkernel="vector", forward=CostModel((1024,), (1.2,), (0.3,), (1.1,)))
 
     monkeypatch.setattr(cpu_tuning, "calibrate", fake_calibrate)
     first = cpu_tuning.kernel_choice(torch.bfloat16)

@@ -114,7 +114,7 @@ def calibrate(
         raise typer.BadParameter("the C++ kernel is unavailable, so there is nothing to calibrate (see `aha bench`)")
     torch.set_num_threads(threads)
     table = Table(title=f"{cpu_model()} ({cpu_isa()}), {threads} threads", title_justify="left")
-    for column in ("dtype", "microkernel", "forward: SDPA above fraction (4K / 16K / 64K)", "forward+backward", "cache"):
+    for column in ("dtype", "microkernel", "forward: split from fraction (4K / 16K / 64K)", "forward+backward", "cache"):
         table.add_column(column)
     def crossovers(choice: KernelChoice, training: bool) -> str:
         values = [choice.crossover(n, training) for n in (4096, 16384, 65536)]

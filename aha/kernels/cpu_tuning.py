@@ -48,13 +48,13 @@ MICROKERNELS = {"default": 0, "vector": 1, "onednn": 2}
 #: less; 16 and 48 rows were slower), oneDNN on the AMX Xeon (larger tiles amortise each call).
 TILE_ROWS = {"vector": (32, 64), "onednn": (64, 64), "default": (32, 64)}
 
-#: Calibration runs: B=1, 8 heads, head_dim 64, window 256, at these sequence lengths and the
-#: global fractions LOW_FRACTION and 1 (the kernel's time is close to linear in the fraction).
+#: Calibration runs: B=1, 8 heads, head_dim 64, window 256, at these sequence lengths; the C++
+#: kernel at global fractions LOW_FRACTION and 1 (its time is close to linear in the fraction),
+#: ``split`` (SDPA's kernel for a global majority) at SPLIT_FRACTION.
 CALIBRATION_LENGTHS = (1024, 4096)
 CALIBRATION_WINDOW = 256
 LOW_FRACTION = 0.1
-#: The kernel is kept where its modelled time is at most this share of SDPA's.
-CROSSOVER_MARGIN = 0.95
+SPLIT_FRACTION = 0.9
 
 
 def cpu_model() -> str:
@@ -81,15 +81,21 @@ def cpu_isa() -> str:
 
 @dataclass(frozen=True)
 class CostModel:
-    """The C++ kernel's time relative to SDPA causal (same dtype, same run) at the calibration
-    lengths: ``full[i]`` at global fraction 1 and ``low[i]`` at :data:`LOW_FRACTION`, for
-    ``lengths[i]``. Between lengths the ratios are interpolated in log2(n); past the longest they
-    keep rising at the measured slope (the hand-written kernels' ratios grow with n) and never
-    fall; below the shortest they stay at its value."""
+    """Times relative to SDPA causal (same dtype, same run) at the calibration ``lengths``: the C++
+    kernel at global fraction 1 (``full``) and :data:`LOW_FRACTION` (``low``), ``split`` at
+    :data:`SPLIT_FRACTION` (``split``). Between lengths the ratios are interpolated in log2(n); past
+    the longest they follow the measured slope where it rises (the hand-written kernels' ratios grow
+    with n) and stay where it falls; below the shortest they keep its value.
+
+    The C++ kernel's time is modelled linear in the global fraction; ``split``'s, above half global
+    (where it runs SDPA over every query and packs the local minority), as SDPA plus a share
+    proportional to the local fraction. Below half global ``split`` is never chosen.
+    """
 
     lengths: tuple[int, ...]
     full: tuple[float, ...]
     low: tuple[float, ...]
+    split: tuple[float, ...]
 
     def _at(self, values: tuple[float, ...], n: int) -> float:
         logs = [math.log2(length) for length in self.lengths]
@@ -102,15 +108,30 @@ class CostModel:
             slope = max(slope, 0.0)
         return values[i] + slope * (x - logs[i])
 
-    def crossover(self, n: int) -> float:
-        """The global fraction above which SDPA is modelled faster at length n (2.0: never)."""
+    def kernel(self, n: int, fraction: float) -> float:
+        """Modelled C++ kernel time / SDPA at length n and a global fraction."""
         full, low = self._at(self.full, n), self._at(self.low, n)
-        if full <= CROSSOVER_MARGIN:
-            return 2.0
         local = max(0.0, (low - LOW_FRACTION * full) / (1 - LOW_FRACTION))  # the time at fraction 0
-        if local >= CROSSOVER_MARGIN:
-            return 0.0
-        return (CROSSOVER_MARGIN - local) / (full - local)
+        return local + fraction * (full - local)
+
+    def split_time(self, n: int, fraction: float) -> float:
+        """Modelled ``split`` time / SDPA (infinite below half global, where it is not considered)."""
+        if fraction < 0.5:
+            return math.inf
+        per_local = (self._at(self.split, n) - 1.0) / (1 - SPLIT_FRACTION)
+        return 1.0 + (1 - fraction) * max(per_local, 0.0)
+
+    def crossover(self, n: int) -> float:
+        """The global fraction from which ``split`` is modelled faster at length n (2.0: never)."""
+        if self.split_time(n, 1.0) >= self.kernel(n, 1.0):
+            return 2.0
+        low, high = 0.5, 1.0  # the two models are linear: bisect on their difference
+        if self.split_time(n, low) < self.kernel(n, low):
+            return low
+        for _ in range(30):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self.split_time(n, mid) >= self.kernel(n, mid) else (low, mid)
+        return high
 
 
 @dataclass(frozen=True)
@@ -144,7 +165,7 @@ class KernelChoice:
         return TILE_ROWS[self.microkernel]
 
     def crossover(self, seq: int, training: bool) -> float:
-        """Global fraction above which ``split`` (SDPA's kernel) is faster at length ``seq`` (> 1: never)."""
+        """Global fraction from which ``split`` (SDPA's kernel) is faster at length ``seq`` (> 1: never)."""
         model = self.train if training else self.forward
         return 2.0 if model is None else model.crossover(seq)
 
@@ -195,53 +216,62 @@ def _median_seconds(candidates: dict[str, Callable[[], object]]) -> dict[str, fl
 def calibrate(
     dtype: torch.dtype, timer: Timer = _median_seconds, lengths: tuple[int, ...] = CALIBRATION_LENGTHS
 ) -> KernelChoice:
-    """Measure the microkernels and the crossover for ``dtype`` on this machine (no caching).
+    """Measure the microkernels and the crossover to ``split`` for ``dtype`` on this machine (no caching).
 
     At the longest length the forward of every supported microkernel is timed at global fraction
     :data:`LOW_FRACTION` and 1 against SDPA causal; the one with the smaller summed ratio wins
-    (``AHA_CPU_MICROKERNEL`` forces one). The winner's forward and forward + backward are then
-    timed at every length. ``timer`` maps named callables to seconds per call (tests pass a fake).
+    (``AHA_CPU_MICROKERNEL`` forces one). The winner's forward and forward + backward, and
+    ``split`` at :data:`SPLIT_FRACTION`, are then timed at every length. ``timer`` maps named
+    callables to seconds per call (tests pass a fake).
     """
     from aha.kernels.cpp import kernel_attention
+    from aha.kernels.split import split_attention
 
     forced = os.environ.get("AHA_CPU_MICROKERNEL")
     names = [forced] if forced else [m for m in ("vector", "onednn") if microkernel_name(dtype, m)]
     generator = torch.Generator().manual_seed(0)
     timings: dict[str, dict[str, float]] = {}
+    scale = 64**-0.5
 
-    def ratios(seq: int, microkernels: list[str], grad: bool) -> dict[str, tuple[float, float]]:
-        """(kernel / SDPA at global fraction 1, at LOW_FRACTION) per microkernel."""
+    def ratios(seq: int, microkernels: list[str], grad: bool) -> dict[str, float]:
+        """Time / SDPA of "<microkernel> <fraction>" for the kernel and of "split" at SPLIT_FRACTION."""
         q, k, v = (torch.randn(1, 8, seq, 64, generator=generator).to(dtype).requires_grad_(grad) for _ in range(3))
-        routes = {1.0: torch.ones(1, 8, seq, dtype=torch.bool), LOW_FRACTION: torch.rand(1, 8, seq, generator=generator) < LOW_FRACTION}
+        fractions = (1.0, LOW_FRACTION, SPLIT_FRACTION)
+        routes = {rho: torch.rand(1, 8, seq, generator=generator) < rho for rho in fractions}
         starts = torch.zeros(1, dtype=torch.int32)
         out_grad = torch.randn_like(q)
 
         def run(attend: Callable[[], torch.Tensor]) -> Callable[[], object]:
             return (lambda: torch.autograd.grad(attend(), (q, k, v), out_grad)) if grad else attend
 
-        candidates = {"sdpa": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+        candidates = {
+            "sdpa": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+            "split": run(lambda: split_attention(q, k, v, routes[SPLIT_FRACTION], CALIBRATION_WINDOW, scale)),
+        }
         for name in microkernels:
             choice = KernelChoice(microkernel=name)
-            for rho, route in routes.items():
+            for rho in fractions[:2]:
                 candidates[f"{name} {rho}"] = run(
-                    lambda route=route, choice=choice: kernel_attention(
-                        q, k, v, route, CALIBRATION_WINDOW, 64**-0.5, starts, 0, choice
+                    lambda route=routes[rho], choice=choice: kernel_attention(
+                        q, k, v, route, CALIBRATION_WINDOW, scale, starts, 0, choice
                     )
                 )
         with torch.set_grad_enabled(grad):
             seconds = timer(candidates)
         timings[f"{'train' if grad else 'forward'} n={seq}"] = seconds
-        sdpa = seconds["sdpa"]
-        return {m: (seconds[f"{m} 1.0"] / sdpa, seconds[f"{m} {LOW_FRACTION}"] / sdpa) for m in microkernels}
+        return {name: t / seconds["sdpa"] for name, t in seconds.items()}
 
     longest = max(lengths)
     first = ratios(longest, names, grad=False)
-    best = min(names, key=lambda m: sum(first[m]))
+    best = min(names, key=lambda m: first[f"{m} 1.0"] + first[f"{m} {LOW_FRACTION}"])
     models = {}
     for mode, grad in (("forward", False), ("train", True)):
-        points = {n: first[best] if n == longest and not grad else ratios(n, [best], grad)[best] for n in sorted(lengths)}
+        points = [first if n == longest and not grad else ratios(n, [best], grad) for n in sorted(lengths)]
         models[mode] = CostModel(
-            lengths=tuple(points), full=tuple(p[0] for p in points.values()), low=tuple(p[1] for p in points.values())
+            lengths=tuple(sorted(lengths)),
+            full=tuple(p[f"{best} 1.0"] for p in points),
+            low=tuple(p[f"{best} {LOW_FRACTION}"] for p in points),
+            split=tuple(p["split"] for p in points),
         )
     measured = {
         "seconds": timings,

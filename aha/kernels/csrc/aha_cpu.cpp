@@ -367,7 +367,7 @@ struct AlignedBuffer {
 
 // Per-call scratch that the next call on the same thread reuses (up to kKeptBytes): a fresh
 // allocation of this size is fresh pages, and faulting them in cost 5-10% of a 16K-key forward.
-template <typename T>
+template <typename T, int Slot = 0>
 class CallBuffer {
  public:
   static constexpr size_t kKeptBytes = size_t(64) << 20;
@@ -603,29 +603,46 @@ inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, 
                                ld_dst);
 }
 
-// X^T of every (batch, KV head) in panels of kPanel keys, [batch, kv_heads, panels, D, kPanel], zero
-// past the last key: the A operand of the GEMMs that reduce over keys (V^T . P^T, K^T . dS^T).
+// The type the oneDNN micro-GEMMs compute T in: fp16 is widened to fp32 (oneDNN's fp16 micro-GEMMs
+// without AMX-FP16 ran at half the fp32 rate on the AMX Xeon).
 template <typename T>
+using ComputeType = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
+
+template <typename C, typename T>
+inline C to_compute(T x) {
+  if constexpr (std::is_same_v<C, T>) return x; else return static_cast<C>(static_cast<float>(x));
+}
+
+// X^T of every (batch, KV head) in panels of kPanel keys, [batch, kv_heads, panels, D, kPanel] of C,
+// zero past the last key: the A operand of the GEMMs that reduce over keys (V^T . P^T, K^T . dS^T).
+template <typename T, typename C = T>
 struct TransposedPanels {
   const Problem& pb;
   int64_t panels;
-  CallBuffer<T> data;
+  CallBuffer<C, 0> data;
   TransposedPanels(const Problem& problem, const T* x, int64_t sb, int64_t sh, int64_t st)
       : pb(problem), panels((pb.seq_kv + kPanel - 1) / kPanel), data(pb.batch * pb.kv_heads * panels * pb.dim * kPanel) {
     const int64_t D = pb.dim;
     at::parallel_for(0, pb.batch * pb.kv_heads * panels, 1, [&](int64_t begin, int64_t end) {
+      std::vector<C> widened(std::is_same_v<T, C> ? 0 : kPanel * D);
       for (int64_t index = begin; index < end; ++index) {
         const int64_t head = index / panels, panel = index % panels;
         const T* xh = x + (head / pb.kv_heads) * sb + (head % pb.kv_heads) * sh;
-        T* dst = data.get() + index * D * kPanel;
+        C* dst = data.get() + index * D * kPanel;
         const int64_t first = panel * kPanel, count = std::min(kPanel, pb.seq_kv - first);
-        transpose(count, D, xh + first * st, st, dst, kPanel);
-        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kPanel + count, dst + (d + 1) * kPanel, T(0.0f));
+        if constexpr (std::is_same_v<T, C>) {
+          transpose(count, D, xh + first * st, st, dst, kPanel);
+        } else {
+          for (int64_t j = 0; j < count; ++j)
+            for (int64_t d = 0; d < D; ++d) widened[j * D + d] = to_compute<C>(xh[(first + j) * st + d]);
+          transpose(count, D, widened.data(), D, dst, kPanel);
+        }
+        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kPanel + count, dst + (d + 1) * kPanel, C(0.0f));
       }
     });
   }
   // The panel column of `key`: columns [key, key + n) for a block within one panel.
-  const T* at(const HeadKV<T>& h, int64_t key) const {
+  const C* at(const HeadKV<T>& h, int64_t key) const {
     return data.get() + ((h.b * pb.kv_heads + h.kv_head) * panels + key / kPanel) * pb.dim * kPanel + key % kPanel;
   }
 };
@@ -641,6 +658,40 @@ std::pair<const T*, int64_t> cover_rows(const T* base, int64_t ld, const KeyBloc
     for (int64_t d = 0; d < D; ++d) pad[j * D + d] = j < real ? first[j * ld + d] : T(0.0f);
   return {pad, D};
 }
+
+// The K or V rows of every (batch, KV head) in the compute type C: the tensor itself when T is C,
+// else a converted copy [batch, kv_heads, seq, D], made once per call (Slot: which CallBuffer).
+template <typename T, typename C, int Slot>
+struct ComputeRows {
+  static constexpr bool kSame = std::is_same_v<T, C>;
+  const Problem& pb;
+  const T* x;
+  int64_t sb, sh, st;
+  CallBuffer<C, Slot> copy;
+  ComputeRows(const Problem& problem, const T* rows, int64_t sb_, int64_t sh_, int64_t st_)
+      : pb(problem), x(rows), sb(sb_), sh(sh_), st(st_), copy(kSame ? 0 : pb.batch * pb.kv_heads * pb.seq_kv * pb.dim) {
+    if constexpr (!kSame) {
+      at::parallel_for(0, pb.batch * pb.kv_heads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t head = begin; head < end; ++head) {
+          const T* src = x + (head / pb.kv_heads) * sb + (head % pb.kv_heads) * sh;
+          C* dst = copy.get() + head * pb.seq_kv * pb.dim;
+          for (int64_t j = 0; j < pb.seq_kv; ++j)
+            for (int64_t d = 0; d < pb.dim; ++d) dst[j * pb.dim + d] = to_compute<C>(src[j * st + d]);
+        }
+      });
+    }
+  }
+  // The cover of a block for head h, as (pointer, row stride); `pad` holds it past the last key.
+  std::pair<const C*, int64_t> cover(const HeadKV<T>& h, const KeyBlock& blk, C* pad) const {
+    if constexpr (kSame) {
+      const T* base = x + h.b * sb + h.kv_head * sh;
+      return cover_rows(base, st, blk, pb.seq_kv, pb.dim, pad);
+    } else {
+      const C* base = copy.get() + (h.b * pb.kv_heads + h.kv_head) * pb.seq_kv * pb.dim;
+      return cover_rows(base, pb.dim, blk, pb.seq_kv, pb.dim, pad);
+    }
+  }
+};
 
 // The query rows of a tile, gathered as rows [padded x D] (zero padding rows), times `factor` when
 // it is not 1 (then fp32).
@@ -738,26 +789,29 @@ struct Bf16PairKernel {
 #endif
 
 // oneDNN micro-GEMMs (at::native::cpublas::brgemm, the ones PyTorch's CPU flash attention uses):
-// AMX tiles for bf16 where the CPU has them (else AVX-512), AVX-512/AVX2 FMA for fp32; chosen by
-// oneDNN at run time. The A operands are K rows in place and V^T, transposed once per call into
-// panels of kPanel keys (zero past the last key); the B operands are Q^T and P^T, in VNNI pairs
-// for bf16.
+// AMX tiles for bf16 where the CPU has them (else AVX-512), AVX-512/AVX2 FMA for fp32 (and fp16,
+// widened); chosen by oneDNN at run time. The A operands are K rows in place and V^T, transposed
+// once per call into panels of kPanel keys (zero past the last key); the B operands are Q^T and
+// P^T, in VNNI pairs for bf16.
 template <typename T>
 struct BrgemmKernel {
-  static constexpr bool kVnni = std::is_same_v<T, c10::BFloat16>;
+  using C = ComputeType<T>;
+  static constexpr bool kVnni = std::is_same_v<C, c10::BFloat16>;
   static constexpr bool kPrescaled = !kVnni;
   static constexpr bool kOutputRows = false;
   using Blocks = PanelBlocks;
   const Problem& pb;
-  TransposedPanels<T> vt;
+  TransposedPanels<T, C> vt;
+  ComputeRows<T, C, 1> krows;
 
-  BrgemmKernel(const Problem& problem, const T* v) : pb(problem), vt(problem, v, pb.v_sb, pb.v_sh, pb.v_st) {}
+  BrgemmKernel(const Problem& problem, const T* k, const T* v)
+      : pb(problem), vt(problem, v, pb.v_sb, pb.v_sh, pb.v_st), krows(problem, k, pb.k_sb, pb.k_sh, pb.k_st) {}
 
   struct Scratch {
     std::conditional_t<kVnni, QueryPairs, std::monostate> q;
     AlignedBuffer<float> qrows, qt;
     AlignedBuffer<uint32_t> pw;
-    AlignedBuffer<T> kpad;
+    AlignedBuffer<C> kpad;
     Scratch(const Problem& pb, int64_t P)
         : q(make_queries(pb.dim, P)), qrows(kVnni ? 0 : P * pb.dim), qt(kVnni ? 0 : pb.dim * P),
           pw(kVnni ? kPanel / 2 * P : 0), kpad(kPanel * pb.dim) {}
@@ -778,18 +832,18 @@ struct BrgemmKernel {
       transpose(padded, pb.dim, sc.qrows.get(), pb.dim, sc.qt.get(), padded);
     }
   }
-  const T* query_operand(Scratch& sc) const {
-    if constexpr (kVnni) return reinterpret_cast<const T*>(sc.q.qw.get()); else return sc.qt.get();
+  const C* query_operand(Scratch& sc) const {
+    if constexpr (kVnni) return reinterpret_cast<const C*>(sc.q.qw.get()); else return sc.qt.get();
   }
   void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
-    auto [a, lda] = cover_rows(h.k, pb.k_st, blk, pb.seq_kv, pb.dim, sc.kpad.get());
+    auto [a, lda] = krows.cover(h, blk, sc.kpad.get());
     mark_used();
     at::native::cpublas::brgemm(blk.rows, padded, pb.dim, lda, padded, padded, false, a, query_operand(sc), s, kVnni);
   }
   void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t, int64_t padded, float* s,
                   float* ot) const {
-    const T* a = vt.at(h, blk.a0);
-    const T* b = kVnni ? reinterpret_cast<const T*>(sc.pw.get()) : reinterpret_cast<const T*>(s);
+    const C* a = vt.at(h, blk.a0);
+    const C* b = kVnni ? reinterpret_cast<const C*>(sc.pw.get()) : reinterpret_cast<const C*>(s);
     mark_used();
     at::native::cpublas::brgemm(pb.dim, padded, blk.rows, kPanel, padded, padded, true, a, b, ot, kVnni);
   }
@@ -942,18 +996,23 @@ inline void round_to_bf16(const float* x, int64_t count, c10::BFloat16* out) {
 // for bf16). dQ accumulates transposed, [D x padded].
 template <typename T>
 struct BrgemmBackward {
-  static constexpr bool kVnni = std::is_same_v<T, c10::BFloat16>;
+  using C = ComputeType<T>;
+  static constexpr bool kVnni = std::is_same_v<C, c10::BFloat16>;
   static constexpr bool kPrescaled = !kVnni;
   static constexpr bool kOutputRows = false;
   using Blocks = PanelBlocks;
   using Operand = std::conditional_t<kVnni, uint32_t, float>;
   const Problem& pb;
-  TransposedPanels<T> kt;
+  TransposedPanels<T, C> kt;
+  ComputeRows<T, C, 1> krows;
+  ComputeRows<T, C, 2> vrows;
 
-  BrgemmBackward(const Problem& problem, const T* k) : pb(problem), kt(problem, k, pb.k_sb, pb.k_sh, pb.k_st) {}
+  BrgemmBackward(const Problem& problem, const T* k, const T* v)
+      : pb(problem), kt(problem, k, pb.k_sb, pb.k_sh, pb.k_st), krows(problem, k, pb.k_sb, pb.k_sh, pb.k_st),
+        vrows(problem, v, pb.v_sb, pb.v_sh, pb.v_st) {}
 
   struct Scratch {
-    AlignedBuffer<T> qrows, dorows, pbuf, dsbuf, pad;
+    AlignedBuffer<C> qrows, dorows, pbuf, dsbuf, pad;
     AlignedBuffer<Operand> qt, dot, qw, dow, dsw;
     Scratch(const Problem& pb, int64_t P)
         : qrows(P * pb.dim), dorows(P * pb.dim), pbuf(kVnni ? kPanel * P : 0), dsbuf(kVnni ? kPanel * P : 0),
@@ -981,17 +1040,17 @@ struct BrgemmBackward {
       for (int64_t x = 0; x < D * padded; ++x) sc.qt.get()[x] *= qscale;
     }
   }
-  const T* b_operand(const AlignedBuffer<Operand>& pairs_or_fp32) const {
-    return reinterpret_cast<const T*>(pairs_or_fp32.get());
+  const C* b_operand(const AlignedBuffer<Operand>& pairs_or_fp32) const {
+    return reinterpret_cast<const C*>(pairs_or_fp32.get());
   }
   void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
-    auto [a, lda] = cover_rows(h.k, pb.k_st, blk, pb.seq_kv, pb.dim, sc.pad.get());
+    auto [a, lda] = krows.cover(h, blk, sc.pad.get());
     mark_used();
     at::native::cpublas::brgemm(blk.rows, padded, pb.dim, lda, padded, padded, false, a, b_operand(sc.qt), s, kVnni);
   }
   void grad_v(Scratch& sc, const KeyBlock& blk, int64_t, int64_t padded, const float* s, float* dv) const {
-    const T* a = reinterpret_cast<const T*>(s);
-    const T* b = reinterpret_cast<const T*>(sc.dorows.get());
+    const C* a = reinterpret_cast<const C*>(s);
+    const C* b = sc.dorows.get();
     if constexpr (kVnni) {
       round_to_bf16(s, blk.rows * padded, sc.pbuf.get());
       a = sc.pbuf.get();
@@ -1001,15 +1060,15 @@ struct BrgemmBackward {
     at::native::cpublas::brgemm(blk.rows, pb.dim, padded, padded, pb.dim, pb.dim, true, a, b, dv + blk.a0 * pb.dim, kVnni);
   }
   void grad_probs(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* dp) const {
-    auto [a, lda] = cover_rows(h.v, pb.v_st, blk, pb.seq_kv, pb.dim, sc.pad.get());
+    auto [a, lda] = vrows.cover(h, blk, sc.pad.get());
     mark_used();
     at::native::cpublas::brgemm(blk.rows, padded, pb.dim, lda, padded, padded, false, a, b_operand(sc.dot), dp, kVnni);
   }
   void grad_qk(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t, int64_t padded, const float* ds,
                float* dk, float* dqt) const {
-    const T* a = reinterpret_cast<const T*>(ds);
-    const T* b_q = reinterpret_cast<const T*>(sc.qrows.get());
-    const T* b_ds = reinterpret_cast<const T*>(ds);
+    const C* a = reinterpret_cast<const C*>(ds);
+    const C* b_q = sc.qrows.get();
+    const C* b_ds = reinterpret_cast<const C*>(ds);
     if constexpr (kVnni) {
       round_to_bf16(ds, blk.rows * padded, sc.dsbuf.get());
       for (int64_t q = 0; q < blk.rows / 2; ++q)
@@ -1330,7 +1389,7 @@ enum MicrokernelChoice : int64_t { kDefaultKernel = 0, kVectorKernel = 1, kBrgem
 
 bool brgemm_supports(at::ScalarType dtype) {
   if (!at::globalContext().userEnabledMkldnn()) return false;
-  if (dtype == at::kFloat) return true;
+  if (dtype == at::kFloat || dtype == at::kHalf) return true;  // fp16 is computed in fp32
 #if defined(__AVX512F__)
   return dtype == at::kBFloat16;  // oneDNN's bf16 micro-GEMMs need AVX-512 (AMX where present)
 #else
@@ -1340,12 +1399,11 @@ bool brgemm_supports(at::ScalarType dtype) {
 
 bool has_amx_bf16() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
-// kDefaultKernel: oneDNN for fp32 and bf16 on CPUs with AMX (measured 1.2-3x faster there), the
-// hand-written kernels elsewhere (faster on AMD Zen 4) and for fp16.
+// kDefaultKernel: oneDNN on CPUs with AMX (measured 1.2-3x faster there in fp32, bf16 and fp16),
+// the hand-written kernels elsewhere (faster on AMD Zen 4).
 int64_t resolve_microkernel(at::ScalarType dtype, int64_t choice) {
   TORCH_CHECK(choice >= kDefaultKernel && choice <= kBrgemmKernel, "aha: microkernel must be 0 (default), 1 (vector) or 2 (brgemm)");
-  if (choice == kDefaultKernel)
-    return dtype != at::kHalf && has_amx_bf16() && brgemm_supports(dtype) ? kBrgemmKernel : kVectorKernel;
+  if (choice == kDefaultKernel) return has_amx_bf16() && brgemm_supports(dtype) ? kBrgemmKernel : kVectorKernel;
   TORCH_CHECK(choice != kBrgemmKernel || brgemm_supports(dtype), "aha: the oneDNN microkernel does not support ", dtype,
               " in this build on this CPU; use microkernel 1 (vector)");
   return choice;
@@ -1364,7 +1422,10 @@ constexpr const char* kVectorIsa =
 std::string microkernel_name(at::ScalarType dtype, int64_t choice) {
   const int64_t resolved = resolve_microkernel(dtype, choice);
   const std::string type = dtype == at::kFloat ? "fp32" : dtype == at::kBFloat16 ? "bf16" : dtype == at::kHalf ? "fp16" : "?";
-  if (resolved == kBrgemmKernel) return std::string("onednn-") + (dtype == at::kBFloat16 && has_amx_bf16() ? "amx-" : "") + type;
+  if (resolved == kBrgemmKernel) {
+    if (dtype == at::kHalf) return "onednn-fp32 (fp16 widened)";
+    return std::string("onednn-") + (dtype == at::kBFloat16 && has_amx_bf16() ? "amx-" : "") + type;
+  }
   if (dtype == at::kFloat || (dtype == at::kBFloat16 && kHasBf16Dot)) return std::string(kVectorIsa) + "-" + type;
   return std::string(kVectorIsa) + "-fp32 (" + type + " widened)";
 }
@@ -1373,10 +1434,8 @@ template <typename T>
 void run_forward(const Problem& pb, int64_t microkernel, const T* q, const T* k, const T* v, const Tiling& tl, T* out,
                  float* lse) {
   if (microkernel == kBrgemmKernel) {
-    if constexpr (!std::is_same_v<T, c10::Half>) {
-      const BrgemmKernel<T> kernel(pb, v);
-      return forward_impl(pb, kernel, q, k, v, tl, out, lse);
-    }
+    const BrgemmKernel<T> kernel(pb, k, v);
+    return forward_impl(pb, kernel, q, k, v, tl, out, lse);
   }
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -1416,10 +1475,8 @@ void run_backward(const Problem& pb, int64_t microkernel, const T* q, const T* k
                   const T* dout, const float* lse, const Tiling& tl, int64_t parts, int64_t acc_rows, T* dq,
                   float* dk_parts, float* dv_parts) {
   if (microkernel == kBrgemmKernel) {
-    if constexpr (!std::is_same_v<T, c10::Half>) {
-      const BrgemmBackward<T> kernel(pb, k);
-      return backward_impl(pb, kernel, q, k, v, out, dout, lse, tl, parts, acc_rows, dq, dk_parts, dv_parts);
-    }
+    const BrgemmBackward<T> kernel(pb, k, v);
+    return backward_impl(pb, kernel, q, k, v, out, dout, lse, tl, parts, acc_rows, dq, dk_parts, dv_parts);
   }
   backward_impl(pb, VectorBackward<T>{pb}, q, k, v, out, dout, lse, tl, parts, acc_rows, dq, dk_parts, dv_parts);
 }
