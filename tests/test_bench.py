@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from aha import aha_attention
@@ -47,9 +48,9 @@ def test_cpu_clock_is_single_threaded_only():
 
 
 ROW_KEYS = {
-    "prefill": {"n", "rho", "window", "dtype", "impl", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
-    "train": {"n", "rho", "window", "dtype", "impl", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
-    "decode": {"n", "dtype", "impl", "us", "global_head_us", "full_us", "vs_global_head", "cost_ratio"},
+    "prefill": {"n", "rho", "window", "dtype", "impl", "microkernel", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
+    "train": {"n", "rho", "window", "dtype", "impl", "microkernel", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
+    "decode": {"n", "dtype", "impl", "microkernel", "us", "global_head_us", "full_us", "vs_global_head", "cost_ratio"},
     "memory": {"n", "aha_peak_mib", "sdpa_peak_mib", "output_mib", "dense_scores_mib"},
 }
 
@@ -61,7 +62,8 @@ def test_quick_bench_cli_writes_a_complete_report(tmp_path):
     (path,) = tmp_path.glob("bench-*.json")
     report = json.loads(path.read_text())
     assert report["schema"] == SCHEMA
-    assert set(report["meta"]) >= {"date", "cpu", "threads", "torch", "command", "cpp_kernel"}
+    assert set(report["meta"]) >= {"date", "cpu", "isa", "threads", "torch", "command", "cpp_kernel"}
+    assert report["meta"]["isa"] in ("amx", "avx512_bf16", "avx512", "avx2", "scalar")
     assert set(GROUPS) >= set(report["groups"]) == {"kernels"}
     sections = {s["name"]: s for s in report["groups"]["kernels"]}
     assert list(sections) == ["prefill", "train", "decode", "memory"]
@@ -94,3 +96,37 @@ def test_sink_option_reaches_every_timed_call(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("bench-*.json")
     rows = [row for section in json.loads(path.read_text())["groups"]["kernels"] for row in section["rows"]]
     assert rows and all(row["sink"] == 2 for row in rows)
+
+
+def test_each_cpp_row_names_its_microkernel(tmp_path):
+    from aha.kernels.cpu_tuning import microkernel_name
+
+    impls = [f"cpp:{m}" for m in ("vector", "onednn") if microkernel_name(torch.float32, m)] + ["split"]
+    result = CliRunner().invoke(app, ["bench", "--quick", "--parts", "prefill", "--impl", ",".join(impls), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("bench-*.json")
+    rows = json.loads(path.read_text())["groups"]["kernels"][0]["rows"]
+    labels = {row["impl"]: row["microkernel"] for row in rows}
+    assert labels["split"] == "-"
+    for impl in impls[:-1]:
+        expected = microkernel_name(torch.float32, impl.split(":")[1])
+        assert labels[impl] == expected and expected in result.output
+
+
+def test_calibrate_cli_prints_and_caches_the_choice(monkeypatch, tmp_path):
+    from aha.kernels import cpu_tuning
+    from aha.kernels.cpu_tuning import CostModel, KernelChoice
+
+    monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path))
+    choice = KernelChoice(microkernel="vector", forward=CostModel((4096,), (1.5,), (0.24,), (1.05,)))
+    monkeypatch.setattr(cpu_tuning, "calibrate", lambda dtype: choice)
+    monkeypatch.setattr(cpu_tuning, "_choices", {})
+    result = CliRunner().invoke(app, ["calibrate", "--dtype", "bfloat16"])
+    if not cpu_tuning.load_cpp_kernel():
+        assert result.exit_code != 0 and "unavailable" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    assert "bfloat16" in result.output and "never" in result.output  # train: no model, never split
+    assert cpu_tuning.KernelChoice.from_json(cpu_tuning.tuning_path(torch.bfloat16).read_text()) == choice
+    bad = CliRunner().invoke(app, ["calibrate", "--dtype", "float64"])
+    assert bad.exit_code != 0 and "unknown dtype" in bad.output

@@ -85,7 +85,9 @@ def bench(
 @app.command()
 def calibrate(
     dtype: str = typer.Option("float32,bfloat16", help="Comma-separated dtypes to measure (float32, bfloat16, float16)."),
-    threads: int = typer.Option(2, help="torch threads (the choice is kept per thread count)."),
+    threads: Optional[int] = typer.Option(
+        None, help="torch threads (default: torch's default here; the choice is kept per thread count)."
+    ),
 ) -> None:
     """Measure which CPU microkernel is fastest here and above which global fraction SDPA wins; cache it.
 
@@ -112,8 +114,9 @@ def calibrate(
         raise typer.BadParameter(f"unknown dtype(s) {unknown}; choose from {list(dtypes)}")
     if not cpp_available():
         raise typer.BadParameter("the C++ kernel is unavailable, so there is nothing to calibrate (see `aha bench`)")
-    torch.set_num_threads(threads)
-    table = Table(title=f"{cpu_model()} ({cpu_isa()}), {threads} threads", title_justify="left")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    table = Table(title=f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads", title_justify="left")
     for column in ("dtype", "microkernel", "forward: split from fraction (4K / 16K / 64K)", "forward+backward", "cache"):
         table.add_column(column)
     def crossovers(choice: KernelChoice, training: bool) -> str:

@@ -5,9 +5,15 @@ plus the ``sink`` first keys when asked);
 per (batch, head) the local and the global rows are each tiled in position order, so a tile
 reads only the keys its rows need, and masking is inline on the boundary key blocks only. It
 never materialises a mask or a ``seq x seq`` score matrix; the backward recomputes the scores
-from the saved log-sum-exp. fp32, bf16 and fp16 (computed in fp32), GQA, a KV prefix longer than
-the queries, and left/right key padding are handled in the kernel; a padding mask with holes
-falls back to ``split``. The library is compiled on first use (see :mod:`aha.kernels._cpp_build`).
+from the saved log-sum-exp. fp32, bf16 and fp16, GQA, a KV prefix longer than the queries, and
+left/right key padding are handled in the kernel; a padding mask with holes falls back to
+``split``. The library is compiled on first use (see :mod:`aha.kernels._cpp_build`).
+
+The GEMMs run on one of two microkernels behind one tile loop: hand-written AVX-512/AVX2 code
+(``vector``; bf16 multiplied as bf16 pairs with AVX512-BF16, else widened to fp32) or oneDNN's
+micro-GEMMs through ``at::native::cpublas::brgemm`` (``onednn``; AMX tiles for bf16 where the
+CPU has them, fp16 widened to fp32). :mod:`aha.kernels.cpu_tuning` picks the faster one per
+machine and dtype; one-token decode steps take a split-KV dot-product path on either.
 """
 
 from __future__ import annotations
@@ -87,6 +93,8 @@ def kernel_attention(
     (default: :func:`~aha.kernels.cpu_tuning.kernel_choice` for this dtype) picks the microkernel.
     """
     choice = choice or kernel_choice(q.dtype)
+    if choice.microkernel == "onednn" and not torch.backends.mkldnn.enabled:
+        choice = KernelChoice()  # oneDNN switched off since the choice was measured: the built-in rule
     settings = (*choice.tile_rows, choice.code)
     dim = q.shape[-1]
     pad = -dim % 16

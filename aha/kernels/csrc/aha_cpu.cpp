@@ -9,16 +9,23 @@
 // the others are masked per row by comparing key positions against the row limits (no mask
 // tensor is read and nothing of size seq x seq exists anywhere).
 //
-// Layout trick: scores are computed transposed, S^T[key, row] = K[key] . Q[row], so the softmax
-// statistics of 16 query rows live in one vector and neither K nor V needs to be transposed or
-// packed: every GEMM is "C[M x 16j] (+)= A(strided) . B[rows x 16j]" with row-major B.
-// Accumulation is fp32. bf16/fp16 rows are widened into per-thread scratch block by block, except
-// in the bf16 forward on CPUs with AVX512-BF16, whose GEMMs read bf16 pairs (vdpbf16ps) directly.
-// Vectors are GCC vector extensions (AVX-512 zmm with -march=native there, AVX2 pairs elsewhere).
+// Layout: scores are computed transposed, S^T[key, row] = K[key] . Q[row], so the softmax
+// statistics of 16 query rows live in one vector. Accumulation is fp32. One tile loop (mask,
+// online softmax) serves two microkernels, which supply the GEMMs:
+//   vector -- hand-written GEMMs on GCC vector extensions (AVX-512 zmm with -march=native there,
+//             AVX2 pairs elsewhere); K and V are read in place, bf16/fp16 rows widened block by
+//             block, except bf16 on CPUs with AVX512-BF16, multiplied as bf16 pairs (vdpbf16ps);
+//   onednn -- at::native::cpublas::brgemm, the oneDNN micro-GEMMs of PyTorch's CPU flash
+//             attention: AMX tiles for bf16 where present (VNNI operands), AVX-512/AVX2 for fp32;
+//             fp16 is widened to fp32 once per call; V^T (K^T in the backward) is transposed once
+//             per call into panels of kPanel keys.
+// The `microkernel` argument picks one (0 = the built-in rule, see resolve_microkernel).
 //
 // Ops: aha::forward -> (out, lse) and aha::backward -> (dq, dk, dv); lse is the natural-log
 // softmax normaliser per query (-inf for a query with no key), which the backward reuses.
-// aha::forward with one query per head (decoding) takes a split-KV dot-product path instead.
+// aha::forward with one query per head (decoding) takes a split-KV dot-product path instead
+// (memory-bound: it reads each key once, on either microkernel choice). aha::microkernel names
+// what a (dtype, choice) runs on this CPU.
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
