@@ -195,3 +195,19 @@ def test_portable_avx2_build_matches_reference(avx2_ops, dtype, microkernel, tol
     torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("microkernel", [1, 2])
+def test_the_op_clamps_huge_windows_and_sinks(microkernel):
+    """The ops themselves (torch.ops.aha.*) also take any int64 window and sink without overflow."""
+    q = torch.randn(1, 2, 30, 16)
+    k, v = torch.randn(2, 1, 2, 30, 16)
+    route = torch.rand(1, 2, 30) < 0.5
+    starts = torch.zeros(1, dtype=torch.int32)
+    want = torch.ops.aha.forward(q, k, v, route, starts, 30, 30, 0.25, 32, 64, microkernel)[0]
+    for window, sink in [(2**31, 2**31), (2**32, 2**40), (2**62, 2**63 - 1)]:
+        got = torch.ops.aha.forward(q, k, v, route, starts, window, sink, 0.25, 32, 64, microkernel)[0]
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.aha.forward(q, k, v, route, starts, 4, 0, float("nan"), 32, 64, microkernel)

@@ -185,6 +185,9 @@ def test_default_scale_is_inverse_sqrt_dim():
         (lambda a: a.update(window=2.5), "window must be an int"),
         (lambda a: a.update(sink=-1), "sink must be >= 0"),
         (lambda a: a.update(sink=True), "sink must be an int"),
+        (lambda a: a.update(scale=float("nan")), "scale must be a finite number"),
+        (lambda a: a.update(scale=float("inf")), "scale must be a finite number"),
+        (lambda a: a.update(q=torch.randn(1, 4, 10, 0), k=torch.randn(1, 2, 10, 0), v=torch.randn(1, 2, 10, 0)), "head_dim is 0"),
         (lambda a: a.update(route=torch.ones(1, 4, 9, dtype=torch.bool)), "route must have shape"),
         (lambda a: a.update(route=torch.ones(1, 4, 10, dtype=torch.long)), "route must be bool"),
         (lambda a: a.update(route=torch.full((1, 4, 10), 1.5)), "lie in \\[0, 1\\]"),
@@ -201,11 +204,12 @@ def test_bad_inputs_raise_clear_errors(change, message):
     args = dict(
         q=torch.randn(1, 4, 10, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8),
         route=torch.ones(1, 4, 10, dtype=torch.bool), window=4, impl="auto", key_padding_mask=None, sink=0,
+        scale=None,
     )
     change(args)
     with pytest.raises(AhaInputError, match=message):
         aha_attention(args["q"], args["k"], args["v"], args["route"], args["window"], impl=args["impl"],
-                      key_padding_mask=args["key_padding_mask"], sink=args["sink"])
+                      key_padding_mask=args["key_padding_mask"], sink=args["sink"], scale=args["scale"])
 
 
 @pytest.mark.skipif(not cpp_microkernels(), reason="C++ kernel unavailable")
@@ -214,6 +218,20 @@ def test_a_microkernel_that_cannot_run_here_says_so():
     with torch.backends.mkldnn.flags(enabled=False):  # oneDNN switched off: its micro-GEMMs are unavailable
         with pytest.raises(AhaInputError, match="does not run torch.float32 on this CPU"):
             aha_attention(q, k, v, torch.ones(1, 2, 10, dtype=torch.bool), 4, impl="cpp:onednn")
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto", *FAST_IMPLS])
+@pytest.mark.parametrize("seq_q", [1, 40])
+def test_huge_windows_and_sinks_mean_every_key(impl, seq_q):
+    """Values past the last key (say from a hand-edited config.json) neither crash nor overflow."""
+    q, k, v = make_qkv(2, 4, 2, seq_q, 50, 16)
+    route = torch.rand(2, 4, seq_q) < 0.5
+    kpm = torch.ones(2, 50, dtype=torch.bool)
+    kpm[1, :7] = False
+    expected = aha_attention(q, k, v, route, 50, impl="reference", key_padding_mask=kpm, sink=50)
+    for window, sink in [(2**31, 2**31), (2**32 + 3, 2**32), (2**62, 2**63 - 1)]:
+        out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm, sink=sink)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_rejects_multi_token_queries():

@@ -144,9 +144,11 @@ def aha_attention(
     Raises:
         AhaInputError: malformed shapes, dtypes, devices, window or route (the message names the fix).
     """
-    check_inputs(q, k, v, route, window, key_padding_mask, sink)
+    check_inputs(q, k, v, route, window, key_padding_mask, sink, scale)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    # a window or sink past the last key means every key: clamped, no index arithmetic can overflow
+    window, sink = min(window, k.shape[2]), min(sink, k.shape[2])
     name = choose_impl(q, k, route, window, key_padding_mask) if impl == "auto" else impl
     name, _, microkernel = name.partition(":")
     if name not in IMPLEMENTATIONS or (microkernel and (name != "cpp" or microkernel not in ("vector", "onednn"))):

@@ -6,6 +6,8 @@ assume well-formed tensors and the error messages are the same everywhere.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,7 @@ def check_inputs(
     window: int,
     key_padding_mask: Tensor | None = None,
     sink: int = 0,
+    scale: float | None = None,
 ) -> None:
     """Validate shapes, dtypes and devices of an AHA attention call.
 
@@ -33,6 +36,7 @@ def check_inputs(
         window: number of keys a local query sees, its own included; ``>= 1``.
         key_padding_mask: optional ``[batch, seq_kv]`` bool, True = a real (attendable) key.
         sink: attention-sink keys every local query also sees; ``>= 0``.
+        scale: softmax scale, a finite number, or None for ``1 / sqrt(head_dim)``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -65,6 +69,10 @@ def check_inputs(
         raise AhaInputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
     if q.device != k.device or q.device != v.device:
         raise AhaInputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if head_dim == 0:
+        raise AhaInputError("head_dim is 0: q, k and v need at least one feature per head")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise AhaInputError(f"scale must be a finite number (or None for 1/sqrt(head_dim)), got {scale!r}")
     if isinstance(window, bool) or not isinstance(window, int):
         raise AhaInputError(f"window must be an int, got {type(window).__name__}")
     if window < 1:

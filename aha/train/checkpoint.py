@@ -1,23 +1,41 @@
-"""Atomic, rotating training checkpoints on top of ``accelerate``'s ``save_state`` / ``load_state``.
+"""Atomic, verified, rotating training checkpoints on top of ``accelerate``'s ``save_state`` / ``load_state``.
 
 A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXXX`` by every process (model, optimizer,
-scheduler, per-process RNG states and the registered custom objects), then renamed to
-``checkpoints/step-XXXXXXXX`` by the main process. A rename within one folder is atomic, so a run
-killed at any moment leaves either a complete checkpoint or a leftover temporary folder that is
-ignored and cleaned up by the next save.
+scheduler, per-process RNG states), completed by the main process with ``trainer_state.json`` (the
+trainer's own counters, as JSON) and ``manifest.json`` (size and SHA-256 of every file), then
+renamed to ``checkpoints/step-XXXXXXXX``. A rename within one folder is atomic, so a run killed at
+any moment leaves either a complete checkpoint or a leftover temporary folder that is ignored and
+cleaned up by the next save.
+
+Loading never executes code from the folder: the trainer's state is JSON (no custom objects are
+registered with accelerate, whose loader unpickles those with ``weights_only=False``), and
+accelerate loads the model from safetensors and everything else with ``weights_only=True``. A
+checkpoint whose files do not match its manifest (truncated, corrupted, replaced) is skipped for
+the next older intact one, with a message; so is one that fails to load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 
 _FINAL = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+MANIFEST_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run folder could be loaded (the message lists why for each)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -25,7 +43,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first."""
+    """Complete (renamed) checkpoints in ``folder``, oldest first."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and _FINAL.match(p.name)]
@@ -39,10 +57,50 @@ def checkpoint_step(path: Path) -> int:
     return int(match[1])
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int) -> Path:
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not intact (no manifest; a file missing, added, of another size or hash), or None."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no readable {MANIFEST} ({exc.__class__.__name__})"
+    if TRAINER_STATE not in files:
+        return f"the manifest lists no {TRAINER_STATE}"
+    extra = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST]
+    extra = sorted(set(extra) - set(files))
+    if extra:
+        return f"{extra[0]} is not in the manifest (a file added after the save)"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int, trainer_state: dict[str, Any]) -> Path:
     """Save the full training state for ``step`` atomically; keep the newest ``keep`` checkpoints.
 
-    Must be called by every process (``save_state`` writes per-process RNG states).
+    ``trainer_state`` (JSON-ready) is the trainer's own state. Must be called by every process
+    (``save_state`` writes per-process RNG states).
     """
     final = folder / checkpoint_name(step)
     tmp = folder / f"{_TMP_PREFIX}{final.name}"
@@ -54,8 +112,40 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+        _write_manifest(tmp, step)
+        if final.exists():  # a damaged checkpoint of this step, skipped when resuming
+            shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(folder)[: -max(1, keep)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_newest_intact(
+    accelerator: Accelerator, folder: Path, report: Callable[[str], None] = print
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest checkpoint in ``folder`` that verifies and loads; returns (its path, trainer state).
+
+    Damaged checkpoints are skipped with a message through ``report``. Returns None when ``folder``
+    holds no checkpoint. Raises :class:`CheckpointError` when none of them can be loaded.
+    """
+    checkpoints = list_checkpoints(folder)
+    if not checkpoints:
+        return None
+    problems = []
+    for path in reversed(checkpoints):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                accelerator.load_state(str(path))
+                return path, json.loads((path / TRAINER_STATE).read_text())
+            except Exception as exc:  # noqa: BLE001 -- any failure to load means: try the next older one
+                problem = f"failed to load: {exc.__class__.__name__}: {str(exc)[:200]}"
+        problems.append(f"{path.name}: {problem}")
+        report(f"aha train: skipping damaged checkpoint {path} ({problem})")
+    raise CheckpointError(
+        f"no checkpoint in {folder} can be loaded:\n  " + "\n  ".join(problems) + "\n"
+        "Delete the folder (or pass a new --out) to start the run over."
+    )

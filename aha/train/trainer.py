@@ -51,7 +51,7 @@ from transformers import get_cosine_schedule_with_warmup
 import aha
 from aha.data import DataSplits, PackedDataset, build_datasets
 from aha.data.passkey import PasskeyMixDataset
-from aha.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
+from aha.train.checkpoint import list_checkpoints, load_newest_intact, save_checkpoint
 from aha.train.config import TrainConfig, differing_fields, save_config
 from aha.train.objective import (
     LambdaController,
@@ -204,6 +204,17 @@ def _param_groups(config: TrainConfig, model: nn.Module, routers: list[nn.Parame
     return [g for g in groups if g["params"]]
 
 
+def _read_rows(path: Path) -> list[str]:
+    """The JSON lines of a metrics file, without a torn (unparseable) last line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return lines
+
+
 class MetricsLog:
     """Rows of metrics: JSONL at ``path`` (main process), TensorBoard under ``tb/`` when installed."""
 
@@ -213,9 +224,10 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None and path.exists():
-            # the killed run may have logged steps after its last checkpoint; they are redone
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        if path.exists():
+            # the killed run may have logged steps after its last checkpoint (all of them when it
+            # had none), and a kill mid-write leaves a torn last line: the steps are redone
+            rows = [line for line in _read_rows(path) if resume_step is not None and json.loads(line)["step"] <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(f"{row}\n" for row in rows))
             tmp.replace(path)
@@ -437,7 +449,8 @@ def _eval_indices(config: TrainConfig, heldout: PackedDataset) -> np.ndarray:
     return np.sort(order[: config.eval_sequences])
 
 
-def _check_resume(config: TrainConfig, out: Path) -> Path | None:
+def _check_resume(config: TrainConfig, out: Path) -> bool:
+    """Whether ``out`` holds checkpoints to resume (of a run with the same config)."""
     checkpoints = list_checkpoints(out / "checkpoints")
     saved_config = out / "config.yaml"
     if checkpoints and saved_config.exists():
@@ -447,7 +460,7 @@ def _check_resume(config: TrainConfig, out: Path) -> Path | None:
                 f"{out} holds a run with a different config ({', '.join(changed)} differ); resume it with the same "
                 "settings, or pass a new --out"
             )
-    return checkpoints[-1] if checkpoints else None
+    return bool(checkpoints)
 
 
 def train(
@@ -475,7 +488,7 @@ def train(
     """
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.precision), step_scheduler_with_optimizer=False)
     out = Path(config.out)
-    resume_from = _check_resume(config, out)
+    resume = _check_resume(config, out)
     set_seed(config.seed)
     if model is None:
         model, tokenizer = aha.load_model(config.model, dtype=torch.float32)
@@ -517,11 +530,17 @@ def train(
         ramp_steps=round(config.target_ramp * config.steps),
     )
     progress = TrainProgress()
-    accelerator.register_for_checkpointing(controller, progress)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} (step {progress.step})")
-    log = MetricsLog(out / "metrics.jsonl", checkpoint_step(resume_from) if resume_from else None, accelerator.is_main_process)
+    resumed = load_newest_intact(accelerator, out / "checkpoints", report=accelerator.print) if resume else None
+    if resumed is not None:
+        path, state = resumed
+        controller.load_state_dict(state["controller"])
+        progress.load_state_dict(state["progress"])
+        accelerator.print(f"resumed from {path} (step {progress.step})")
+    log = MetricsLog(out / "metrics.jsonl", progress.step if resumed else None, accelerator.is_main_process)
+
+    def trainer_state() -> dict[str, Any]:
+        return {"controller": controller.state_dict(), "progress": progress.state_dict()}
+
 
     stepper = _Stepper(config, accelerator, student, aha_model, optimizer, scheduler, controller, train_set, teacher_logits)
     accelerator.print(
@@ -542,7 +561,7 @@ def train(
     show_bar = config.progress and accelerator.is_local_main_process
     with contextlib.ExitStack() as stack:
         stack.enter_context(aha.force_routing(aha_model, config.force_routing))  # None: the learned routes
-        if eval_indices is not None and config.eval_every > 0 and resume_from is None:
+        if eval_indices is not None and config.eval_every > 0 and resumed is None:
             run_eval()  # the starting point: with open routers, the original model
         student.train()
         bar = tqdm(total=config.steps, initial=progress.step, desc="aha train", disable=not show_bar, dynamic_ncols=True)
@@ -558,7 +577,7 @@ def train(
                 run_eval()
             stop = interrupt.requested()
             if (config.checkpoint_every > 0 and progress.step % config.checkpoint_every == 0) or at_end or stop:
-                save_checkpoint(accelerator, out / "checkpoints", progress.step, config.keep_checkpoints)
+                save_checkpoint(accelerator, out / "checkpoints", progress.step, config.keep_checkpoints, trainer_state())
             if stop and not at_end:
                 bar.close()
                 log.close()
@@ -592,8 +611,7 @@ def train(
 
 def iter_metrics(out: str | Path, kind: str = "train") -> Iterator[dict[str, Any]]:
     """Rows of ``metrics.jsonl`` in a run folder, of one ``kind`` (``"train"`` or ``"eval"``)."""
-    with (Path(out) / "metrics.jsonl").open() as fh:
-        for line in fh:
-            row = json.loads(line)
-            if row["kind"] == kind:
-                yield row
+    for line in _read_rows(Path(out) / "metrics.jsonl"):
+        row = json.loads(line)
+        if row["kind"] == kind:
+            yield row

@@ -1363,9 +1363,11 @@ Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   pb.seq_kv = k.size(2);
   TORCH_CHECK(pb.kv_heads > 0 && pb.q_heads % pb.kv_heads == 0, "aha: q_heads must be a multiple of kv_heads");
   TORCH_CHECK(pb.seq_kv >= pb.seq_q && pb.seq_kv < (int64_t(1) << 30), "aha: bad sequence lengths");
-  pb.window = window;
-  pb.sink = sink;
   TORCH_CHECK(window >= 1 && sink >= 0, "aha: window must be >= 1 and sink >= 0");
+  TORCH_CHECK(std::isfinite(scale), "aha: scale must be finite");
+  // past the last key a window or sink means every key: clamped, positions stay 32-bit
+  pb.window = std::min(window, pb.seq_kv);
+  pb.sink = std::min(sink, pb.seq_kv);
   pb.scale = static_cast<float>(scale);
   pb.q_sb = q.stride(0), pb.q_sh = q.stride(1), pb.q_st = q.stride(2);
   pb.k_sb = k.stride(0), pb.k_sh = k.stride(1), pb.k_st = k.stride(2);
