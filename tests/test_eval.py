@@ -322,6 +322,20 @@ def test_aha_eval_cli_writes_the_report(saved_model, text_folder, tmp_path, monk
     assert "needle ends at token" in (out / "token_view.html").read_text()
 
 
+def test_aha_eval_cli_without_held_out_text_says_what_to_do(saved_model, tmp_path, monkeypatch, haystack):
+    monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "one.txt").write_text(haystack[:3000])  # one document, and it is not held out
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--model", str(saved_model), "--out", str(tmp_path / "report"), "--data", str(tmp_path / "texts"),
+         "--heldout-fraction", "0.0", "--seq-len", "64", "--tasks", "perplexity"],
+    )
+    text = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+    assert result.exit_code != 0 and "no held-out sequence" in text and "raise --heldout-fraction" in text
+    assert "Traceback" not in result.output
+
+
 def test_aha_eval_cli_needs_a_window_for_a_plain_model(tmp_path, tokenizer):
     torch.manual_seed(0)
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,

@@ -166,3 +166,38 @@ def test_kill_9_at_random_moments_then_resume_gives_the_same_weights(tmp_path, c
     assert final_weights_equal(resumed, straight)
     final = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(lr=-1.0), "lr must be >= 0"),
+        (dict(lr=float("nan")), "lr must be a finite number"),
+        (dict(router_lr=float("inf")), "router_lr must be a finite number"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(distill=-1.0), "distill must be >= 0"),
+        (dict(warmup_steps=-3), "warmup_steps"),
+        (dict(heldout_fraction=1.0), "heldout_fraction must be in"),
+        (dict(steps=2.5), "steps must be an integer"),
+        (dict(lr=0.0, router_lr=0.0), "nothing would train"),
+        (dict(keep_checkpoints=0), "keep_checkpoints"),
+    ],
+)
+def test_nonsense_training_settings_are_refused(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        toy_config(tmp_path, **change)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, copy_data, monkeypatch):
+    out = tmp_path / "run"
+    real_step = trainer_module._Stepper.step
+
+    def diverging(self, progress):
+        row = real_step(self, progress)
+        return {**row, "loss": float("nan")} if progress.step == 3 else row
+
+    monkeypatch.setattr(trainer_module._Stepper, "step", diverging)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 3(.|\n)*step-00000002(.|\n)*Lower --lr"):
+        run(out, copy_data)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+    assert not (out / "model").exists()

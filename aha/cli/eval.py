@@ -116,7 +116,10 @@ def eval_command(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     routed, tokenizer = load_routed_model(model, window, dtype, sink)
-    run = run_evaluation(routed, tokenizer, out, settings, model_name=model)
+    try:
+        run = run_evaluation(routed, tokenizer, out, settings, model_name=model)
+    except ValueError as error:  # no usable held-out text: the message names the fix
+        raise typer.BadParameter(str(error), param_hint="--data / --heldout-fraction") from None
     console = Console()
     if run.perplexity is not None:
         console.print(perplexity_table(run.perplexity))

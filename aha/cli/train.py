@@ -47,6 +47,7 @@ def train_command(config: Path | None = None, **overrides: Any) -> None:
     """
     from aha.data import DataSourceError
     from aha.train import train
+    from aha.train.checkpoint import CheckpointError
 
     if not overrides.get("data"):
         overrides.pop("data", None)  # an absent repeatable flag arrives as an empty list
@@ -58,6 +59,9 @@ def train_command(config: Path | None = None, **overrides: Any) -> None:
         result = train(settings)
     except DataSourceError as error:
         raise typer.BadParameter(str(error), param_hint="--data") from None
+    except (CheckpointError, FloatingPointError) as error:  # the message says what to do
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
     lines = [f"trained {result.history[-1]['step'] if result.history else 'no new'} steps -> {result.out}"]
     lines.append(f"achieved global fraction (last steps): {result.achieved_global:.4f}")
     if result.evaluation is not None:

@@ -115,6 +115,12 @@ def full_length_subset(dataset: Dataset, max_sequences: int | None) -> Subset:
     even spacing spreads the pick over all corpora of a packed dataset. ``dataset`` items are
     dicts with ``input_ids``, ``labels`` and ``attention_mask`` (as :class:`aha.data.PackedDataset`).
     """
+    if len(dataset) == 0:
+        raise ValueError(
+            "the data has no held-out sequence: no document fell into the held-out share; raise "
+            "--heldout-fraction (documents are held out by a hash of their id, so small datasets may "
+            "need 0.3 or more) or add documents"
+        )
     lengths = getattr(dataset, "lengths", None)
     if lengths is not None:
         seq_len = len(dataset[0]["input_ids"])

@@ -99,6 +99,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
+                problems.append(f"{f.name} must be an integer, got {value!r}")
+            elif f.type in ("float", float, "float | None") and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    problems.append(f"{f.name} must be a finite number, got {value!r}")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+        for name in ("lr", "router_lr", "weight_decay", "lambda_lr", "lambda_gain", "distill", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr == 0 and self.router_lr == 0:
+            problems.append("lr and router_lr are both 0: nothing would train")
+        if self.distill_temperature <= 0 or self.lora_alpha <= 0:
+            problems.append("distill_temperature and lora_alpha must be > 0")
+        if not 0 <= self.heldout_fraction < 1:
+            problems.append("heldout_fraction must be in [0, 1) (a share of the documents)")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.eval_every < -1:
+            problems.append("warmup_steps and checkpoint_every must be >= 0, eval_every >= -1")
+        if min(self.keep_checkpoints, self.eval_sequences, self.lora_rank, self.min_doc_tokens) < 1:
+            problems.append("keep_checkpoints, eval_sequences, lora_rank and min_doc_tokens must be >= 1")
         if self.window < 1:
             problems.append("window must be >= 1")
         if self.sink < 0:

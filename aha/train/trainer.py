@@ -570,6 +570,15 @@ def train(
             row = stepper.step(progress)
             history.append(row)
             log.write(row)
+            if not math.isfinite(row["loss"]):
+                bar.close()
+                log.close()
+                kept = list_checkpoints(out / "checkpoints")
+                raise FloatingPointError(
+                    f"aha train: the loss became {row['loss']} at step {progress.step}; stopped without saving. "
+                    + (f"The last good checkpoint, {kept[-1]}, is kept. " if kept else "No checkpoint was saved yet. ")
+                    + "Lower --lr / --router-lr or --lambda-init, or check the data for empty or broken documents."
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", glob=f"{row['global_fraction']:.3f}", lam=f"{row['lambda']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             at_end = progress.step == config.steps
