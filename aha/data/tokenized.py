@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +19,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from aha._cache import build_cached
+from aha._cache import cache_dir as aha_cache_dir
 from aha.data.sources import Document, Source
-from aha.models import cache_dir as aha_cache_dir
 
 #: Bump when the on-disk layout or the tokenization rule changes, to invalidate old caches.
 CACHE_FORMAT = 1
@@ -97,20 +95,10 @@ def _tokenize(documents: Iterable[Document], tokenizer: Any, name: str) -> Token
     return TokenizedCorpus.from_token_lists(name, doc_ids, pieces)
 
 
-def _write_atomically(folder: Path, corpus: TokenizedCorpus) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        np.save(tmp / "tokens.npy", corpus.tokens)
-        np.save(tmp / "offsets.npy", corpus.offsets)
-        (tmp / "doc_ids.json").write_text(json.dumps(corpus.doc_ids))
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():  # a concurrent writer finishing first is fine; anything else is not
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _write(corpus: TokenizedCorpus, folder: Path) -> None:
+    np.save(folder / "tokens.npy", corpus.tokens)
+    np.save(folder / "offsets.npy", corpus.offsets)
+    (folder / "doc_ids.json").write_text(json.dumps(corpus.doc_ids))
 
 
 def tokenize_source(source: Source, tokenizer: Any, cache_dir: Path | None = None) -> TokenizedCorpus:
@@ -119,13 +107,12 @@ def tokenize_source(source: Source, tokenizer: Any, cache_dir: Path | None = Non
     Args:
         source: a resolved data spec (see :func:`aha.data.resolve_source`).
         tokenizer: a Hugging Face tokenizer (fast tokenizers are much quicker).
-        cache_dir: root of the cache; default :func:`aha.models.cache_dir` (``$AHA_CACHE_DIR`` or ``~/.cache/aha``).
+        cache_dir: root of the cache; default :func:`aha._cache.cache_dir` (``$AHA_CACHE_DIR`` or ``~/.cache/aha``).
     """
     key = hashlib.sha256(f"{CACHE_FORMAT}\0{source.fingerprint}\0{tokenizer_fingerprint(tokenizer)}".encode())
     safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name)[:64]
     folder = (cache_dir or aha_cache_dir()) / "tokenized" / f"{safe_name}-{key.hexdigest()[:16]}"
-    if not folder.exists():
-        _write_atomically(folder, _tokenize(source.read(), tokenizer, source.name))
+    build_cached(folder, lambda staging: _write(_tokenize(source.read(), tokenizer, source.name), staging), "tokenized corpus")
     return TokenizedCorpus(
         name=source.name,
         doc_ids=json.loads((folder / "doc_ids.json").read_text()),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from aha._cache import cache_dir
+
 SOURCE = Path(__file__).parent / "csrc" / "aha_cpu.cpp"
 
 _log = logging.getLogger(__name__)
@@ -31,10 +33,6 @@ _lock = threading.Lock()
 _loaded = False
 _error: str | None = None
 
-
-def cache_dir() -> Path:
-    """Folder holding the compiled kernels (``AHA_CACHE_DIR`` or ``~/.cache/aha``)."""
-    return Path(os.environ.get("AHA_CACHE_DIR") or Path.home() / ".cache" / "aha")
 
 
 def _compiler() -> str | None:
@@ -63,7 +61,7 @@ def _compile_command(compiler: str, output: Path, arch: str = "native", namespac
 
 
 def _compile(compiler: str, output: Path, arch: str = "native", namespace: str = "aha") -> None:
-    result = subprocess.run(_compile_command(compiler, output, arch, namespace), capture_output=True, text=True)
+    result = subprocess.run(_compile_command(compiler, output, arch, namespace), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"compiling {SOURCE.name} (-march={arch}) failed:\n{result.stderr[-4000:]}")
 
@@ -115,7 +113,13 @@ def load_cpp_kernel() -> bool:
             target = library_path(compiler)
             if not target.exists():
                 _build(compiler, target)
-            torch.ops.load_library(str(target))
+            try:
+                torch.ops.load_library(str(target))
+            except OSError as exc:  # a damaged cached build (truncated, overwritten): build it again, once
+                _log.warning("aha: the cached C++ kernel %s does not load (%s); rebuilding it", target, exc)
+                target.unlink(missing_ok=True)
+                _build(compiler, target)
+                torch.ops.load_library(str(target))
             _loaded = True
         except (OSError, RuntimeError) as exc:
             _error = f"{exc}\nInstall g++ >= 10 or set CXX; the pure-PyTorch paths are used meanwhile."
