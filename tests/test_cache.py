@@ -115,6 +115,6 @@ def test_a_damaged_compiled_kernel_is_rebuilt(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     with open(path, "wb") as f:
         f.write(b"\x7fELF not really a library")
-    result = subprocess.run([sys.executable, "-c", _LOAD_KERNEL], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", _LOAD_KERNEL], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "does not load" in result.stderr and "rebuilding it" in result.stderr

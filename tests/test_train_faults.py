@@ -81,7 +81,7 @@ def interrupted_run(out: Path, data) -> list[Path]:
 @pytest.mark.parametrize("how", ["exploit", "truncate", "empty"])
 def test_a_damaged_newest_checkpoint_is_skipped_and_never_executed(tmp_path, copy_data, straight, capsys, damage, how):
     out = tmp_path / "run"
-    older, newest = interrupted_run(out, copy_data)
+    _, newest = interrupted_run(out, copy_data)
     marker = tmp_path / "pwned"
     target = newest / damage
     if how == "exploit":
@@ -171,16 +171,16 @@ def test_kill_9_at_random_moments_then_resume_gives_the_same_weights(tmp_path, c
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(lr=-1.0), "lr must be >= 0"),
-        (dict(lr=float("nan")), "lr must be a finite number"),
-        (dict(router_lr=float("inf")), "router_lr must be a finite number"),
-        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
-        (dict(distill=-1.0), "distill must be >= 0"),
-        (dict(warmup_steps=-3), "warmup_steps"),
-        (dict(heldout_fraction=1.0), "heldout_fraction must be in"),
-        (dict(steps=2.5), "steps must be an integer"),
-        (dict(lr=0.0, router_lr=0.0), "nothing would train"),
-        (dict(keep_checkpoints=0), "keep_checkpoints"),
+        ({"lr": -1.0}, "lr must be >= 0"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"router_lr": float("inf")}, "router_lr must be a finite number"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"distill": -1.0}, "distill must be >= 0"),
+        ({"warmup_steps": -3}, "warmup_steps"),
+        ({"heldout_fraction": 1.0}, "heldout_fraction must be in"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"lr": 0.0, "router_lr": 0.0}, "nothing would train"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints"),
     ],
 )
 def test_nonsense_training_settings_are_refused(tmp_path, change, message):

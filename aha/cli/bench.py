@@ -85,7 +85,7 @@ def bench(
 @app.command()
 def calibrate(
     dtype: str = typer.Option("float32,bfloat16", help="Comma-separated dtypes to measure (float32, bfloat16, float16)."),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, help="torch threads (default: torch's default here; the choice is kept per thread count)."
     ),
 ) -> None:
@@ -100,6 +100,7 @@ def calibrate(
 
     from aha.kernels.cpp import cpp_available
     from aha.kernels.cpu_tuning import (
+        KernelChoice,
         cpu_isa,
         cpu_model,
         microkernel_name,

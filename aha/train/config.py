@@ -29,6 +29,10 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (see each field's help, also shown by ``aha train --help``)."""
@@ -103,9 +107,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
                 problems.append(f"{f.name} must be an integer, got {value!r}")
-            elif f.type in ("float", float, "float | None") and value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    problems.append(f"{f.name} must be a finite number, got {value!r}")
+            elif f.type in ("float", float, "float | None") and value is not None and not _finite_number(value):
+                problems.append(f"{f.name} must be a finite number, got {value!r}")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         for name in ("lr", "router_lr", "weight_decay", "lambda_lr", "lambda_gain", "distill", "max_grad_norm"):
