@@ -111,6 +111,77 @@ def test_fast_paths_match_reference_on_random_routes(
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{impl}: {m}")
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 3]),
+    seq_q=st.integers(1, 70),
+    prefix=st.integers(0, 30),
+    window=st.integers(1, 40),
+    rho=st.sampled_from([0.0, 0.3, 1.0]),
+    padded=st.booleans(),
+    sink=st.sampled_from([0, 2]),
+    gate=st.sampled_from(["bool", "binary", "soft"]),
+    bad=st.lists(
+        st.tuples(st.sampled_from("qkv"), st.floats(0, 1), st.sampled_from([math.nan, math.inf, -math.inf])), max_size=4
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_non_finite_inputs_poison_exactly_the_rows_that_read_them(
+    batch, kv_heads, group, seq_q, prefix, window, rho, padded, sink, gate, bad, seed
+):
+    """NaN/inf in k or v (and NaN in q) reach exactly the rows (elements) that read them, as in the dense reference."""
+    torch.manual_seed(seed)
+    seq_kv = seq_q + prefix
+    q, k, v = make_qkv(batch, kv_heads * group, kv_heads, seq_q, seq_kv, 16)
+    tensors = {"q": q, "k": k, "v": v}
+    for name, where, value in bad:
+        flat = tensors[name].view(-1)
+        flat[int(where * (flat.numel() - 1))] = math.nan if name == "q" else value
+    route = torch.rand(batch, kv_heads * group, seq_q) < rho
+    if gate != "bool":
+        route = route.float() if gate == "binary" else torch.rand(route.shape)
+    kpm = None
+    if padded:
+        lengths = torch.randint(1, seq_kv + 1, (batch,))
+        kpm = torch.arange(seq_kv)[None, :] >= (seq_kv - lengths)[:, None]
+    expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
+    nan = torch.tensor(math.nan)
+    for impl in ["auto", *FAST_IMPLS] + (["decode"] if seq_q == 1 and gate != "soft" else []):
+        out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm, sink=sink)
+        assert torch.equal(torch.isfinite(out), torch.isfinite(expected)), impl
+        out, want = (torch.where(torch.isfinite(t), t, nan) for t in (out, expected))  # inf or NaN: both poisoned
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, equal_nan=True, msg=lambda m: f"{impl}: {m}")
+
+
+@pytest.mark.parametrize("impl", ["auto", *FAST_IMPLS])
+def test_a_nan_key_is_not_hidden_from_the_gradients_of_the_queries_that_read_it(impl):
+    """Forward: exactly the reading rows are NaN. Backward: their q gradients are NaN too (the dense
+    backward, as SDPA's, may also spread NaN to other rows' gradients: not isolated)."""
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 16, requires_grad=True)
+    with torch.no_grad():
+        k[0, 0, 5, 0] = math.nan
+    route = torch.tensor([[[True] * 40, [False] * 40]])  # head 0 global, head 1 local (window 4)
+    out = aha_attention(q, k, v, route, 4, impl=impl)
+    out.sum().backward()
+    reads = torch.tensor([[p >= 5 for p in range(40)], [5 <= p <= 8 for p in range(40)]])
+    assert torch.equal(~torch.isfinite(out[0]).all(-1), reads)
+    assert (~torch.isfinite(q.grad[0]).all(-1))[reads].all()
+
+
+def test_the_reference_poisons_only_rows_that_read_a_bad_key():
+    q, k, v = make_qkv(1, 2, 1, 30, 30, 8)
+    k[0, 0, 5, 3] = math.nan  # key 5
+    route = torch.tensor([[[True] * 30, [False] * 30]])  # head 0 global, head 1 local (window 4)
+    out = aha_attention(q, k, v, route, 4, impl="reference")
+    poisoned = ~torch.isfinite(out).all(-1)[0]  # k[5] scores NaN: whole rows
+    assert poisoned[0].tolist() == [p >= 5 for p in range(30)]  # every later global row reads key 5
+    assert poisoned[1].tolist() == [5 <= p <= 8 for p in range(30)]  # local rows 5..8 hold it in their window
+    clean = aha_attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], route[:, :, :5], 4, impl="reference")
+    torch.testing.assert_close(out[:, :, :5], clean)
+
+
 @pytest.mark.parametrize("impl", ["split", *cpp_microkernels(torch.bfloat16)])
 @pytest.mark.parametrize("rho", [0.1, 0.9])
 def test_bf16_matches_reference_loosely(impl, rho):

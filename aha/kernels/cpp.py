@@ -25,6 +25,7 @@ from torch import Tensor
 from aha.kernels._checks import AhaInputError
 from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
 from aha.kernels.cpu_tuning import KernelChoice, kernel_choice, microkernel_name
+from aha.kernels import nonfinite
 from aha.kernels.gating import apply_route_with_kernel
 from aha.kernels.reference import first_key
 from aha.kernels.split import split_attention
@@ -60,13 +61,14 @@ def cpp_supports(q: Tensor, key_padding_mask: Tensor | None) -> bool:
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, route, starts, window, sink, scale, settings):  # type: ignore[override]
-        out, lse = torch.ops.aha.forward(q, k, v, route, starts, window, sink, scale, *settings)
+        out, lse, finite = torch.ops.aha.forward(q, k, v, route, starts, window, sink, scale, *settings)
         ctx.save_for_backward(q, k, v, route, starts, out, lse)
         ctx.window, ctx.sink, ctx.scale, ctx.settings = window, sink, scale, settings
-        return out
+        ctx.mark_non_differentiable(finite)
+        return out, finite
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout, _):  # type: ignore[override]
         q, k, v, route, starts, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.aha.backward(
             dout, q, k, v, out, lse, route, starts, ctx.window, ctx.sink, ctx.scale, *ctx.settings
@@ -84,13 +86,14 @@ def kernel_attention(
     starts: Tensor,
     sink: int = 0,
     choice: KernelChoice | None = None,
-) -> Tensor:
+) -> tuple[Tensor, bool]:
     """Run the kernel for a bool route ``[B, Hq, Sq]`` (True = global); differentiable in q, k, v.
 
     Shapes: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (last dim contiguous or copied),
-    ``starts`` ``[B]`` int32 first real key -> ``[B, Hq, Sq, D]``. A head_dim that is not a
-    multiple of 16 is zero-padded (scores and the kept output columns are unchanged). ``choice``
-    (default: :func:`~aha.kernels.cpu_tuning.kernel_choice` for this dtype) picks the microkernel.
+    ``starts`` ``[B]`` int32 first real key -> (out ``[B, Hq, Sq, D]``, whether every output
+    value is finite). A head_dim that is not a multiple of 16 is zero-padded (scores and the kept
+    output columns are unchanged). ``choice`` (default: :func:`~aha.kernels.cpu_tuning.kernel_choice`
+    for this dtype) picks the microkernel.
     """
     choice = choice or kernel_choice(q.dtype)
     if choice.microkernel == "onednn" and not torch.backends.mkldnn.enabled:
@@ -103,10 +106,10 @@ def kernel_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     hard = hard.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = _KernelFunction.apply(q, k, v, hard, starts, window, sink, scale, settings)
+        out, finite = _KernelFunction.apply(q, k, v, hard, starts, window, sink, scale, settings)
     else:
-        out = torch.ops.aha.forward(q, k, v, hard, starts, window, sink, scale, *settings)[0]
-    return out[..., :dim] if pad else out
+        out, _, finite = torch.ops.aha.forward(q, k, v, hard, starts, window, sink, scale, *settings)
+    return (out[..., :dim] if pad else out), bool(finite)
 
 
 def cpp_attention(
@@ -122,7 +125,9 @@ def cpp_attention(
 ) -> Tensor:
     """AHA attention with the C++ kernel (see the module docstring); q ``[B, Hq, Sq, D]``,
     k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` (True / g = 1 = global) -> ``[B, Hq, Sq, D]``.
-    ``choice`` forces a microkernel (default: the one measured fastest here for the dtype).
+    ``choice`` forces a microkernel (default: the one measured fastest here for the dtype). When
+    the kernel reports a non-finite output value, the call is redone under the contract of
+    :mod:`aha.kernels.nonfinite`.
 
     Raises:
         AhaInputError: the kernel is not built (the message says why), the inputs are not on CPU,
@@ -139,9 +144,15 @@ def cpp_attention(
         raise AhaInputError(
             f"impl='cpp:{choice.microkernel}' does not run {q.dtype} on this CPU; use impl='cpp:vector' or 'auto'"
         )
-    return apply_route_with_kernel(
-        route,
-        window >= k.shape[2],
-        lambda hard, sink: kernel_attention(q, k, v, hard, window, scale, starts, sink, choice),
-        sink,
-    )
+    all_finite = True
+
+    def routed(hard: Tensor, sink: int) -> Tensor:
+        nonlocal all_finite
+        out, finite = kernel_attention(q, k, v, hard, window, scale, starts, sink, choice)
+        all_finite &= finite
+        return out
+
+    out = apply_route_with_kernel(route, window >= k.shape[2], routed, sink)
+    if all_finite:
+        return out
+    return nonfinite.enforce(q, k, v, route, window, scale, key_padding_mask, sink)

@@ -257,7 +257,7 @@ def calibrate(
                 candidates[f"{name} {rho}"] = run(
                     lambda route=routes[rho], choice=choice: kernel_attention(
                         q, k, v, route, CALIBRATION_WINDOW, scale, starts, 0, choice
-                    )
+                    )[0]
                 )
         with torch.set_grad_enabled(grad):
             seconds = timer(candidates)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aha.kernels import nonfinite
 from aha.kernels.cpp import cpp_supports, kernel_attention, key_start
 from aha.kernels.split import sink_keys
 
@@ -41,11 +42,28 @@ def decode_attention(
     if cpp_supports(q, key_padding_mask):
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         assert starts is not None  # cpp_supports checked it
-        return kernel_attention(q, k, v, route, window, scale, starts, sink)
+        return kernel_attention(q, k, v, route, window, scale, starts, sink)[0]
     if triton_decode is not None and q.is_cuda and triton_available(q):
         starts = key_start(key_padding_mask, q.shape[0], q.device)
         if starts is not None:  # real keys are one contiguous run
             return triton_decode(q, k, v, route, window, scale, starts, sink)
+    out = _sdpa_decode(q, k, v, route, window, scale, key_padding_mask, sink)
+    if q.device.type != "cpu" or nonfinite.looks_finite(out, q, k, v):
+        return out
+    return nonfinite.enforce(q, k, v, route, window, scale, key_padding_mask, sink)  # SDPA hides a NaN key
+
+
+def _sdpa_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    sink: int = 0,
+) -> Tensor:
+    """Decode with SDPA: one call over the window (and sink) of every head, one per global KV head."""
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads

@@ -30,6 +30,11 @@ def sink_key_mask(seq_kv: int, sink: int, key_padding_mask: Tensor | None, batch
     return (offset >= 0) & (offset < sink)
 
 
+def sanitized(x: Tensor) -> Tensor:
+    """``x`` with NaN and inf replaced by 0."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def reference_attention(
     q: Tensor,
     k: Tensor,
@@ -45,17 +50,23 @@ def reference_attention(
     A query at absolute position ``p`` attends keys ``0..p`` when routed global and
     ``max(0, p - window + 1)..p`` when local, plus, when local, the ``sink`` keys
     ``s..s + sink - 1`` that are ``<= p`` (``s`` = the first real key, 0 without padding).
-    Bool routes select a branch; float gates
-    mix them as ``g * full + (1 - g) * local``. Padded keys are never attended; a query
-    whose own key is padding gets a zero output.
+    Bool routes select a branch; float gates mix them as ``g * full + (1 - g) * local`` (a gate of
+    exactly 0 or 1 selects, with ``d out / d g = full - local``). Padded keys are never attended; a
+    query whose own key is padding gets a zero output.
+
+    Non-finite values follow IEEE arithmetic over the keys each row reads and never reach a row
+    that does not read them (see :mod:`aha.kernels.nonfinite`): a NaN or +inf score makes the row
+    NaN, a -inf score gives its key no weight, and a non-finite element of a value the row reads
+    makes that output element non-finite (here NaN) whatever the key's weight.
 
     Shapes: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` -> ``[B, Hq, Sq, D]``.
     """
     batch, q_heads, seq_q, _ = q.shape
     kv_heads, seq_kv = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
+    bad_value = (~torch.isfinite(v)).float().repeat_interleave(group, dim=1)  # [B, Hq, Skv, D]
     kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    vf = sanitized(v.float()).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
 
     qpos, kpos = key_positions(seq_q, seq_kv, q.device)
@@ -75,14 +86,21 @@ def reference_attention(
         causal = causal | own
         band = band | own
 
-    neg_inf = torch.finfo(torch.float32).min
-    full = torch.softmax(scores.masked_fill(~causal, neg_inf), dim=-1) @ vf
-    local = torch.softmax(scores.masked_fill(~band, neg_inf), dim=-1) @ vf
+    def branch(mask: Tensor) -> Tensor:
+        out = torch.softmax(scores.masked_fill(~mask, torch.finfo(torch.float32).min), dim=-1) @ vf
+        return out.masked_fill(mask.float() @ bad_value > 0, float("nan"))  # a read non-finite value element
+
+    full, local = branch(causal), branch(band)
     if route.dtype == torch.bool:
         out = torch.where(route[..., None], full, local)
     else:
         g = route.float()[..., None]
-        out = g * full + (1 - g) * local
+        gate = route.detach()
+        if bool(((gate == 0) | (gate == 1)).all()):
+            gap = torch.nan_to_num(full - local, nan=0.0, posinf=0.0, neginf=0.0)  # d out / d g, finite
+            out = torch.where(gate[..., None] > 0.5, full, local) + (g - g.detach()) * gap
+        else:
+            out = g * full + (1 - g) * local
     if query_valid is not None:
         out = out.masked_fill(~query_valid, 0.0)
     return out.to(q.dtype)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aha.kernels import nonfinite
 from aha.kernels.gating import apply_route
 from aha.kernels.reference import first_key, sink_key_mask
 
@@ -256,11 +257,19 @@ def split_attention(
     sink: int = 0,
 ) -> Tensor:
     """AHA attention that computes each branch only for the pairs routed to it (see :func:`routed_split`);
-    gates and windows covering every key follow :func:`aha.kernels.gating.apply_route`."""
-    return apply_route(
+    gates and windows covering every key follow :func:`aha.kernels.gating.apply_route`.
+
+    SDPA's kernels hide a NaN query or key and spread a NaN value across a block, so on CPU the
+    inputs and the output are checked with one summation each and the call is redone under the
+    contract of :mod:`aha.kernels.nonfinite` when one is not finite (on CUDA the check would stall
+    the device and is skipped)."""
+    out = apply_route(
         route,
         window >= k.shape[2],
         routed=lambda hard: routed_split(q, k, v, hard, window, scale, key_padding_mask, sink),
         full=lambda: full_attention(q, k, v, scale, key_padding_mask),
         local=lambda: band_attention(q, k, v, window, scale, key_padding_mask, sink),
     )
+    if q.device.type != "cpu" or nonfinite.looks_finite(out, q, k, v):
+        return out
+    return nonfinite.enforce(q, k, v, route, window, scale, key_padding_mask, sink)

@@ -33,6 +33,7 @@
 #include <fbgemm/Utils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -74,13 +75,15 @@ inline vfloat vsplat(float x) { return vfloat{} + x; }
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
 // 2^x with ~1 ulp relative error (Cephes exp2f polynomial on x - round(x)); exactly 0 for
-// x < -126, including -inf. Softmax arguments are <= 0, larger ones are clamped to 2^127.
+// x < -126, including -inf; NaN for NaN (a NaN score must not vanish from the softmax). Softmax
+// arguments are <= 0, larger ones are clamped to 2^127.
 // kFast: a degree-4 polynomial, relative error 2.7e-6, for probabilities rounded to bf16 (whose
 // own rounding error is 3.9e-3); 2^0 is then not exactly 1.
 template <bool kFast = false>
 inline vfloat vexp2(vfloat x) {
   const vfloat lowest = vsplat(-126.0f);
-  const vfloat xc = vmax(x, lowest) > vsplat(127.0f) ? vsplat(127.0f) : vmax(x, lowest);
+  const vfloat above = lowest > x ? lowest : x;  // NaN stays NaN: the comparison is false
+  const vfloat xc = above > vsplat(127.0f) ? vsplat(127.0f) : above;
 #if defined(__AVX512F__)
   const vfloat n = (vfloat)_mm512_roundscale_ps((__m512)xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
@@ -105,12 +108,15 @@ inline vfloat vexp2(vfloat x) {
     p = p * f + 1.0f;
   }
 #if defined(__AVX512F__)
-  const vfloat r = (vfloat)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n
+  // p * 2^n, zero-masked where x < -126 (NaN compares unordered and is kept): masked lanes are not
+  // computed, which spares the denormal assists that cost 3x on masked-out softmax blocks
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, (__m512)lowest, _CMP_NLT_UQ);
+  return (vfloat)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
 #else
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
   const vfloat r = p * (vfloat)bits;  // a vector cast reinterprets the bits
-#endif
   return x < lowest ? vfloat{} : r;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -856,20 +862,36 @@ struct BrgemmKernel {
   }
 };
 
-// out rows = O^T columns / l, converted to T (bf16 rounded to nearest even).
+// An output row o * scale converted to T (bf16 rounded to nearest even); returns false when a
+// value is not finite (x * 0 is NaN exactly for NaN and inf).
 template <typename T>
-inline void store_row(const float* o, float scale, int64_t D, T* dst) {
+inline bool store_row(const float* o, float scale, int64_t D, T* dst) {
+  vfloat poison{};
+  float tail = 0.0f;
   int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    const vfloat x = vload(o + d) * scale;
+    poison += x * 0.0f;
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    for (; d + kLanes <= D; d += kLanes)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh((__m512)(vload(o + d) * scale)));
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+      continue;
+    }
 #endif
-  for (; d < D; ++d) dst[d] = from_float<T>(o[d] * scale);
+    for (int lane = 0; lane < kLanes; ++lane) dst[d + lane] = from_float<T>(x[lane]);
+  }
+  for (; d < D; ++d) {
+    dst[d] = from_float<T>(o[d] * scale);
+    tail += o[d] * scale * 0.0f;
+  }
+  bool finite = tail == 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) finite &= poison[lane] == 0.0f;
+  return finite;
 }
 
+// Returns whether every output value is finite.
 template <typename T, typename Kernel>
-void forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* k, const T* v, const Tiling& tl,
+bool forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* k, const T* v, const Tiling& tl,
                   T* out, float* lse) {
   const int64_t D = pb.dim;
   const int64_t group = pb.group();
@@ -889,6 +911,7 @@ void forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* 
         : kernel(pb, P), s((kMaxKeyBlock + 2) * P), acc(pb.dim * P), o(P * pb.dim), m(P), l(P) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
+  std::atomic<bool> all_finite{true};
 
   run_tasks(order, [&](int64_t index, int64_t slot) {
     if (index < 0) {
@@ -924,12 +947,15 @@ void forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* 
     }
     T* oh = out + (tile.b * pb.q_heads + tile.h) * pb.seq_q * D;
     float* lh = lse + (tile.b * pb.q_heads + tile.h) * pb.seq_q;
+    bool finite = true;
     for (int64_t i = 0; i < M; ++i) {
       const bool empty = lim.lo[i] > lim.hi[i];
-      store_row(o + i * D, empty ? 0.0f : 1.0f / l[i], D, oh + rows[i] * D);
+      finite &= store_row(o + i * D, empty ? 0.0f : 1.0f / l[i], D, oh + rows[i] * D);
       lh[rows[i]] = empty ? kNegInf : (m[i] + std::log2(l[i])) * kLn2;
     }
+    if (!finite) all_finite.store(false, std::memory_order_relaxed);
   });
+  return all_finite.load();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1276,8 +1302,9 @@ void decode_chunk_dispatch(const float* qr, const T* kh, int64_t k_st, const T* 
   }
 }
 
+// Returns whether every output value is finite.
 template <typename T>
-void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bool* route, const int32_t* key_start,
+bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bool* route, const int32_t* key_start,
                  T* out, float* lse) {
   const int64_t D = pb.dim;
   const int64_t group = pb.group();
@@ -1326,6 +1353,7 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   });
   // merge the chunks of each row (they are consecutive in `chunks`)
   std::vector<float> merged(D);
+  bool finite = true;
   for (size_t first = 0; first < chunks.size();) {
     size_t last = first;
     float m = kNegInf;
@@ -1338,10 +1366,14 @@ void decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
       for (int64_t d = 0; d < D; ++d) merged[d] += w * part_o[i * D + d];
     }
     const int64_t row = chunks[first].row;
-    for (int64_t d = 0; d < D; ++d) out[row * D + d] = from_float<T>(merged[d] / l);
+    for (int64_t d = 0; d < D; ++d) {
+      out[row * D + d] = from_float<T>(merged[d] / l);
+      finite &= std::isfinite(merged[d] / l);
+    }
     lse[row] = (m + std::log2(l)) * kLn2;
     first = last;
   }
+  return finite;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1440,7 +1472,7 @@ std::string microkernel_name(at::ScalarType dtype, int64_t choice) {
 }
 
 template <typename T>
-void run_forward(const Problem& pb, int64_t microkernel, const T* q, const T* k, const T* v, const Tiling& tl, T* out,
+bool run_forward(const Problem& pb, int64_t microkernel, const T* q, const T* k, const T* v, const Tiling& tl, T* out,
                  float* lse) {
   if (microkernel == kBrgemmKernel) {
     const BrgemmKernel<T> kernel(pb, k, v);
@@ -1451,32 +1483,35 @@ void run_forward(const Problem& pb, int64_t microkernel, const T* q, const T* k,
     if (pb.k_st % 2 == 0) return forward_impl(pb, Bf16PairKernel{pb}, q, k, v, tl, out, lse);
   }
 #endif
-  forward_impl(pb, VectorKernel<T>{pb}, q, k, v, tl, out, lse);
+  return forward_impl(pb, VectorKernel<T>{pb}, q, k, v, tl, out, lse);
 }
 
-std::tuple<at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& route, const at::Tensor& key_start, int64_t window,
-                                               int64_t sink, double scale, int64_t local_rows, int64_t global_rows,
-                                               int64_t microkernel) {
+// -> (out, lse, finite): finite is a bool scalar, False when an output value is NaN or inf.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& route,
+                                                           const at::Tensor& key_start, int64_t window, int64_t sink,
+                                                           double scale, int64_t local_rows, int64_t global_rows,
+                                                           int64_t microkernel) {
   const Problem pb = describe(q, k, v, route, key_start, window, sink, scale);
   const int64_t resolved = resolve_microkernel(q.scalar_type(), microkernel);
   at::Tensor out = at::empty({pb.batch, pb.q_heads, pb.seq_q, pb.dim}, q.options());
   at::Tensor lse = at::empty({pb.batch, pb.q_heads, pb.seq_q}, q.options().dtype(at::kFloat));
+  bool finite = true;
   if (pb.seq_q == 1) {
     const at::Tensor ks = key_start.contiguous();
     AHA_DISPATCH(q.scalar_type(),
-                 decode_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                       v.const_data_ptr<scalar_t>(), route.const_data_ptr<bool>(),
-                                       ks.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
-                                       lse.mutable_data_ptr<float>()));
-    return {out, lse};
+                 finite = decode_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                                v.const_data_ptr<scalar_t>(), route.const_data_ptr<bool>(),
+                                                ks.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
+                                                lse.mutable_data_ptr<float>()));
+  } else {
+    const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
+    AHA_DISPATCH(q.scalar_type(),
+                 finite = run_forward<scalar_t>(pb, resolved, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                                v.const_data_ptr<scalar_t>(), tl, out.mutable_data_ptr<scalar_t>(),
+                                                lse.mutable_data_ptr<float>()));
   }
-  const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
-  AHA_DISPATCH(q.scalar_type(),
-               run_forward<scalar_t>(pb, resolved, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                     v.const_data_ptr<scalar_t>(), tl, out.mutable_data_ptr<scalar_t>(),
-                                     lse.mutable_data_ptr<float>()));
-  return {out, lse};
+  return {out, lse, at::full({}, finite, q.options().dtype(at::kBool))};
 }
 
 template <typename T>
@@ -1534,7 +1569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_backward(const at::Tensor& do
 AHA_LIBRARY(AHA_OPS_NAMESPACE, m) {
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, Tensor route, Tensor key_start, int window, int sink, float scale, "
-      "int local_rows, int global_rows, int microkernel) -> (Tensor, Tensor)");
+      "int local_rows, int global_rows, int microkernel) -> (Tensor, Tensor, Tensor)");
   m.def("microkernel(ScalarType dtype, int choice) -> str", &microkernel_name);
   m.def(
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor route, Tensor key_start, "
