@@ -152,7 +152,7 @@ def test_non_finite_inputs_poison_exactly_the_rows_that_read_them(
         out = aha_attention(q, k, v, route, window, impl=impl, key_padding_mask=kpm, sink=sink)
         assert torch.equal(torch.isfinite(out), torch.isfinite(expected)), impl
         out, want = (torch.where(torch.isfinite(t), t, nan) for t in (out, expected))  # inf or NaN: both poisoned
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, equal_nan=True, msg=lambda m: f"{impl}: {m}")
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, equal_nan=True, msg=lambda m, impl=impl: f"{impl}: {m}")
 
 
 @pytest.mark.parametrize("impl", ["auto", *FAST_IMPLS])

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aha.kernels import nonfinite
 from aha.kernels._checks import AhaInputError
 from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
 from aha.kernels.cpu_tuning import KernelChoice, kernel_choice, microkernel_name
-from aha.kernels import nonfinite
 from aha.kernels.gating import apply_route_with_kernel
 from aha.kernels.reference import first_key
 from aha.kernels.split import split_attention
