@@ -36,39 +36,51 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    """Record the size and SHA-256 of every file under ``folder``."""
+def write_manifest(folder: Path, name: str = MANIFEST, **extra: object) -> None:
+    """Record the size and SHA-256 of every file under ``folder`` in ``folder / name`` (with ``extra`` keys)."""
     files = {
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != name
     }
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    (folder / name).write_text(json.dumps({**extra, "files": files}, indent=1))
+
+
+def manifest_problem(folder: Path, name: str = MANIFEST, check_hashes: bool = True, strict: bool = False) -> str | None:
+    """Why ``folder`` does not match its manifest ``folder / name`` (unreadable; a file missing, of
+    another size or, with ``check_hashes``, another hash; with ``strict``, a file it does not
+    list), or None."""
+    try:
+        files = json.loads((folder / name).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no readable {name} ({exc.__class__.__name__})"
+    for file_name, expected in files.items():
+        file = folder / file_name
+        if not file.is_file():
+            return f"{file_name} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{file_name} has {file.stat().st_size} bytes, the manifest says {expected['size']}"
+        if check_hashes and sha256_file(file) != expected["sha256"]:
+            return f"{file_name} does not match its SHA-256 in the manifest"
+    if strict:
+        extra = sorted({str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != name} - set(files))
+        if extra:
+            return f"{extra[0]} is not in the manifest (a file added after the save)"
+    return None
 
 
 def entry_problem(folder: Path, check_hashes: bool | None = None) -> str | None:
-    """Why the cache entry ``folder`` cannot be used (missing, no manifest, a file missing or of
-    another size or hash), or None. Hashes are checked on the first call per process and folder
-    (or always with ``AHA_VERIFY_CACHE=1``, or as ``check_hashes`` says)."""
+    """Why the cache entry ``folder`` cannot be used (missing, or see :func:`manifest_problem`), or
+    None. Hashes are checked on the first call per process and folder (or always with
+    ``AHA_VERIFY_CACHE=1``, or as ``check_hashes`` says)."""
     if not folder.is_dir():
         return "missing"
-    try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "it has no readable manifest (written by an older aha, or damaged)"
     if check_hashes is None:
         check_hashes = os.environ.get("AHA_VERIFY_CACHE") == "1" or folder not in _hash_checked
-    for name, expected in files.items():
-        file = folder / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != expected["size"]:
-            return f"{name} has {file.stat().st_size} bytes instead of {expected['size']}"
-        if check_hashes and sha256_file(file) != expected["sha256"]:
-            return f"{name} does not match its SHA-256"
-    if check_hashes:
+    problem = manifest_problem(folder, check_hashes=check_hashes)
+    if problem is None and check_hashes:
         _hash_checked.add(folder)
-    return None
+    return problem
 
 
 def _remove_dead_staging(target: Path) -> None:

@@ -19,3 +19,11 @@ if not torch.cuda.is_available():
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def copy_data():
+    """The toy copy task of the training tests (tests/train_support.py): 400 documents of 25 tokens."""
+    from train_support import copy_task
+
+    return copy_task(400, block=12)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_support import char_tokenizer, copy_task, pretrain_on, save_tiny_model, sentence_documents, tiny_llama
+from train_support import char_tokenizer, pretrain_on, save_tiny_model, sentence_documents, tiny_llama
 from typer.testing import CliRunner
 
 import aha
@@ -39,11 +39,6 @@ EXACT_KEYS = ("loss", "ce", "kd", "soft_gate", "global_fraction", "lambda", "lr_
 def _one_thread():
     """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def copy_data():
-    return copy_task(400, block=12)
 
 
 @pytest.fixture(scope="module")

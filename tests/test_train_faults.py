@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import COPY_VOCAB, EXACT_KEYS, toy_config, train_rows
-from train_support import copy_task, tiny_llama
+from train_support import tiny_llama
 
 from aha.train import train
 from aha.train import trainer as trainer_module
@@ -24,11 +24,6 @@ from aha.train.checkpoint import MANIFEST, CheckpointError, list_checkpoints
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def copy_data():
-    return copy_task(400, block=12)
 
 
 def config(out: Path, steps: int = 6):

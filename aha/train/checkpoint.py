@@ -16,7 +16,6 @@ the next older intact one, with a message; so is one that fails to load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+
+from aha._cache import manifest_problem, write_manifest
 
 _FINAL = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
@@ -57,43 +58,12 @@ def checkpoint_step(path: Path) -> int:
     return int(match[1])
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_manifest(folder: Path, step: int) -> None:
-    files = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
 def verify_checkpoint(path: Path) -> str | None:
     """Why ``path`` is not intact (no manifest; a file missing, added, of another size or hash), or None."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"no readable {MANIFEST} ({exc.__class__.__name__})"
-    if TRAINER_STATE not in files:
-        return f"the manifest lists no {TRAINER_STATE}"
-    extra = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST]
-    extra = sorted(set(extra) - set(files))
-    if extra:
-        return f"{extra[0]} is not in the manifest (a file added after the save)"
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != expected["size"]:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['size']}"
-        if _sha256(file) != expected["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
-    return None
+    problem = manifest_problem(path, MANIFEST, strict=True)
+    if problem is None and not (path / TRAINER_STATE).is_file():
+        return f"it holds no {TRAINER_STATE}"
+    return problem
 
 
 def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int, trainer_state: dict[str, Any]) -> Path:
@@ -113,7 +83,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-        _write_manifest(tmp, step)
+        write_manifest(tmp, MANIFEST, format=MANIFEST_FORMAT, step=step)
         if final.exists():  # a damaged checkpoint of this step, skipped when resuming
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -806,13 +806,27 @@ struct Bf16PairKernel {
 // widened); chosen by oneDNN at run time. The A operands are K rows in place and V^T, transposed
 // once per call into panels of kPanel keys (zero past the last key); the B operands are Q^T and
 // P^T, in VNNI pairs for bf16.
+// What the forward and backward oneDNN microkernels share: the compute type, whether operands are
+// VNNI pairs (bf16), the blocking, and the bookkeeping of the per-thread AMX state.
 template <typename T>
-struct BrgemmKernel {
+struct BrgemmTraits {
   using C = ComputeType<T>;
   static constexpr bool kVnni = std::is_same_v<C, c10::BFloat16>;
-  static constexpr bool kPrescaled = !kVnni;
+  static constexpr bool kPrescaled = !kVnni;  // bf16 queries are not rescaled before rounding
   static constexpr bool kOutputRows = false;
   using Blocks = PanelBlocks;
+  static void mark_used() {
+    t_brgemm_used = true;
+    t_brgemm_vnni_used |= kVnni;
+  }
+};
+
+template <typename T>
+struct BrgemmKernel : BrgemmTraits<T> {
+  using Traits = BrgemmTraits<T>;
+  using typename Traits::C;
+  using Traits::kVnni;
+  using Traits::mark_used;
   const Problem& pb;
   TransposedPanels<T, C> vt;
   ComputeRows<T, C, 1> krows;
@@ -833,10 +847,6 @@ struct BrgemmKernel {
     }
     uint32_t* pairs() { return kVnni ? pw.get() : nullptr; }
   };
-  static void mark_used() {
-    t_brgemm_used = true;
-    t_brgemm_vnni_used |= kVnni;
-  }
   void load_queries(Scratch& sc, const T* qh, const int32_t* rows, int64_t M, int64_t padded) const {
     if constexpr (kVnni) {
       sc.q.load(pb, qh, rows, M, padded);
@@ -1028,12 +1038,11 @@ inline void round_to_bf16(const float* x, int64_t count, c10::BFloat16* out) {
 // dS^T (bf16 copies for bf16), K^T in panels; B operands: Q^T, dO^T, dO, Q and dS^T (VNNI pairs
 // for bf16). dQ accumulates transposed, [D x padded].
 template <typename T>
-struct BrgemmBackward {
-  using C = ComputeType<T>;
-  static constexpr bool kVnni = std::is_same_v<C, c10::BFloat16>;
-  static constexpr bool kPrescaled = !kVnni;
-  static constexpr bool kOutputRows = false;
-  using Blocks = PanelBlocks;
+struct BrgemmBackward : BrgemmTraits<T> {
+  using Traits = BrgemmTraits<T>;
+  using typename Traits::C;
+  using Traits::kVnni;
+  using Traits::mark_used;
   using Operand = std::conditional_t<kVnni, uint32_t, float>;
   const Problem& pb;
   TransposedPanels<T, C> kt;
@@ -1052,10 +1061,6 @@ struct BrgemmBackward {
           pad(kPanel * pb.dim), qt(kVnni ? pb.dim / 2 * P : pb.dim * P), dot(kVnni ? pb.dim / 2 * P : pb.dim * P),
           qw(kVnni ? P / 2 * pb.dim : 0), dow(kVnni ? P / 2 * pb.dim : 0), dsw(kVnni ? kPanel / 2 * P : 0) {}
   };
-  static void mark_used() {
-    t_brgemm_used = true;
-    t_brgemm_vnni_used |= kVnni;
-  }
   // Q^T / dO^T as B operands [D x padded] (pairs of D for bf16) and Q / dO rows [padded x D] (pairs of rows).
   void load_tile(Scratch& sc, const T* qh, const T* doh, const int32_t* rows, int64_t M, int64_t padded) const {
     const int64_t D = pb.dim;
