@@ -68,6 +68,27 @@ def smollm2_path() -> Path:
     return build_cached(target, lambda folder: convert_gguf(smollm2_gguf(), folder), what="SmolLM2 model")
 
 
+#: Files of which a saved Hugging Face tokenizer holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_model_folder(path: str | os.PathLike[str]) -> None:
+    """Name what is missing when ``path`` is meant as a local folder (hub ids pass through)."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        text = os.fspath(path)
+        if text.startswith((".", "/", "~")) or text.count("/") != 1:  # not an "owner/name" hub id
+            raise FileNotFoundError(f"no model folder at {folder}; pass a saved model folder or {SMOLLM2!r}")
+        return
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: it is not a saved Hugging Face model folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); save it there with "
+            "tokenizer.save_pretrained(folder), or load the model alone with aha.from_pretrained(folder)"
+        )
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -84,6 +105,7 @@ def load_model(
         :func:`aha.convert`).
     """
     path = smollm2_path() if str(name_or_path).lower() == SMOLLM2 else name_or_path
+    _check_model_folder(path)
     model = from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer

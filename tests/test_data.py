@@ -82,6 +82,21 @@ def test_folder_source_reads_text_and_jsonl(corpus_dir):
     assert not any("ignored" in i for i in ids)
 
 
+def test_broken_files_are_refused_or_flagged_with_their_location(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": "torn\n')
+    with pytest.raises(DataSourceError, match=r"rows\.jsonl:2 is not valid JSON"):
+        list(resolve_source(tmp_path / "rows.jsonl")[0].read())
+    (tmp_path / "blob.txt").write_bytes(b"\x7fELF\x00\x01binary")
+    with pytest.raises(DataSourceError, match="blob.txt looks binary"):
+        list(resolve_source(tmp_path / "blob.txt")[0].read())
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.warns(UserWarning, match="latin1.txt is not UTF-8"):
+        (doc,) = resolve_source(tmp_path / "latin1.txt")[0].read()
+    assert doc.text == "caf\ufffd au lait"
+    with pytest.raises(DataSourceError, match="hf: needs a dataset"):
+        resolve_source("hf:")
+
+
 def test_jsonl_without_text_field_names_the_fix(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"body": "hello"}\n')

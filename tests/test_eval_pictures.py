@@ -114,3 +114,16 @@ def test_token_view_renders_in_headless_chromium(tmp_path):
     assert shot.stat().st_size > 0
     assert _shaded_text_pixels(layer2) > 5000, "layer 2 routes half the tokens global with all heads: they must be shaded"
     assert _shaded_text_pixels(layer0) == 0, "layer 0 routes nothing global: no token may be shaded"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup-system.sh installs it)")
+def test_hostile_tokens_and_urls_do_not_break_the_token_view(tmp_path):
+    """Tokens that open an HTML comment or a script, and a URL hash that is not a layer, still render."""
+    hostile = [" <!--<script>", " </script><script>document.body.innerHTML=''</script>", " <!--", " -->", ' "]']
+    tokens = hostile + [f" token{i}" for i in range(120)]
+    routes = torch.ones(2, 6, len(tokens), dtype=torch.bool)  # every token shaded on every layer
+    page = write_token_view(tokens, routes, tmp_path / "view.html")
+    assert "<!--" not in page.read_text().split('id="routing-data">')[1].split("</script>")[0]
+    assert _page_data(page)["tokens"] == tokens
+    shot = _screenshot(page, tmp_path / "hostile.png", tmp_path, '#layer=%22%5D%3Cimg%20src%3Dx%3E')
+    assert _shaded_text_pixels(shot) > 5000, "the page must still render its tokens"

@@ -126,3 +126,33 @@ def test_loading_plain_weights_into_an_aha_class_initialises_the_missing_routers
         f"model.layers.{i}.self_attn.q_proj.router.proj.{name}" for i in range(2) for name in ("bias", "weight")
     ]
     torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=1e-5, atol=1e-5)  # open routers
+
+
+def _edit_aha_block(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config["aha"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_config_aha_blocks_are_validated_migrated_and_warned_about(tmp_path):
+    model = aha.convert(tiny_model("llama"), window=WINDOW, router_init="random", sink=1)
+    model.save_pretrained(tmp_path)
+    ids = tokens()
+    expected = logits(model, ids)
+
+    _edit_aha_block(tmp_path, lambda block: block.update(future_setting=3))  # written by a newer aha
+    with pytest.warns(UserWarning, match="ignoring unknown key.*future_setting"):
+        reloaded = aha.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, ids), expected)
+
+    _edit_aha_block(tmp_path, lambda block: (block.pop("future_setting"), block.pop("sink"), block.pop("threshold")))
+    older = aha.from_pretrained(tmp_path)  # written before sink existed: its default (0) and the default threshold
+    assert older.config.aha["sink"] == 0 and older.config.aha["threshold"] == 0.5
+    logits(older, ids)  # the first forward reads every key: nothing is missing any more
+
+    _edit_aha_block(tmp_path, lambda block: block.pop("window"))
+    with pytest.raises(ValueError, match='no "window"'):
+        aha.from_pretrained(tmp_path)
+    _edit_aha_block(tmp_path, lambda block: block.update(window=-4))
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        aha.from_pretrained(tmp_path)

@@ -72,3 +72,15 @@ def test_smollm2_converted_with_open_routers_keeps_its_perplexity_and_answers():
     text = tokenizer.decode(answer[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
     assert stats.global_fraction == 1.0
+
+
+def test_load_model_names_what_a_folder_lacks(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        aha.load_model(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        aha.load_model("runs/missing/model")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        aha.load_model(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer(.|\n)*aha.from_pretrained"):
+        aha.load_model(tmp_path / "weights-only")

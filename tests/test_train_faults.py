@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import COPY_VOCAB, EXACT_KEYS, toy_config, train_rows
-from train_support import tiny_llama
+from train_support import copy_task, tiny_llama
 
 from aha.train import train
 from aha.train import trainer as trainer_module
@@ -196,3 +196,11 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, co
         run(out, copy_data)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
     assert not (out / "model").exists()
+
+
+def test_a_sequence_longer_than_the_model_was_trained_for_is_flagged(tmp_path):
+    data = copy_task(40, block=300)  # 601-token documents
+    model = tiny_llama(vocab_size=COPY_VOCAB)
+    assert model.config.max_position_embeddings == 512
+    with pytest.warns(UserWarning, match="--seq-len 601 exceeds the model's max_position_embeddings"):
+        train(toy_config(tmp_path, steps=1, seq_len=601, batch_size=1), model=model, data=data)

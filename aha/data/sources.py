@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,17 +93,37 @@ def _file_source(name: str, root: Path, files: list[Path], text_field: str = "te
             if f.name.endswith(JSONL_SUFFIXES):
                 yield from _read_jsonl(f, f"{name}/{rel}", text_field)
             else:
-                yield Document(f"{name}/{rel}", f.read_text(encoding="utf-8", errors="replace"))
+                yield Document(f"{name}/{rel}", _read_text(f))
 
     return Source(name, _files_fingerprint(files, text_field), read)
 
 
+def _read_text(path: Path) -> str:
+    """A text file's content; binary files are refused, undecodable bytes become U+FFFD with a warning."""
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        raise DataSourceError(f"{path} looks binary (it holds NUL bytes), not text; remove it or point --data at text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        warnings.warn(
+            f"{path} is not UTF-8 (first bad byte at offset {error.start}); its undecodable bytes are read as U+FFFD",
+            stacklevel=2,
+        )
+        return data.decode("utf-8", errors="replace")
+
+
 def _read_jsonl(path: Path, id_prefix: str, text_field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8", errors="replace") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataSourceError(f"{path}:{line_no} is not valid JSON ({error.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DataSourceError(f"{path}:{line_no} is not a JSON object with a {text_field!r} field")
             if text_field not in row:
                 raise DataSourceError(f"{path}:{line_no} has no {text_field!r} field; pass text_field=<the text key>")
             doc_id = f"{id_prefix}:{row['id']}" if "id" in row else f"{id_prefix}:{line_no}"
@@ -229,6 +250,8 @@ def resolve_source(spec: str | os.PathLike[str], text_field: str = "text") -> li
     if spec in BUILTIN_CORPORA:
         return [BUILTIN_CORPORA[spec]()]
     if spec.startswith("hf:"):
+        if not spec[3:].strip(":"):
+            raise DataSourceError("hf: needs a dataset after it: hf:<name or saved folder>[:<split>], e.g. hf:./my_dataset:train")
         return [_load_hf(spec[3:], text_field)]
     path = Path(spec).expanduser()
     if path.is_dir():

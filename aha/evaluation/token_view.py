@@ -73,7 +73,7 @@ _PAGE = """<!DOCTYPE html>
     });
   }
   const requested = new URLSearchParams(location.hash.slice(1)).get("layer");
-  if (requested !== null && select.querySelector('option[value="' + requested + '"]')) select.value = requested;
+  if (requested !== null && Array.from(select.options).some((o) => o.value === requested)) select.value = requested;
   select.addEventListener("change", () => { history.replaceState(null, "", "#layer=" + select.value); render(); });
   render();
 })();
@@ -119,8 +119,9 @@ def write_token_view(
         "layer_names": names,
         "subtitle": subtitle,
     }
-    # "</" inside the JSON would close the <script> element early.
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    # No "<" may reach the page inside the JSON: "</script" would close the element early and
+    # "<!--" would switch the HTML parser into an escaped state that swallows the rest of the page.
+    payload = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
     page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

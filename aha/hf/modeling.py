@@ -11,7 +11,8 @@ has run ``import aha``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, get_args
 
@@ -105,10 +106,31 @@ class AhaSettings:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> AhaSettings:
-        """Read the settings of an AHA config (``config.aha``)."""
-        if getattr(config, "aha", None) is None:
+        """Read and validate the settings of an AHA config (``config.aha``, the ``"aha"`` block of
+        ``config.json``).
+
+        ``window`` is required; other missing keys take their defaults (blocks written before a
+        setting existed, e.g. ``sink``, keep their old behaviour); unknown keys are ignored with a
+        warning; bad values raise ``ValueError`` naming the key.
+        """
+        block = getattr(config, "aha", None)
+        if block is None:
             raise UnsupportedModelError(f"{type(config).__name__} holds no AHA settings; convert the model with aha.convert")
-        return cls(**config.aha)
+        if not isinstance(block, dict):
+            raise TypeError(f'the "aha" block of the model config must be a mapping of settings, got {type(block).__name__}')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(block) - known)
+        if unknown:
+            warnings.warn(
+                f'ignoring unknown key(s) {unknown} in the "aha" block of the model config (known: {sorted(known)})',
+                stacklevel=2,
+            )
+        if "window" not in block:
+            raise ValueError('the "aha" block of the model config has no "window": set it to the window the model was trained with')
+        try:
+            return cls(**{key: value for key, value in block.items() if key in known})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f'invalid "aha" block in the model config: {error}') from None
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The converted layer indices of a model with ``num_layers`` decoder layers."""
@@ -126,8 +148,10 @@ class AhaModelMixin:
     config: PretrainedConfig
 
     def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any):
+        settings = AhaSettings.from_config(config)
+        config.aha = settings.to_dict()  # complete and validated: the attention layers read it
         super().__init__(config, *args, **kwargs)
-        attach_routers(self, AhaSettings.from_config(config))
+        attach_routers(self, settings)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """Default to ``"aha"`` (routed attention); an explicit ``attn_implementation`` still wins."""

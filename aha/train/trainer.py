@@ -34,6 +34,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -515,6 +516,13 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
 
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and config.seq_len > max_positions:
+        warnings.warn(
+            f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings ({max_positions}): positions "
+            "past it were never trained and quality usually drops; lower --seq-len unless that is the point",
+            stacklevel=2,
+        )
     aha_model = _prepare_model(config, model)
     routers = router_parameters(aha_model)
     student = _configure_trainable(config, aha_model)
