@@ -130,3 +130,20 @@ def test_calibrate_cli_prints_and_caches_the_choice(monkeypatch, tmp_path):
     assert cpu_tuning.KernelChoice.from_json(cpu_tuning.tuning_path(torch.bfloat16).read_text()) == choice
     bad = CliRunner().invoke(app, ["calibrate", "--dtype", "float64"])
     assert bad.exit_code != 0 and "unknown dtype" in bad.output
+
+
+def test_user_errors_end_in_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    from aha.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1\n")
+    for argv, expected in (
+        (["train", "--config", str(bad)], "bad.yaml:2 is not valid YAML"),  # a usage error, as typer shows them
+        (["eval", "--model", str(tmp_path / "nowhere")], "aha: error: no model folder at"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+        assert stop.value.code == 2 and expected in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        main(["eval", "--model", str(tmp_path / "nowhere"), "--debug"])

@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 app = typer.Typer(
     name="aha",
     help="All-or-Here Attention: teach an LLM when to attend globally, then run it faster.",
     no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,  # main() prints user errors as one line; --debug shows tracebacks
 )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is wrong" (their messages name the fix), not "aha is broken"."""
+    import yaml
+
+    from aha.data import DataSourceError
+    from aha.hf import UnsupportedModelError
+    from aha.kernels import AhaInputError
+    from aha.train.checkpoint import CheckpointError
+
+    return (AhaInputError, DataSourceError, UnsupportedModelError, CheckpointError, yaml.YAMLError,
+            FileNotFoundError, ValueError, FloatingPointError)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``aha`` console command: a user error ends with one line naming the fix (exit code 2);
+    ``--debug`` (anywhere on the line) or ``AHA_DEBUG=1`` shows the full traceback instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("AHA_DEBUG") == "1"
+    args = [arg for arg in args if arg != "--debug"]
+    try:
+        app(args=args, prog_name="aha")  # usage errors and BadParameter: typer prints them and exits
+    except _user_errors() as error:
+        if debug:
+            raise
+        message = str(error).strip() or type(error).__name__
+        typer.echo(f"aha: error: {message}\n(run with --debug for the traceback)", err=True)
+        sys.exit(2)
 
 
 @app.callback()

@@ -1,5 +1,5 @@
 """``python -m aha.cli`` runs the ``aha`` command (also ``accelerate launch -m aha.cli train ...``)."""
 
-from aha.cli import app
+from aha.cli import main
 
-app()
+main()

@@ -167,12 +167,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of TrainConfig fields (dashes allowed in keys)."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        raw = yaml.safe_load(text) or {}
-    elif path.suffix == ".toml":
-        raw = tomllib.loads(text)
-    else:
-        raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        else:
+            raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        raise ValueError(f"{path}{line} is not valid {path.suffix[1:].upper()}: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
     values = {key.replace("-", "_"): value for key, value in raw.items()}
