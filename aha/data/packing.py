@@ -148,5 +148,8 @@ def build_datasets(
             }
         )
     if len(splits.train) == 0:
-        raise ValueError(f"no training sequences from {list(specs)}: every document is held out or shorter than {min_doc_tokens} tokens")
+        raise ValueError(
+            f"no training sequences from {list(specs)}: every document is held out (--heldout-fraction "
+            f"{heldout_fraction}) or shorter than {min_doc_tokens} tokens (--min-doc-tokens); lower those or add documents"
+        )
     return splits
