@@ -31,6 +31,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "aha").expanduser()
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a private temporary sibling and a rename: readers see the
+    old file or the whole new one, never a torn write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 from torch.utils.data import Subset
 
 import aha
+from aha._cache import write_text_atomically
 from aha.data import build_datasets
 from aha.evaluation.perplexity import compare_routing_modes, full_length_subset
 from aha.evaluation.plots import WindowPoint, plot_global_fraction_vs_window
@@ -71,9 +71,7 @@ class SweepResult:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically: an interrupted sweep never leaves a half-written result that counts as done."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2))
 
 
 def window_run_config(base: TrainConfig, window: int, out_dir: Path) -> TrainConfig:

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from aha._cache import write_text_atomically
 from aha.kernels._cpp_build import SOURCE, cache_dir, load_cpp_kernel
 
 _log = logging.getLogger(__name__)
@@ -287,11 +287,10 @@ def calibrate(
     return KernelChoice(microkernel=best, measured=measured, **models)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+def _calibrate_and_cache(dtype: torch.dtype) -> KernelChoice:
+    choice = calibrate(dtype)
+    write_text_atomically(tuning_path(dtype), choice.to_json())
+    return choice
 
 
 def _load(path: Path) -> KernelChoice | None:
@@ -319,12 +318,10 @@ def kernel_choice(dtype: torch.dtype) -> KernelChoice:
         if os.environ.get("AHA_CPU_TUNING", "").lower() in ("off", "0", "false") or not load_cpp_kernel():
             choice = KernelChoice(microkernel=forced or "default")
         else:
-            path = tuning_path(dtype)
-            choice = _load(path)
+            choice = _load(tuning_path(dtype))
             if choice is None or (forced and choice.microkernel != forced):
                 _log.warning("aha: measuring the CPU kernels for %s once on this machine (about 10 s)", dtype)
-                choice = calibrate(dtype)
-                _write_atomically(path, choice.to_json())
+                choice = _calibrate_and_cache(dtype)
         _choices[dtype] = choice
         return choice
 
@@ -333,8 +330,7 @@ def recalibrate(dtypes: list[torch.dtype]) -> dict[torch.dtype, KernelChoice]:
     """Measure ``dtypes`` again (ignoring the cache), cache and return the results."""
     results = {}
     for dtype in dtypes:
-        choice = calibrate(dtype)
-        _write_atomically(tuning_path(dtype), choice.to_json())
+        choice = _calibrate_and_cache(dtype)
         with _lock:
             _choices[dtype] = choice
         results[dtype] = choice

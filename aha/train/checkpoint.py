@@ -51,13 +51,6 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_FINAL.match(p.name)[1]))  # type: ignore[index]
 
 
-def checkpoint_step(path: Path) -> int:
-    match = _FINAL.match(path.name)
-    if match is None:
-        raise ValueError(f"{path} is not a checkpoint folder (step-XXXXXXXX)")
-    return int(match[1])
-
-
 def verify_checkpoint(path: Path) -> str | None:
     """Why ``path`` is not intact (no manifest; a file missing, added, of another size or hash), or None."""
     problem = manifest_problem(path, MANIFEST, strict=True)
