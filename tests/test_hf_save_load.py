@@ -33,6 +33,7 @@ def test_save_then_load_reproduces_logits_exactly_with_both_loaders(tmp_path, fa
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == f"aha_{family}"
     assert saved["aha"] == {
+        "version": aha.AhaSettings.VERSION,
         "window": WINDOW,
         "sink": 0,
         "threshold": 0.5,
@@ -145,9 +146,15 @@ def test_config_aha_blocks_are_validated_migrated_and_warned_about(tmp_path):
         reloaded = aha.from_pretrained(tmp_path)
     torch.testing.assert_close(logits(reloaded, ids), expected)
 
-    _edit_aha_block(tmp_path, lambda block: (block.pop("future_setting"), block.pop("sink"), block.pop("threshold")))
-    older = aha.from_pretrained(tmp_path)  # written before sink existed: its default (0) and the default threshold
+    _edit_aha_block(tmp_path, lambda block: block.update(version=aha.AhaSettings.VERSION + 1))
+    with pytest.raises(ValueError, match="upgrade aha"):
+        aha.from_pretrained(tmp_path)
+
+    # version 1: no "version" key, written before sink existed: its default (0) and the default threshold
+    _edit_aha_block(tmp_path, lambda block: [block.pop(key) for key in ("version", "future_setting", "sink", "threshold")])
+    older = aha.from_pretrained(tmp_path)
     assert older.config.aha["sink"] == 0 and older.config.aha["threshold"] == 0.5
+    assert older.config.aha["version"] == aha.AhaSettings.VERSION  # migrated: saved again, it is the current version
     logits(older, ids)  # the first forward reads every key: nothing is missing any more
 
     _edit_aha_block(tmp_path, lambda block: block.pop("window"))
@@ -156,3 +163,15 @@ def test_config_aha_blocks_are_validated_migrated_and_warned_about(tmp_path):
     _edit_aha_block(tmp_path, lambda block: block.update(window=-4))
     with pytest.raises(ValueError, match="window must be an int >= 1"):
         aha.from_pretrained(tmp_path)
+
+
+def test_settings_are_parsed_once_per_block_and_checked_against_requests():
+    model = aha.convert(tiny_model("llama"), window=WINDOW, sink=1)
+    settings = aha.AhaSettings.of(model.config)
+    assert settings == aha.AhaSettings(window=WINDOW, sink=1)
+    assert aha.AhaSettings.of(model.config) is settings  # the hot path reads a cached object
+    model.config.aha["window"] = WINDOW + 1  # a block edited in place is read again
+    assert aha.AhaSettings.of(model.config).window == WINDOW + 1
+    settings.check_matches("m", window=WINDOW, sink=None)  # None: not requested
+    with pytest.raises(ValueError, match="m is already an AHA model with window=5, sink=1; omit --sink or pass 1"):
+        settings.check_matches("m", window=WINDOW, sink=0)

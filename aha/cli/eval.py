@@ -50,11 +50,10 @@ def load_routed_model(model_name: str, window: int | None, dtype: str, sink: int
         raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     model, tokenizer = aha.load_model(model_name, dtype=getattr(torch, dtype))
     if aha.is_aha_model(model):
-        own = aha.AhaSettings.from_config(model.config)
-        if window is not None and window != own.window:
-            raise typer.BadParameter(f"{model_name} is an AHA model with window {own.window}; omit --window or pass {own.window}")
-        if sink is not None and sink != own.sink:
-            raise typer.BadParameter(f"{model_name} is an AHA model with sink {own.sink}; omit --sink or pass {own.sink}")
+        try:
+            aha.AhaSettings.of(model.config).check_matches(model_name, window=window, sink=sink)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
     elif window is None:
         raise typer.BadParameter(
             f"{model_name} is not an AHA model: pass --window to convert it with open routers "

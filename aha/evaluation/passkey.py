@@ -252,7 +252,7 @@ def evaluate_passkey(
             bar.update()
     bar.close()
     return PasskeyResult(
-        window=aha.AhaSettings.from_config(model.config).window,
+        window=aha.AhaSettings.of(model.config).window,
         trials=trials,
         prompt_stats=RoutingStats.merge(aha_prompt_stats) if aha_prompt_stats else None,
         answer_stats=RoutingStats.merge(aha_answer_stats) if aha_answer_stats else None,

@@ -42,7 +42,7 @@ def routing_mode(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
 
 def converted_layers(model: nn.Module) -> list[int]:
     """Decoder-layer indices that have routers, in order: the rows of routing statistics and captures."""
-    return aha.AhaSettings.from_config(model.config).layer_indices(model.config.num_hidden_layers)
+    return aha.AhaSettings.of(model.config).layer_indices(model.config.num_hidden_layers)
 
 
 @torch.no_grad()
@@ -57,5 +57,5 @@ def capture_routes(model: nn.Module, input_ids: Tensor) -> Tensor:
     """
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     model(input_ids=ids)
-    threshold = aha.AhaSettings.from_config(model.config).threshold
+    threshold = aha.AhaSettings.of(model.config).threshold
     return torch.stack([route_from_logits(logits, threshold)[0][0].cpu() for logits in aha.router_logits(model)])

@@ -118,7 +118,7 @@ def _token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 def _passkey_token_view(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, path: Path) -> Path:
     """Token view of one passkey prompt plus the AHA model's answer (needle early, beyond the window if possible)."""
-    window = aha.AhaSettings.from_config(model.config).window
+    window = aha.AhaSettings.of(model.config).window
     lengths = sorted(settings.passkey_lengths)
     length = next((n for n in lengths if n >= 2 * window), lengths[-1])
     prompt = PasskeyPromptBuilder(tokenizer).build(length, 0.1, "48213", rng=random.Random(settings.seed))

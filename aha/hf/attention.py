@@ -26,6 +26,7 @@ from transformers.masking_utils import (
 )
 
 from aha.hf.projection import find_router
+from aha.hf.settings import AhaSettings
 from aha.kernels import AhaInputError, aha_attention
 
 ATTN_IMPLEMENTATION = "aha"
@@ -98,8 +99,7 @@ def aha_attention_forward(
     Returns:
         ``(output [batch, seq_q, q_heads, head_dim], None)`` -- no attention weights.
     """
-    settings = getattr(module.config, "aha", None)
-    if settings is None:
+    if getattr(module.config, "aha", None) is None:
         raise AhaInputError(
             'attn_implementation="aha" needs an AHA model: convert it with aha.convert(model) or load an AHA '
             "checkpoint with aha.from_pretrained"
@@ -113,15 +113,16 @@ def aha_attention_forward(
             f"AHA attention takes a 2D [batch, seq] padding mask, got a {attention_mask.dim()}D mask; pass the "
             "tokenizer's attention_mask instead of a prepared 4D mask"
         )
+    settings = AhaSettings.of(module.config)
     router = find_router(module)
     if router is not None:
-        route = router.route(settings["threshold"], straight_through=module.training)
+        route = router.route(settings.threshold, straight_through=module.training)
     else:
         batch, heads, seq_q, _ = query.shape
         route = torch.ones(batch, heads, seq_q, dtype=torch.bool, device=query.device)
     output = aha_attention(
-        query, key, value, route, settings["window"], scale=scaling, key_padding_mask=attention_mask,
-        sink=settings.get("sink", 0),
+        query, key, value, route, settings.window, scale=scaling, key_padding_mask=attention_mask,
+        sink=settings.sink,
     )
     if router is not None and router.route_observers:
         seq_q = query.shape[2]

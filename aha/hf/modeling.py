@@ -11,10 +11,8 @@ has run ``import aha``.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,105 +39,8 @@ from aha.hf.projection import (
     RouterLayout,
     routed_query_projection,
 )
+from aha.hf.settings import AhaSettings, UnsupportedModelError
 from aha.router import Router, RouterInit
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot be converted to AHA; the message says why and what is supported."""
-
-
-@dataclass(frozen=True)
-class AhaSettings:
-    """The AHA settings of a model, stored in ``config.json`` under ``"aha"``.
-
-    Args:
-        window: keys a local query sees, its own included (positions ``p - window + 1 .. p``).
-        sink: attention-sink keys: local queries also see the first ``sink`` keys (0, the default,
-            is the paper's operator; see :func:`aha.aha_attention`).
-        threshold: a (token, head) goes global when ``sigmoid(logit) > threshold``.
-        router_layout: ``"separate"`` (a :class:`aha.Router` at ``q_proj.router``) or ``"fused"``
-            (``q_proj`` widened by ``num_heads`` rows: the released AHA-OLMO2 layout).
-        router_init: how fresh routers start. ``"open"`` (default): zero weight, bias
-            :data:`aha.OPEN_BIAS`, every head global, so the converted model equals the
-            original exactly -- the choice for fine-tuning a pretrained model. ``"random"``: small
-            random weight, zero bias, about half the pairs global -- for learning routes from
-            scratch.
-        router_bias: whether routers have a bias (``"open"`` needs one). With the fused layout
-            the router bias is the tail of ``q_proj.bias``: on a bias-free ``q_proj`` a bias is
-            added (query rows zero), and a ``q_proj`` that has a bias (Qwen2) always gives the
-            router one. The released AHA-OLMO2 checkpoint has none.
-        layers: indices of the converted layers, or None for all. Other layers run full attention.
-    """
-
-    window: int = 256
-    sink: int = 0
-    threshold: float = 0.5
-    router_layout: RouterLayout = "separate"
-    router_init: RouterInit = "open"
-    router_bias: bool = True
-    layers: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1 (keys a local query sees, its own included), got {self.window!r}")
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"sink must be an int >= 0 (first keys local queries also see; 0 = none), got {self.sink!r}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if self.router_layout not in get_args(RouterLayout):
-            raise ValueError(f"router_layout must be one of {get_args(RouterLayout)}, got {self.router_layout!r}")
-        if self.router_init not in get_args(RouterInit):
-            raise ValueError(f"router_init must be one of {get_args(RouterInit)}, got {self.router_init!r}")
-        if self.router_init == "open" and not self.router_bias:
-            raise ValueError(
-                "router_init='open' needs router_bias=True (an open router is zero weight plus a positive bias); "
-                "use router_init='random' for a bias-free router"
-            )
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (what ``config.aha`` holds)."""
-        settings = asdict(self)
-        settings["layers"] = None if self.layers is None else list(self.layers)
-        return settings
-
-    @classmethod
-    def from_config(cls, config: PretrainedConfig) -> AhaSettings:
-        """Read and validate the settings of an AHA config (``config.aha``, the ``"aha"`` block of
-        ``config.json``).
-
-        ``window`` is required; other missing keys take their defaults (blocks written before a
-        setting existed, e.g. ``sink``, keep their old behaviour); unknown keys are ignored with a
-        warning; bad values raise ``ValueError`` naming the key.
-        """
-        block = getattr(config, "aha", None)
-        if block is None:
-            raise UnsupportedModelError(f"{type(config).__name__} holds no AHA settings; convert the model with aha.convert")
-        if not isinstance(block, dict):
-            raise TypeError(f'the "aha" block of the model config must be a mapping of settings, got {type(block).__name__}')
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            warnings.warn(
-                f'ignoring unknown key(s) {unknown} in the "aha" block of the model config (known: {sorted(known)})',
-                stacklevel=2,
-            )
-        if "window" not in block:
-            raise ValueError('the "aha" block of the model config has no "window": set it to the window the model was trained with')
-        try:
-            return cls(**{key: value for key, value in block.items() if key in known})
-        except (TypeError, ValueError) as error:
-            raise ValueError(f'invalid "aha" block in the model config: {error}') from None
-
-    def layer_indices(self, num_layers: int) -> list[int]:
-        """The converted layer indices of a model with ``num_layers`` decoder layers."""
-        if self.layers is None:
-            return list(range(num_layers))
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} do not exist: the model has {num_layers} decoder layers (0..{num_layers - 1})")
-        return list(self.layers)
 
 
 class AhaModelMixin:
@@ -170,7 +71,7 @@ class AhaModelMixin:
             if isinstance(module, Router) and not any(_loaded(p) for p in module.parameters()):
                 module.reset_parameters()
             elif isinstance(module, FusedRouterQueryProjection) and not _loaded(module.weight):
-                module.reset_router_parameters(AhaSettings.from_config(self.config).router_init)
+                module.reset_router_parameters(AhaSettings.of(self.config).router_init)
 
 
 def _loaded(tensor: torch.Tensor) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 import tomllib
 import yaml
 
+from aha.hf.settings import AhaSettings, routing_field, routing_problems, routing_settings
 from aha.router import RouterInit
 
 Trainable = Literal["all", "routers", "lora"]
@@ -39,14 +40,10 @@ class TrainConfig:
 
     # model and routing
     model: str = _help("model name (e.g. smollm2-135m) or path, loaded with aha.load_model", default="smollm2-135m")
-    window: int = _help("local window: keys a local query sees, its own included", default=256)
-    sink: int = _help(
-        "attention-sink keys: local queries also see the first N keys (0 = the paper's operator; 1 keeps the "
-        "pretrained model's sink token in view of local heads)",
-        default=0,
-    )
-    threshold: float = _help("a (token, head) goes global when sigmoid(router logit) > threshold", default=0.5)
-    router_init: RouterInit = _help("'open': all heads start global (the converted model equals the original)", default="open")
+    window: int = routing_field("window")
+    sink: int = routing_field("sink")
+    threshold: float = routing_field("threshold")
+    router_init: RouterInit = routing_field("router_init")
     open_router_bias: float = _help(
         "bias of freshly converted open routers; any value > 0 starts every head global, and a small one "
         "(sigmoid(1) = 0.73) lets routes move within a short fine-tune, where aha.OPEN_BIAS = 4 takes hundreds of steps",
@@ -124,12 +121,7 @@ class TrainConfig:
             problems.append("warmup_steps and checkpoint_every must be >= 0, eval_every >= -1")
         if min(self.keep_checkpoints, self.eval_sequences, self.lora_rank, self.min_doc_tokens) < 1:
             problems.append("keep_checkpoints, eval_sequences, lora_rank and min_doc_tokens must be >= 1")
-        if self.window < 1:
-            problems.append("window must be >= 1")
-        if self.sink < 0:
-            problems.append("sink must be >= 0")
-        if not 0 < self.threshold < 1:
-            problems.append("threshold must be in (0, 1)")
+        problems += routing_problems(self)  # window, sink, threshold, router_init
         if self.router_init == "open" and not 1 / (1 + math.exp(-self.open_router_bias)) > self.threshold:
             problems.append("open_router_bias must put sigmoid(bias) above the threshold (open routers start global)")
         if not 0 <= self.target_ramp <= 1:
@@ -146,13 +138,18 @@ class TrainConfig:
             problems.append("passkey_mix must be in [0, 1] (a share of the training sequences)")
         if self.force_routing is not None and (self.target_global is not None or self.trainable == "routers"):
             problems.append("force_routing fixes the routes: drop target_global and use trainable='all' or 'lora'")
-        choices = {"trainable": get_args(Trainable), "precision": get_args(Precision), "router_init": get_args(RouterInit)}
+        choices = {"trainable": get_args(Trainable), "precision": get_args(Precision)}
         choices["force_routing"] = (None, *get_args(ForcedRouting))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {allowed}")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def routing(self) -> AhaSettings:
+        """The model's AHA settings this run asks for (``window``, ``sink``, ``threshold``, ``router_init``)."""
+        return routing_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

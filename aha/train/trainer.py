@@ -159,16 +159,15 @@ def _prepare_model(config: TrainConfig, model: nn.Module) -> nn.Module:
     Fresh open routers get ``config.open_router_bias``: zero weight, so every head starts global and the
     converted model still equals the original.
     """
+    wanted = config.routing
     if aha.is_aha_model(model):
-        settings = model.config.aha
-        own = (settings["window"], settings.get("sink", 0), settings["threshold"])
-        if own != (config.window, config.sink, config.threshold):
-            raise ValueError(
-                f"{config.model} is already an AHA model with window={own[0]}, sink={own[1]}, threshold={own[2]}; "
-                "pass the same --window, --sink and --threshold to continue training it"
-            )
+        aha.AhaSettings.of(model.config).check_matches(
+            config.model,
+            "pass the same --window, --sink and --threshold to continue training it",
+            window=wanted.window, sink=wanted.sink, threshold=wanted.threshold,
+        )
         return model
-    aha.convert(model, window=config.window, sink=config.sink, threshold=config.threshold, router_init=config.router_init)
+    aha.convert(model, window=wanted.window, sink=wanted.sink, threshold=wanted.threshold, router_init=wanted.router_init)
     if config.router_init == "open":
         with torch.no_grad():
             for router in (m for m in model.modules() if isinstance(m, aha.Router)):
