@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from aha._cache import build_cached, cache_dir
+from aha._optional import require
 from aha.hf import from_pretrained
 
 #: The name :func:`load_model` resolves to the offline SmolLM2-135M-Instruct.
@@ -50,6 +51,7 @@ def smollm2_gguf() -> Path:
 
 def convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantise a Llama GGUF to an fp32 safetensors model folder (with its tokenizer)."""
+    require("gguf", "reading the offline SmolLM2 (a GGUF file)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config

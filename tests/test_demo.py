@@ -38,7 +38,7 @@ def test_quick_demo_writes_a_complete_report_and_resumes(tmp_path):
 
 
 def test_sliding_window_names_say_whether_the_sink_is_kept():
-    from aha.demo import sliding_window_name
+    from aha.report.markdown import sliding_window_name
 
     assert sliding_window_name(128, 0) == "pure sliding window (w=128), no training"
     assert sliding_window_name(128, 4) == "sliding window (w=128) + 4 sink keys, no training"

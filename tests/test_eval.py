@@ -35,7 +35,7 @@ from aha.evaluation.routing import (
     converted_layers,
     routing_mode,
 )
-from aha.evaluation.tables import passkey_table
+from aha.report.tables import passkey_table
 from aha.stats import RoutingStats
 
 WINDOW = 8

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from aha.evaluation.plots import (
+from aha.report.plots import (
     WindowPoint,
     plot_global_fraction_vs_position,
     plot_global_fraction_vs_window,
     plot_layer_head_heatmap,
 )
-from aha.evaluation.token_view import write_token_view
+from aha.report.token_view import write_token_view
 from aha.stats import RoutingStats
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

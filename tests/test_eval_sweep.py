@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from aha.cli import app
 from aha.data.passkey import load_haystack
-from aha.evaluation.sweep import run_sweep
-from aha.train import TrainConfig, trainer
+from aha.recipes import finetune
+from aha.recipes.sweep import run_sweep
+from aha.train import TrainConfig
 
 
 @pytest.fixture
@@ -61,17 +62,17 @@ def test_sweep_trains_evaluates_plots_and_resumes(recipe, tmp_path, capsys, monk
 
     # Ctrl-C during a window's training loses nothing: the rerun resumes from its last checkpoint
     shutil.rmtree(out / "w8")
-    save_checkpoint = trainer.save_checkpoint
+    save_checkpoint = finetune.save_checkpoint
 
     def save_then_interrupt(*args, **kwargs):
         save_checkpoint(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(finetune, "save_checkpoint", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(recipe, [4, 8], out, eval_sequences=3, progress=False, log=lines.append)
     assert (out / "w8" / "checkpoints" / "step-00000001").is_dir() and not (out / "w8" / "model").exists()
-    monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(finetune, "save_checkpoint", save_checkpoint)
     lines.clear()
     capsys.readouterr()
     resumed = run_sweep(recipe, [4, 8], out, eval_sequences=3, progress=False, log=lines.append)

@@ -14,13 +14,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_support import char_tokenizer, pretrain_on, save_tiny_model, sentence_documents, tiny_llama
+from train_support import (
+    char_tokenizer,
+    pretrain_on,
+    save_tiny_model,
+    sentence_documents,
+    tiny_llama,
+)
 from typer.testing import CliRunner
 
 import aha
 from aha.cli import app
 from aha.data import DataSplits
 from aha.data.passkey import PasskeyMixDataset
+from aha.recipes.finetune import TrainResult
 from aha.train import (
     LambdaController,
     TrainConfig,
@@ -28,8 +35,10 @@ from aha.train import (
     router_parameters,
     train,
 )
-from aha.train import trainer as trainer_module
 from aha.train.config import config_fields
+from aha.train.model_setup import LORA_TARGET_MODULES
+from aha.train.schedule import BatchSchedule
+from aha.train.step import Stepper
 
 COPY_VOCAB = 20  # copy_task's default token ids 0..17, with room to spare
 EXACT_KEYS = ("loss", "ce", "kd", "soft_gate", "global_fraction", "lambda", "lr_model", "lr_routers", "grad_norm", "targets_seen")
@@ -147,7 +156,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, copy_data, monkeypatch):
 
     straight = train(config(tmp_path / "straight"), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
 
-    real_step = trainer_module._Stepper.step
+    real_step = Stepper.step
     calls = {"n": 0}
 
     def killed_during_step_6(self, progress):
@@ -158,7 +167,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, copy_data, monkeypatch):
 
     resumed_out = tmp_path / "resumed"
     with monkeypatch.context() as patched:
-        patched.setattr(trainer_module._Stepper, "step", killed_during_step_6)
+        patched.setattr(Stepper, "step", killed_during_step_6)
         with pytest.raises(KeyboardInterrupt):
             train(config(resumed_out), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
     checkpoints = resumed_out / "checkpoints"
@@ -182,7 +191,7 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path, copy
         return toy_config(out, steps=6, batch_size=4, lr=3e-3, target_global=0.5, checkpoint_every=0)
 
     straight = train(config(tmp_path / "straight"), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
-    real_step = trainer_module._Stepper.step
+    real_step = Stepper.step
 
     def ctrl_c_during_step_3(self, progress):
         row = real_step(self, progress)
@@ -193,7 +202,7 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path, copy
     out = tmp_path / "interrupted"
     handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     with monkeypatch.context() as patched:
-        patched.setattr(trainer_module._Stepper, "step", ctrl_c_during_step_3)
+        patched.setattr(Stepper, "step", ctrl_c_during_step_3)
         with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
             train(config(out), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]  # nothing lost
@@ -227,7 +236,7 @@ def test_distillation_teacher_is_the_original_model(tmp_path, copy_data, copy_mo
     if trainable == "routers":
         assert not changed  # frozen base: forcing global routes gives the original model back
     elif trainable == "lora":
-        assert changed and all(name.split(".")[-2] in trainer_module.LORA_TARGET_MODULES for name in changed)
+        assert changed and all(name.split(".")[-2] in LORA_TARGET_MODULES for name in changed)
     assert router_parameters(result.model) and any(p.abs().sum() > 0 for p in router_parameters(result.model)[::2])
 
 
@@ -267,7 +276,7 @@ def test_sink_is_saved_with_the_model_and_checked_when_training_continues(tmp_pa
 
 def test_config_file_and_flags(tmp_path, monkeypatch):
     captured = []
-    monkeypatch.setattr("aha.train.train", lambda config: captured.append(config) or trainer_module.TrainResult(out=Path(config.out), model=torch.nn.Linear(1, 1)))
+    monkeypatch.setattr("aha.recipes.finetune.train", lambda config: captured.append(config) or TrainResult(out=Path(config.out), model=torch.nn.Linear(1, 1)))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"window": 64, "steps": 7, "data": "kjv", "target-global": 0.2}))
     (tmp_path / "run.toml").write_text('window = 32\ndata = ["a", "b"]\n')
     runner = CliRunner()
@@ -331,7 +340,7 @@ def test_passkey_mix_feeds_the_training_steps(tmp_path):
         train(toy_config(tmp_path / "no-tokenizer", window=16, seq_len=300, passkey_mix=1.0), model=tiny_llama(), data=data)
     result = train(config, model=tiny_llama(), tokenizer=tokenizer, data=data)
     mix = PasskeyMixDataset(base, tokenizer, 1.0, seed=config.seed)
-    schedule = trainer_module.BatchSchedule(len(mix), config.seed, batch_size=2, grad_accum=1, num_processes=1)
+    schedule = BatchSchedule(len(mix), config.seed, batch_size=2, grad_accum=1, num_processes=1)
     steps = [schedule.step_indices(step).ravel() for step in range(2)]
     assert result.history[-1]["targets_seen"] == sum(mix.num_targets(indices) for indices in steps)
     assert result.history[-1]["targets_seen"] != sum(base.num_targets(indices) for indices in steps)

@@ -17,8 +17,8 @@ from test_train import COPY_VOCAB, EXACT_KEYS, toy_config, train_rows
 from train_support import copy_task, tiny_llama
 
 from aha.train import train
-from aha.train import trainer as trainer_module
 from aha.train.checkpoint import MANIFEST, CheckpointError, list_checkpoints
+from aha.train.step import Stepper
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def straight(tmp_path_factory, copy_data):
 
 def interrupted_run(out: Path, data) -> list[Path]:
     """A 6-step run killed during step 5: checkpoints 2 and 4 exist, step 5 was not logged."""
-    real_step = trainer_module._Stepper.step
+    real_step = Stepper.step
 
     def killed_in_step_5(self, progress):
         if progress.step == 4:
@@ -64,7 +64,7 @@ def interrupted_run(out: Path, data) -> list[Path]:
         return real_step(self, progress)
 
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(trainer_module._Stepper, "step", killed_in_step_5)
+        patched.setattr(Stepper, "step", killed_in_step_5)
         with pytest.raises(KeyboardInterrupt):
             run(out, data)
     return list_checkpoints(out / "checkpoints")
@@ -185,13 +185,13 @@ def test_nonsense_training_settings_are_refused(tmp_path, change, message):
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, copy_data, monkeypatch):
     out = tmp_path / "run"
-    real_step = trainer_module._Stepper.step
+    real_step = Stepper.step
 
     def diverging(self, progress):
         row = real_step(self, progress)
         return {**row, "loss": float("nan")} if progress.step == 3 else row
 
-    monkeypatch.setattr(trainer_module._Stepper, "step", diverging)
+    monkeypatch.setattr(Stepper, "step", diverging)
     with pytest.raises(FloatingPointError, match="loss became nan at step 3(.|\n)*step-00000002(.|\n)*Lower --lr"):
         run(out, copy_data)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]

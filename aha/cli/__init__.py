@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
+from aha._optional import MissingExtraError, reraise_missing
+
+try:
+    import typer
+except ImportError as error:
+    raise reraise_missing(error, "the aha command") from error
 
 app = typer.Typer(
     name="aha",
@@ -24,7 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from aha.kernels import AhaInputError
     from aha.train.checkpoint import CheckpointError
 
-    return (AhaInputError, DataSourceError, UnsupportedModelError, CheckpointError, yaml.YAMLError,
+    return (AhaInputError, DataSourceError, MissingExtraError, UnsupportedModelError, CheckpointError, yaml.YAMLError,
             FileNotFoundError, ValueError, FloatingPointError)  # fmt: skip
 
 
@@ -61,6 +66,6 @@ def version() -> None:
 
 
 from aha.cli import bench as _bench  # noqa: E402,F401  (registers `aha bench`)
+from aha.cli import demo as _demo  # noqa: E402,F401  (registers `aha demo`)
 from aha.cli import eval as _eval  # noqa: E402,F401  (registers `aha eval`, `aha sweep`, `aha lm-eval`)
 from aha.cli import train as _train  # noqa: E402,F401  (registers `aha train`)
-from aha.cli import demo as _demo  # noqa: E402,F401  (registers `aha demo`)

@@ -25,7 +25,7 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="Delete the report folder first instead of resuming."),
 ) -> None:
     """Convert a pretrained LLM to AHA, fine-tune it to route, evaluate it, time it, and write a report."""
-    from aha.demo import DemoSettings, run_demo
+    from aha.recipes.demo import DemoSettings, run_demo
 
     overrides = {
         "model": model,

@@ -96,7 +96,7 @@ def eval_command(
     from rich.console import Console
 
     from aha.evaluation.run import EvalSettings, run_evaluation
-    from aha.evaluation.tables import passkey_table, perplexity_table, position_table
+    from aha.report.tables import passkey_table, perplexity_table, position_table
 
     try:
         settings = EvalSettings(
@@ -184,7 +184,7 @@ def sweep_command(
     from rich.console import Console
     from rich.table import Table
 
-    from aha.evaluation.sweep import run_sweep
+    from aha.recipes.sweep import run_sweep
     from aha.train import load_config
 
     overrides = {

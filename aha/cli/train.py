@@ -46,7 +46,7 @@ def train_command(config: Path | None = None, **overrides: Any) -> None:
         accelerate launch --num_processes 2 -m aha.cli train --config train.yaml
     """
     from aha.data import DataSourceError
-    from aha.train import train
+    from aha.recipes.finetune import train
     from aha.train.checkpoint import CheckpointError
 
     if not overrides.get("data"):

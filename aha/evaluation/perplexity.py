@@ -24,10 +24,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 import aha
+from aha.data.packing import IGNORE_INDEX
 from aha.evaluation.routing import MODES, RoutingMode, check_modes, routing_mode
 from aha.stats import RoutingStats
-
-IGNORE_INDEX = -100
 
 
 def position_bucket_edges(seq_len: int, window: int) -> list[int]:

@@ -37,10 +37,6 @@ from aha.evaluation.perplexity import (
     compare_routing_modes,
     full_length_subset,
 )
-from aha.evaluation.plots import (
-    plot_global_fraction_vs_position,
-    plot_layer_head_heatmap,
-)
 from aha.evaluation.routing import (
     MODES,
     RoutingMode,
@@ -49,7 +45,11 @@ from aha.evaluation.routing import (
     converted_layers,
     routing_mode,
 )
-from aha.evaluation.token_view import write_token_view
+from aha.report.plots import (
+    plot_global_fraction_vs_position,
+    plot_layer_head_heatmap,
+)
+from aha.report.token_view import write_token_view
 
 Task = Literal["perplexity", "passkey"]
 TASKS: tuple[Task, ...] = get_args(Task)

@@ -1,19 +1,9 @@
-"""Window sweep: train one routed model per window, evaluate each, plot the long-tail curve.
+"""The window sweep's measurements: one routed model per window on the same held-out sequences.
 
-Every window gets the same training recipe (a fixed sparsity weight lambda, not a target global
-fraction -- a target would pin every window to the same fraction and hide the curve) and the
-same held-out sequences. The question answered is the paper's: how much global attention does
-the model still choose as the window grows?
-
-Layout of the sweep folder (every step resumable: a finished window is skipped, an interrupted
-training resumes from its last checkpoint, an evaluated window is not evaluated again)::
-
-    reference.json   the original model's full-attention perplexity on the held-out sequences
-    w<window>/       the training run (config.yaml, metrics.jsonl, model/, summary.json; its
-                     checkpoints/ exist while it trains and are deleted once its model is saved)
-    w<window>/sweep_eval.json   held-out perplexity and routing of that window's model
-    sweep.json       every window's point (schema: :meth:`SweepResult.to_dict`)
-    long_tail.png    global fraction and perplexity vs window
+:func:`evaluate_window` scores one window's trained model (its learned routes, and the same weights
+forced global), :func:`reference_perplexity` the original model with full attention, and
+:func:`write_sweep` writes ``sweep.json`` and the long-tail plot. The training of each window is the
+recipe :mod:`aha.recipes.sweep` (``aha sweep``), which also documents the sweep folder's layout.
 """
 
 from __future__ import annotations
@@ -21,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import shutil
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +19,8 @@ from torch.utils.data import Subset
 
 import aha
 from aha._cache import write_text_atomically
-from aha.data import build_datasets
-from aha.evaluation.perplexity import compare_routing_modes, full_length_subset
-from aha.evaluation.plots import WindowPoint, plot_global_fraction_vs_window
-from aha.train import TrainConfig, train
+from aha.evaluation.perplexity import compare_routing_modes
+from aha.report.plots import WindowPoint, plot_global_fraction_vs_window
 
 #: Routing modes each window's model is evaluated in: its learned routes, and the same weights forced global.
 SWEEP_MODES = ("full", "aha")
@@ -69,22 +55,23 @@ class SweepResult:
         }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically: an interrupted sweep never leaves a half-written result that counts as done."""
     write_text_atomically(path, json.dumps(data, indent=2))
 
 
-def window_run_config(base: TrainConfig, window: int, out_dir: Path) -> TrainConfig:
-    """The training config of one window: ``base`` with its window and run folder set (no in-training eval)."""
-    return dataclasses.replace(base, window=window, out=str(out_dir / f"w{window}"), eval_every=-1)
+def reference_perplexity(model: Any, sequences: Subset, window: int, batch_size: int = 1, progress: bool = True) -> float:
+    """Held-out perplexity of the original ``model`` with full attention (a plain model is converted
+    with open routers at ``window`` first, then forced global)."""
+    if not aha.is_aha_model(model):
+        model = aha.convert(model, window=window).eval()  # open routers; forced global below
+    report = compare_routing_modes(model, sequences, modes=("full",), batch_size=batch_size, progress=progress)
+    return report.results["full"].perplexity
 
 
-def _is_trained(run: Path) -> bool:
-    return (run / "summary.json").exists() and (run / "model").is_dir()
-
-
-def _evaluate_window(run: Path, sequences: Subset, batch_size: int, progress: bool) -> SweepPoint:
-    model, _ = aha.load_model(run / "model")
+def evaluate_window(model_dir: Path, sequences: Subset, batch_size: int = 1, progress: bool = True) -> SweepPoint:
+    """One window's point: the AHA model saved at ``model_dir`` on ``sequences`` (learned routes and forced global)."""
+    model, _ = aha.load_model(model_dir)
     report = compare_routing_modes(model, sequences, modes=SWEEP_MODES, batch_size=batch_size, progress=progress)
     routed = report.results["aha"]
     point = SweepPoint(
@@ -101,91 +88,15 @@ def _evaluate_window(run: Path, sequences: Subset, batch_size: int, progress: bo
     return point
 
 
-def run_sweep(
-    base: TrainConfig,
-    windows: Sequence[int],
-    out_dir: str | Path,
-    *,
-    eval_sequences: int = 16,
-    eval_seq_len: int | None = None,
-    eval_batch_size: int = 1,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> SweepResult:
-    """Train and evaluate one routed model per window (resumable), then plot the long-tail curve.
-
-    Args:
-        base: the training recipe shared by every window (its ``window``, ``out`` and ``eval_every``
-            are replaced per window). It must use a fixed ``lambda_init``, not ``target_global``.
-        windows: local windows to sweep (distinct, >= 1).
-        out_dir: the sweep folder (layout in the module docstring).
-        eval_sequences: held-out sequences scored per window (the same ones for every window).
-        eval_seq_len: their length (default: the training ``seq_len``).
-        log: receives one status line per step.
-    """
-    if base.target_global is not None:
-        raise ValueError(
-            "a window sweep needs a fixed sparsity weight (--lambda-init), not --target-global: a target would "
-            "pin every window to the same global fraction"
-        )
-    if base.force_routing is not None:
-        raise ValueError("a window sweep trains routed models; drop force_routing")
-    windows = sorted(set(windows))
-    if not windows or windows[0] < 1:
-        raise ValueError(f"windows must be integers >= 1, got {windows}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    original, tokenizer = aha.load_model(base.model)
-    heldout = build_datasets(
-        base.data, tokenizer, seq_len=eval_seq_len or base.seq_len,
-        heldout_fraction=base.heldout_fraction, text_field=base.text_field, min_doc_tokens=base.min_doc_tokens,
-    ).heldout
-    sequences = full_length_subset(heldout, eval_sequences)
-
-    reference_file = out / "reference.json"
-    if reference_file.exists():
-        reference = json.loads(reference_file.read_text())["perplexity"]
-    else:
-        log(f"reference: the original {base.model} with full attention on {len(sequences)} held-out sequences")
-        if not aha.is_aha_model(original):
-            original = aha.convert(original, window=windows[0]).eval()  # open routers; forced global below
-        report = compare_routing_modes(original, sequences, modes=("full",), batch_size=eval_batch_size, progress=progress)
-        reference = report.results["full"].perplexity
-        _write_json(reference_file, {"model": base.model, "perplexity": reference, "sequences": len(sequences)})
-    del original
-    gc.collect()
-
-    points = []
-    for window in windows:
-        config = window_run_config(base, window, out)
-        run = Path(config.out)
-        if _is_trained(run):
-            log(f"window {window}: trained already ({run})")
-        else:
-            log(f"window {window}: training {config.steps} steps -> {run} (resumes from its last checkpoint, if any)")
-            trained = train(config)
-            del trained
-            gc.collect()
-        # the finished model is saved: the resume checkpoints (weights + optimizer state) are dead weight
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
-        eval_file = run / "sweep_eval.json"
-        if eval_file.exists():
-            point = SweepPoint(**json.loads(eval_file.read_text()))
-        else:
-            log(f"window {window}: evaluating on {len(sequences)} held-out sequences")
-            point = _evaluate_window(run, sequences, eval_batch_size, progress)
-            _write_json(eval_file, dataclasses.asdict(point))
-        log(f"window {window}: global fraction {point.global_fraction:.1%}, perplexity {point.perplexity:.3f}")
-        points.append(point)
-
+def write_sweep(points: list[SweepPoint], reference: float, out: Path, *, title: str) -> SweepResult:
+    """Plot the long-tail curve (``long_tail.png``) and write ``sweep.json`` into ``out``."""
     plot = plot_global_fraction_vs_window(
         [WindowPoint(p.window, p.global_fraction, p.perplexity) for p in points],
         out / "long_tail.png",
         full_attention_perplexity=reference,
         full_attention_label="perplexity (original model, full attention)",
-        title=f"Global attention needed vs window ({base.model}, {base.steps} steps)",
+        title=title,
     )
     result = SweepResult(points, reference, {"plot": str(plot), "json": str(out / "sweep.json")})
-    _write_json(out / "sweep.json", result.to_dict())
+    write_json(out / "sweep.json", result.to_dict())
     return result

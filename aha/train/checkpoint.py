@@ -22,11 +22,15 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate import Accelerator
+import yaml
 
 from aha._cache import manifest_problem, write_manifest
+from aha.train.config import TrainConfig, differing_fields
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 _FINAL = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
@@ -112,3 +116,17 @@ def load_newest_intact(
         f"no checkpoint in {folder} can be loaded:\n  " + "\n  ".join(problems) + "\n"
         "Delete the folder (or pass a new --out) to start the run over."
     )
+
+
+def check_resume(config: TrainConfig, out: Path) -> bool:
+    """Whether the run folder ``out`` holds checkpoints to resume; refuses those of a run with another config."""
+    checkpoints = list_checkpoints(out / "checkpoints")
+    saved_config = out / "config.yaml"
+    if checkpoints and saved_config.exists():
+        changed = differing_fields(yaml.safe_load(saved_config.read_text()), config)
+        if changed:
+            raise ValueError(
+                f"{out} holds a run with a different config ({', '.join(changed)} differ); resume it with the same "
+                "settings, or pass a new --out"
+            )
+    return bool(checkpoints)

@@ -15,7 +15,12 @@ from typing import Any, Literal, get_args
 import tomllib
 import yaml
 
-from aha.hf.settings import AhaSettings, routing_field, routing_problems, routing_settings
+from aha.hf.settings import (
+    AhaSettings,
+    routing_field,
+    routing_problems,
+    routing_settings,
+)
 from aha.router import RouterInit
 
 Trainable = Literal["all", "routers", "lora"]

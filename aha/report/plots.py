@@ -10,12 +10,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FixedLocator, PercentFormatter
+
+from aha._optional import reraise_missing
+
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, PercentFormatter
+except ImportError as error:
+    raise reraise_missing(error, "the report's plots") from error
 
 from aha.stats import RoutingStats
 
@@ -110,3 +116,25 @@ def plot_global_fraction_vs_position(
     ax.legend(loc="upper right")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_training(rows: Sequence[dict], path: Path, target: float) -> Path:
+    """Global fraction and loss per training step (the ``train`` rows of a run's ``metrics.jsonl``)."""
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    top.plot(steps, [r["global_fraction"] for r in rows], label="global fraction (train batch)")
+    top.axhline(target, color="grey", linestyle="--", label=f"target {target:g}")
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("global fraction")
+    top.legend(loc="upper right")
+    bottom.plot(steps, [r["ce"] for r in rows], label="cross-entropy")
+    if any(r.get("kd") for r in rows):
+        bottom.plot(steps, [r["kd"] for r in rows], label="distillation KL")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("loss")
+    bottom.legend(loc="upper right")
+    fig.suptitle("AHA fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from rich.table import Table
+from aha._optional import reraise_missing
+
+try:
+    from rich.table import Table
+except ImportError as error:
+    raise reraise_missing(error, "the report's console tables") from error
 
 from aha.evaluation.passkey import PasskeyResult
 from aha.evaluation.perplexity import PerplexityReport
 from aha.evaluation.routing import MODES
+from aha.report.markdown import HEADLINE_COLUMNS
 
 #: Printed under every table: what the three rows are.
 MODES_NOTE = "full = every pair global; local = every pair local (sliding window); aha = learned routes"
@@ -85,4 +92,13 @@ def passkey_table(result: PasskeyResult, *, title: str | None = None) -> Table:
         opening = ", ".join(f"L{h['layer']}.H{h['head']} {h['answer']:.0%} (prompt {h['prompt']:.0%})" for h in result.opening_heads())
         if opening:
             table.caption += f"\nheads whose global share rises most at the answer: {opening}"
+    return table
+
+
+def headline_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for _, header, _ in HEADLINE_COLUMNS:
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for row in rows:
+        table.add_row(*(fmt(row[key]) if row[key] is not None else "-" for key, _, fmt in HEADLINE_COLUMNS))
     return table
