@@ -293,6 +293,81 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
     assert {f.name for f in config_fields()} <= flags  # every option of the config file is also a flag
 
 
+#: The flags of each command that are not fields of its settings dataclass(es).
+COMMAND_ONLY_FLAGS = {
+    "train": {"--config"},
+    "demo": {"--quick", "--fresh"},
+    "eval": {"--model", "--out", "--window", "--sink", "--dtype"},
+    "sweep": {"--config"},
+    "bench": {"--groups", "--quick", "--out", "--rounds", "--clock"},
+    "calibrate": set(),
+}
+
+
+def test_every_command_takes_its_flags_from_its_settings_dataclass():
+    import typer
+
+    from aha.benchmarking import BenchConfig
+    from aha.cli.bench import CalibrateSettings
+    from aha.cli.eval import SWEEP_RECIPE_HELP, SweepSettings
+    from aha.cli.options import flags
+    from aha.evaluation import EvalSettings
+    from aha.recipes.demo import DemoSettings
+
+    settings = {
+        "train": flags(TrainConfig),
+        "demo": flags(DemoSettings),
+        "eval": flags(EvalSettings),
+        "sweep": flags(SweepSettings) + flags(TrainConfig, only=SWEEP_RECIPE_HELP, help=SWEEP_RECIPE_HELP),
+        "bench": flags(BenchConfig),
+        "calibrate": flags(CalibrateSettings),
+    }
+    assert {f.name for f in settings["train"]} == {f.name for f in config_fields()}
+    commands = typer.main.get_command(app).commands
+    for name, generated in settings.items():
+        params = [p for p in commands[name].params if p.name != "help"]
+        options = {opt for p in params for opt in p.opts if opt.startswith("--")}
+        assert options == {f.flag for f in generated} | COMMAND_ONLY_FLAGS[name], name
+        shown = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "300"}).output
+        assert all(flag in shown for flag in options), name
+        for flag in generated:  # help from the field, the default from the dataclass
+            (param,) = [p for p in params if flag.flag in p.opts]
+            assert param.help.startswith(flag.help) and param.default is None, (name, flag.flag)
+            if flag.default is not None:
+                assert param.help.endswith(")") and "(default: " in param.help, (name, flag.flag)
+    assert {f.flag: f.name for f in settings["bench"]}["--n"] == "seq_lens"
+    assert "--no-progress" in commands["train"].params[-1].secondary_opts
+
+
+def test_generated_flags_parse_lists_and_leave_absent_flags_to_the_settings(monkeypatch):
+    from aha.benchmarking import BenchConfig
+
+    captured = []
+    monkeypatch.setattr("aha.recipes.demo.run_demo", captured.append)
+    runner = CliRunner()
+    done = runner.invoke(app, ["demo", "--quick", "--data", "a,b", "--data", "c", "--steps", "5", "--out", "somewhere"])
+    assert done.exit_code == 0, done.output
+    (quick,) = captured
+    assert (quick.data, quick.steps, quick.out, quick.quick) == (("a", "b", "c"), 5, "somewhere", True)
+    assert quick.window == 32  # not given: the quick preset's, not the full run's default
+    seen = []
+    monkeypatch.setattr("aha.benchmarking.run_benchmarks", lambda config, groups: seen.append((config, groups)) or 1 / 0)
+    argv = ["bench", "--quick", "--groups", "kernels,model", "--n", "64", "--n", "128,256", "--model-global-heads", "learned"]
+    assert isinstance(runner.invoke(app, argv).exception, ZeroDivisionError)
+    ((config, groups),), quick_config = seen, BenchConfig.quick_config()
+    assert (config.seq_lens, config.model_global_heads, groups) == ([64, 128, 256], None, ["kernels", "model"])
+    assert (config.rhos, config.memory_len) == (quick_config.rhos, quick_config.memory_len)
+    for argv, message in (
+        (["bench", "--n", "1024,many"], "--n takes comma-separated integers"),
+        (["bench", "--rho", ","], "--rho needs at least one value"),
+        (["bench", "--model-global-heads", "some"], "--model-global-heads"),
+        (["eval", "--modes", "full,fast"], "--modes got 'fast'; choose from full, local, aha"),
+    ):
+        failed = runner.invoke(app, argv)
+        text = " ".join(failed.output.replace("│", " ").split())
+        assert failed.exit_code == 2 and message in text, (argv, text)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """``accelerate launch`` with 2 CPU processes (gloo) == 1 process, same global batch of 4 sequences."""

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from aha._fields import option
 from aha.benchmarking.timing import TimingPolicy
 
 SCHEMA = "aha-bench/1"
@@ -55,27 +56,31 @@ class BenchConfig:
     """
 
     quick: bool = False
-    threads: int = 2
+    threads: int = option("torch threads (the targets are stated for 2).", default=2)
     timing: TimingPolicy = field(default_factory=TimingPolicy)
-    batch: int = 1
-    heads: int = 8
-    kv_heads: int = 8
+    batch: int = option("Batch size of the kernel shapes.", default=1)
+    heads: int = option("Query heads of the kernel shapes.", default=8)
+    kv_heads: int = option("KV heads of the kernel shapes (fewer = GQA).", default=8)
     head_dim: int = 64
-    seq_lens: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
-    rhos: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.07, 0.1, 0.3, 0.5, 1.0])
-    windows: list[int] = field(default_factory=lambda: [256])
-    sink: int = 0
-    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
-    impls: list[str] = field(default_factory=lambda: ["auto"])
-    train_seq_lens: list[int] = field(default_factory=lambda: [1024, 4096])
+    seq_lens: list[int] = option("Prefill sequence lengths, e.g. 1024,4096,16384.", "--n", default_factory=lambda: [1024, 4096, 16384])
+    rhos: list[float] = option("Global fractions, e.g. 0,0.07,1.", "--rho", default_factory=lambda: [0.0, 0.05, 0.07, 0.1, 0.3, 0.5, 1.0])
+    windows: list[int] = option("Local windows, e.g. 256.", "--window", default_factory=lambda: [256])
+    sink: int = option("Attention-sink keys local queries also see.", default=0)
+    dtypes: list[str] = option("float32,bfloat16,float16.", "--dtype", default_factory=lambda: ["float32", "bfloat16"])
+    impls: list[str] = option("AHA implementations to time, e.g. auto,cpp,split.", "--impl", default_factory=lambda: ["auto"])
+    train_seq_lens: list[int] = option("Sequence lengths of the forward+backward section.", "--train-n", default_factory=lambda: [1024, 4096])
     train_rhos: list[float] = field(default_factory=lambda: [0.0, 0.07, 0.3, 1.0])
-    decode_lens: list[int] = field(default_factory=lambda: [4096, 16384, 65536])
-    memory_len: int = 16384
-    parts: list[str] = field(default_factory=lambda: ["prefill", "train", "decode", "memory"])
+    decode_lens: list[int] = option("Cache lengths of the decode section.", "--decode-n", default_factory=lambda: [4096, 16384, 65536])
+    memory_len: int = option("Sequence length of the memory section.", "--memory-n", default=16384)
+    parts: list[str] = option("Kernel sections: prefill,train,decode,memory.", default_factory=lambda: ["prefill", "train", "decode", "memory"])
     seed: int = 0
-    model: str = "smollm2-135m"
-    model_seq_lens: list[int] = field(default_factory=lambda: [1024, 4096])
-    model_global_heads: int | None = 1
+    model: str = option("Model of the 'model' group: a name (smollm2-135m) or a folder.", default="smollm2-135m")
+    model_seq_lens: list[int] = option("Prompt lengths of the 'model' group, e.g. 1024,4096.", "--model-n", default_factory=lambda: [1024, 4096])
+    model_global_heads: int | None = option(
+        "'model' group routes: 'learned' (a trained AHA checkpoint) or N = the first N heads of every layer global.",
+        default=1,
+        parse=lambda text: None if text == "learned" else int(text),
+    )
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":

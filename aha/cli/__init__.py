@@ -1,4 +1,5 @@
-"""The ``aha`` command line. Each sub-command lives in its own module and registers itself here."""
+"""The ``aha`` command line. Each sub-command lives in its own module and registers itself here;
+its flags are generated from its settings dataclass (:mod:`aha.cli.options`)."""
 
 from __future__ import annotations
 

@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from aha._fields import option
 from aha.cli import app
+from aha.cli.options import config_file, flags, with_flags
+from aha.evaluation.run import EvalSettings, run_evaluation
+from aha.train.config import TrainConfig, load_config
 
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{flag} takes comma-separated integers, e.g. 512,1024, got {text!r}") from None
-    if not values:
-        raise typer.BadParameter(f"{flag} needs at least one value")
-    return values
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{flag} takes comma-separated numbers, e.g. 0.1,0.5,0.9, got {text!r}") from None
-    if not values:
-        raise typer.BadParameter(f"{flag} needs at least one value")
-    return values
-
-
-def _words(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def load_routed_model(model_name: str, window: int | None, dtype: str, sink: int | None = None):
@@ -68,23 +50,14 @@ def load_routed_model(model_name: str, window: int | None, dtype: str, sink: int
 
 
 @app.command("eval")
+@with_flags(flags(EvalSettings))
 def eval_command(
     model: Annotated[str, typer.Option(help="AHA model folder (e.g. a training run's final model), or a plain model with --window")] = "smollm2-135m",
     out: Annotated[Path, typer.Option(help="report folder: eval.json, PNG plots, token_view.html")] = Path("report/eval"),
     window: Annotated[int | None, typer.Option(help="convert a plain model at this window (open routers)")] = None,
     sink: Annotated[int | None, typer.Option(help="with --window: local heads also see the first N keys (attention sink)")] = None,
-    tasks: Annotated[str, typer.Option(help="comma-separated: perplexity, passkey")] = "perplexity,passkey",
-    modes: Annotated[str, typer.Option(help="comma-separated routing modes: full, local, aha")] = "full,local,aha",
-    data: Annotated[list[str], typer.Option(help="held-out data spec(s), as for `aha train --data` (repeatable)")] = ["default"],  # noqa: B006
-    heldout_fraction: Annotated[float, typer.Option(help="held-out share of documents; use the training run's value")] = 0.1,
-    seq_len: Annotated[int, typer.Option(help="tokens per held-out sequence")] = 1024,
-    max_sequences: Annotated[int, typer.Option(help="held-out sequences scored (evenly spaced over the corpora)")] = 16,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 1,
-    passkey_lengths: Annotated[str, typer.Option(help="passkey prompt lengths in tokens")] = "512,1024,2048,4096",
-    passkey_depths: Annotated[str, typer.Option(help="needle depths in [0, 1] (0 = start of the haystack, 1 = right before the question)")] = "0.1,0.5,1.0",
-    passkey_trials: Annotated[int, typer.Option(help="prompts per (length, depth)")] = 1,
-    seed: Annotated[int, typer.Option(help="seed of passkeys and haystack starts")] = 0,
     dtype: Annotated[str, typer.Option(help="weight dtype: float32, bfloat16 or float16")] = "float32",
+    **given: Any,
 ) -> None:
     """Perplexity, passkey retrieval and routing of an AHA model vs full attention vs sliding window.
 
@@ -95,23 +68,10 @@ def eval_command(
     """
     from rich.console import Console
 
-    from aha.evaluation.run import EvalSettings, run_evaluation
     from aha.report.tables import passkey_table, perplexity_table, position_table
 
     try:
-        settings = EvalSettings(
-            tasks=_words(tasks),
-            modes=_words(modes),
-            data=data,
-            heldout_fraction=heldout_fraction,
-            seq_len=seq_len,
-            max_sequences=max_sequences,
-            batch_size=batch_size,
-            passkey_lengths=_ints(passkey_lengths, "--passkey-lengths"),
-            passkey_depths=_floats(passkey_depths, "--passkey-depths"),
-            passkey_trials=passkey_trials,
-            seed=seed,
-        )
+        settings = EvalSettings(**given)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     routed, tokenizer = load_routed_model(model, window, dtype, sink)
@@ -158,21 +118,34 @@ def lm_eval_command(ctx: typer.Context) -> None:
         )
 
 
+@dataclass
+class SweepSettings:
+    """The sweep's own options (:func:`aha.recipes.sweep.run_sweep`); the recipe is a :class:`TrainConfig`."""
+
+    windows: Sequence[int] = option("comma-separated local windows", default=(16, 32, 64, 128, 256, 512, 1024))
+    out: str = option("sweep folder: one training run per window, sweep.json, long_tail.png", default="runs/sweep")
+    eval_sequences: int = option("held-out sequences scored per window (the same for every window)", default=16)
+    eval_seq_len: int | None = option("their length (default: the training seq-len)", default=None)
+
+
+#: The training options ``aha sweep`` takes as flags, with what each means in a sweep.
+SWEEP_RECIPE_HELP = {
+    "model": "base model (the --config recipe's, if it names one)",
+    "data": "training data spec(s), as for `aha train --data` (repeatable or comma-separated)",
+    "steps": "optimizer steps per window",
+    "seq_len": "tokens per training sequence",
+    "lambda_init": "fixed sparsity weight lambda, the same for every window",
+    "router_lr": "router learning rate (short runs need a high one to move open routers)",
+    "grad_accum": "micro-batches per optimizer step",
+    "checkpoint_every": "checkpoint every N steps (interrupted windows resume from the last one)",
+}
+
+
 @app.command("sweep")
+@with_flags(flags(SweepSettings), flags(TrainConfig, only=SWEEP_RECIPE_HELP, help=SWEEP_RECIPE_HELP))
 def sweep_command(
-    windows: Annotated[str, typer.Option(help="comma-separated local windows")] = "16,32,64,128,256,512,1024",
-    out: Annotated[Path, typer.Option(help="sweep folder: one training run per window, sweep.json, long_tail.png")] = Path("runs/sweep"),
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="training recipe: a YAML/TOML file of `aha train` options", exists=True, dir_okay=False)] = None,
-    model: Annotated[str | None, typer.Option(help="base model (default: the recipe's, else smollm2-135m)")] = None,
-    data: Annotated[list[str] | None, typer.Option(help="training data spec(s), as for `aha train --data` (repeatable)")] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer steps per window")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="tokens per training sequence")] = None,
-    lambda_init: Annotated[float | None, typer.Option(help="fixed sparsity weight lambda, the same for every window")] = None,
-    router_lr: Annotated[float | None, typer.Option(help="router learning rate (short runs need a high one to move open routers)")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per optimizer step")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (interrupted windows resume from the last one)")] = None,
-    eval_sequences: Annotated[int, typer.Option(help="held-out sequences scored per window (the same for every window)")] = 16,
-    eval_seq_len: Annotated[int | None, typer.Option(help="their length (default: the training seq-len)")] = None,
+    config: Annotated[Path | None, config_file("training recipe: a YAML/TOML file of `aha train` options")] = None,
+    **given: Any,
 ) -> None:
     """Window sweep: train and evaluate one routed model per window, plot the long-tail curve.
 
@@ -185,16 +158,12 @@ def sweep_command(
     from rich.table import Table
 
     from aha.recipes.sweep import run_sweep
-    from aha.train import load_config
 
-    overrides = {
-        "model": model, "data": data or None, "steps": steps, "seq_len": seq_len,
-        "lambda_init": lambda_init, "router_lr": router_lr, "grad_accum": grad_accum, "checkpoint_every": checkpoint_every,
-    }
+    sweep = SweepSettings(**{k: v for k, v in given.items() if k not in SWEEP_RECIPE_HELP})
     try:
-        recipe = load_config(config, overrides)
-        result = run_sweep(recipe, _ints(windows, "--windows"), out, eval_sequences=eval_sequences,
-                           eval_seq_len=eval_seq_len, log=Console(stderr=True).print)
+        recipe = load_config(config, {k: v for k, v in given.items() if k in SWEEP_RECIPE_HELP})
+        result = run_sweep(recipe, sweep.windows, sweep.out, eval_sequences=sweep.eval_sequences,
+                           eval_seq_len=sweep.eval_seq_len, log=Console(stderr=True).print)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     table = Table(title=f"Window sweep: {recipe.model}, {recipe.steps} steps per window, lambda {recipe.lambda_init:g}")

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 import torch
 
 import aha
+from aha._fields import option
 from aha.data import build_datasets
 from aha.data.passkey import PasskeyPromptBuilder
 from aha.evaluation.passkey import (
@@ -72,17 +73,19 @@ class EvalSettings:
         seed: passkeys and haystack starts.
     """
 
-    tasks: Sequence[Task] = TASKS
-    modes: Sequence[RoutingMode] = MODES
-    data: Sequence[str] = ("default",)
-    heldout_fraction: float = 0.1
-    seq_len: int = 1024
-    max_sequences: int = 16
-    batch_size: int = 1
-    passkey_lengths: Sequence[int] = DEFAULT_CONTEXT_LENGTHS
-    passkey_depths: Sequence[float] = DEFAULT_DEPTHS
-    passkey_trials: int = 1
-    seed: int = 0
+    tasks: Sequence[Task] = option("comma-separated: perplexity, passkey", default=TASKS)
+    modes: Sequence[RoutingMode] = option("comma-separated routing modes: full, local, aha", default=MODES)
+    data: Sequence[str] = option("held-out data spec(s), as for `aha train --data` (repeatable or comma-separated)", default=("default",))
+    heldout_fraction: float = option("held-out share of documents; use the training run's value", default=0.1)
+    seq_len: int = option("tokens per held-out sequence", default=1024)
+    max_sequences: int = option("held-out sequences scored (evenly spaced over the corpora)", default=16)
+    batch_size: int = option("sequences per forward pass", default=1)
+    passkey_lengths: Sequence[int] = option("passkey prompt lengths in tokens", default=DEFAULT_CONTEXT_LENGTHS)
+    passkey_depths: Sequence[float] = option(
+        "needle depths in [0, 1] (0 = start of the haystack, 1 = right before the question)", default=DEFAULT_DEPTHS
+    )
+    passkey_trials: int = option("prompts per (length, depth)", default=1)
+    seed: int = option("seed of passkeys and haystack starts", default=0)
 
     def __post_init__(self) -> None:
         unknown = [task for task in self.tasks if task not in TASKS]

@@ -34,6 +34,7 @@ from rich.console import Console
 
 import aha
 from aha._cache import write_text_atomically
+from aha._fields import option
 from aha.benchmarking import BenchConfig
 from aha.benchmarking.model import measure_model
 from aha.benchmarking.timing import TimingPolicy
@@ -75,13 +76,13 @@ class DemoSettings:
         out: the report folder.
     """
 
-    model: str = "smollm2-135m"
-    data: Sequence[str] = ("default",)
+    model: str = option("Model name (smollm2-135m) or local HF folder.", default="smollm2-135m")
+    data: Sequence[str] = option("Comma-separated data specs: corpus names, files, folders, hf:<dataset>.", default=("default",))
     window: int = routing_field("window", default=128)
     sink: int = routing_field("sink", default=1)
-    seq_len: int = 512
-    steps: int = 120
-    target_global: float = 0.2
+    seq_len: int = option("Training and evaluation sequence length.", default=512)
+    steps: int = option("Fine-tuning steps (more steps: better routing).", default=120)
+    target_global: float = option("Target global fraction of (token, head) pairs.", default=0.2)
     distill: float = 1.0
     lr: float = 5e-5
     router_lr: float = 1e-2
@@ -91,7 +92,7 @@ class DemoSettings:
     passkey_depths: Sequence[float] = (0.1, 0.5, 1.0)
     speed_seq_len: int = 4096
     speed_rounds: int = 3
-    out: str = "report"
+    out: str = option("Report folder (re-running with the same settings resumes).", default="report")
     quick: bool = False
 
     @classmethod

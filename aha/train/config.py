@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import tomllib
 import yaml
 
+from aha._fields import option
 from aha.hf.settings import (
     AhaSettings,
     routing_field,
@@ -31,77 +32,73 @@ ForcedRouting = Literal["global", "local"]
 RESUME_MUTABLE_FIELDS = frozenset({"out", "eval_every", "eval_sequences", "checkpoint_every", "keep_checkpoints", "progress"})
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
-
 def _finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (see each field's help, also shown by ``aha train --help``)."""
 
     # model and routing
-    model: str = _help("model name (e.g. smollm2-135m) or path, loaded with aha.load_model", default="smollm2-135m")
+    model: str = option("model name (e.g. smollm2-135m) or path, loaded with aha.load_model", default="smollm2-135m")
     window: int = routing_field("window")
     sink: int = routing_field("sink")
     threshold: float = routing_field("threshold")
     router_init: RouterInit = routing_field("router_init")
-    open_router_bias: float = _help(
+    open_router_bias: float = option(
         "bias of freshly converted open routers; any value > 0 starts every head global, and a small one "
         "(sigmoid(1) = 0.73) lets routes move within a short fine-tune, where aha.OPEN_BIAS = 4 takes hundreds of steps",
         default=1.0,
     )
-    force_routing: ForcedRouting | None = _help(
+    force_routing: ForcedRouting | None = option(
         "train a baseline with routing fixed ('global' = the un-routed model fine-tuned the same way); routers are frozen", default=None
     )
     # what trains
-    trainable: Trainable = _help(
+    trainable: Trainable = option(
         "what trains: 'all' parameters (router-only training tends to collapse to all-local), 'routers' only, "
         "or 'lora' (routers + LoRA adapters on the k/v/o and MLP projections)",
         default="all",
     )
-    lora_rank: int = _help("LoRA rank (trainable='lora')", default=16)
-    lora_alpha: float = _help("LoRA alpha (trainable='lora')", default=32.0)
+    lora_rank: int = option("LoRA rank (trainable='lora')", default=16)
+    lora_alpha: float = option("LoRA alpha (trainable='lora')", default=32.0)
     # data
-    data: list[str] = _help("data specs: built-in corpus names, 'default', files, folders, or hf:<dataset>[:split]", default_factory=lambda: ["default"])
-    text_field: str = _help("text key of JSONL rows / datasets columns", default="text")
-    heldout_fraction: float = _help("share of documents held out (by a hash of the document id)", default=0.1)
-    min_doc_tokens: int = _help("skip documents shorter than this many tokens", default=2)
-    seq_len: int = _help("tokens per training sequence (one document per sequence, right-padded)", default=1024)
-    passkey_mix: float = _help(
+    data: list[str] = option("data specs: built-in corpus names, 'default', files, folders, or hf:<dataset>[:split]", default_factory=lambda: ["default"])
+    text_field: str = option("text key of JSONL rows / datasets columns", default="text")
+    heldout_fraction: float = option("share of documents held out (by a hash of the document id)", default=0.1)
+    min_doc_tokens: int = option("skip documents shorter than this many tokens", default=2)
+    seq_len: int = option("tokens per training sequence (one document per sequence, right-padded)", default=1024)
+    passkey_mix: float = option(
         "share of training sequences replaced by answered passkey prompts (haystack from the training data) "
         "so routers learn to go global where an answer needs a token beyond the window (0 = off)",
         default=0.0,
     )
     # objective
-    lambda_init: float = _help("sparsity weight lambda on mean(g_soft); with --target-global it is the controller's start", default=3e-4)
-    target_global: float | None = _help("target global fraction; lambda adapts to meet it (e.g. 0.07)", default=None)
-    lambda_lr: float = _help("budget controller's integral rate on log(lambda) per step (see LambdaController)", default=0.1)
-    lambda_gain: float = _help("budget controller's proportional gain on log(lambda) (damps overshoot)", default=5.0)
-    target_ramp: float = _help("share of the steps over which the target falls linearly from 1 to --target-global", default=0.3)
-    distill: float = _help("weight of KL(teacher || student) to the frozen original model's logits (0 = off)", default=0.0)
-    distill_temperature: float = _help("softmax temperature of the distillation term", default=1.0)
+    lambda_init: float = option("sparsity weight lambda on mean(g_soft); with --target-global it is the controller's start", default=3e-4)
+    target_global: float | None = option("target global fraction; lambda adapts to meet it (e.g. 0.07)", default=None)
+    lambda_lr: float = option("budget controller's integral rate on log(lambda) per step (see LambdaController)", default=0.1)
+    lambda_gain: float = option("budget controller's proportional gain on log(lambda) (damps overshoot)", default=5.0)
+    target_ramp: float = option("share of the steps over which the target falls linearly from 1 to --target-global", default=0.3)
+    distill: float = option("weight of KL(teacher || student) to the frozen original model's logits (0 = off)", default=0.0)
+    distill_temperature: float = option("softmax temperature of the distillation term", default=1.0)
     # optimisation
-    steps: int = _help("optimizer steps", default=200)
-    batch_size: int = _help("sequences per process per micro-batch", default=1)
-    grad_accum: int = _help("micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)", default=8)
-    lr: float = _help("peak learning rate of the model's parameters (or LoRA adapters)", default=5e-5)
-    router_lr: float = _help("peak learning rate of the router parameters", default=1e-2)
-    weight_decay: float = _help("AdamW weight decay (not applied to routers)", default=0.0)
-    warmup_steps: int = _help("linear warmup steps before the cosine decay", default=10)
-    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
-    precision: Precision = _help("'auto' = bf16 autocast on GPUs that support it, else fp32", default="auto")
-    seed: int = _help("seed of initialisation, data order and RNG", default=0)
+    steps: int = option("optimizer steps", default=200)
+    batch_size: int = option("sequences per process per micro-batch", default=1)
+    grad_accum: int = option("micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)", default=8)
+    lr: float = option("peak learning rate of the model's parameters (or LoRA adapters)", default=5e-5)
+    router_lr: float = option("peak learning rate of the router parameters", default=1e-2)
+    weight_decay: float = option("AdamW weight decay (not applied to routers)", default=0.0)
+    warmup_steps: int = option("linear warmup steps before the cosine decay", default=10)
+    max_grad_norm: float = option("gradient clipping norm (0 = off)", default=1.0)
+    precision: Precision = option("'auto' = bf16 autocast on GPUs that support it, else fp32", default="auto")
+    seed: int = option("seed of initialisation, data order and RNG", default=0)
     # bookkeeping
-    out: str = _help("output folder: checkpoints, metrics.jsonl, the final model", default="runs/aha-train")
-    checkpoint_every: int = _help("save a checkpoint every N steps (0 = only at the end)", default=50)
-    keep_checkpoints: int = _help("checkpoints kept (oldest deleted first)", default=2)
-    eval_every: int = _help("held-out perplexity every N steps (0 = only at the end, -1 = never)", default=0)
-    eval_sequences: int = _help("held-out sequences per evaluation", default=32)
-    progress: bool = _help("show a progress bar", default=True)
+    out: str = option("output folder: checkpoints, metrics.jsonl, the final model", default="runs/aha-train")
+    checkpoint_every: int = option("save a checkpoint every N steps (0 = only at the end)", default=50)
+    keep_checkpoints: int = option("checkpoints kept (oldest deleted first)", default=2)
+    eval_every: int = option("held-out perplexity every N steps (0 = only at the end, -1 = never)", default=0)
+    eval_sequences: int = option("held-out sequences per evaluation", default=32)
+    progress: bool = option("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
         problems = []
