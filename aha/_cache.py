@@ -16,7 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
@@ -31,13 +32,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "aha").expanduser()
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a private temporary sibling and a rename: readers see the
-    old file or the whole new one, never a torn write."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A private temporary sibling of ``path`` to write; when the block ends without error it replaces
+    ``path`` in one rename (readers see the old file or the whole new one, never a torn write), and
+    it is removed when the block fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    partial = Path(name)
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as partial:
+        partial.write_text(text)
 
 
 def sha256_file(path: Path) -> str:

@@ -26,7 +26,7 @@ def route_from_logits(
     Args:
         logits: ``[batch, heads, seq]`` router logits.
         threshold: a pair is global when ``sigmoid(logit) > threshold``.
-        straight_through: return the STE gate ``g_hard + g_soft - g_soft.detach()`` (float,
+        straight_through: return the STE gate ``g_hard + (g_soft - g_soft.detach())`` (float,
             exactly 0/1 in the forward pass, sigmoid gradient in the backward pass) instead of
             a bool route. Use it when training.
 
@@ -40,7 +40,9 @@ def route_from_logits(
     hard = g_soft > threshold
     if not straight_through:
         return hard, g_soft
-    return hard.to(g_soft.dtype) + g_soft - g_soft.detach(), g_soft
+    # hard + (g - g.detach()), not (hard + g) - g: the forward value is then exactly 0 or 1 (the
+    # attention op relies on it, see route_is_binary), where rounding of hard + g could leave 1 - 2**-24
+    return hard.to(g_soft.dtype) + (g_soft - g_soft.detach()), g_soft
 
 
 class Router(nn.Module):

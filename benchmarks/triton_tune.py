@@ -1,4 +1,4 @@
-"""Sweep the launch configuration of ``impl="triton"`` (aha.kernels.triton_prefill) on a CUDA GPU.
+"""Sweep the launch configuration of ``impl="triton"`` (aha.kernels.triton.prefill) on a CUDA GPU.
 
 bf16, B=1, 8 heads, head_dim 64, w=256, rho=0.07 at n = 16384 and 65536, against SDPA causal in
 the same process, timed with ``triton.testing.do_bench`` (median). Stage 1 sweeps tile sizes and
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from aha import aha_attention
-from aha.kernels import triton_prefill
+from aha.kernels.triton import prefill as triton_prefill
 
 WINDOW, RHO, SEQ_LENS = 256, 0.07, (16384, 65536)
 SPLITTING = {"NUM_SPLITS": 8, "SPLIT_TILES": 16}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from kernel_support import cpp_microkernels
 
-from aha import aha_attention, choose_impl
+from aha import AhaInputError, aha_attention, choose_impl
 from aha.kernels import _cpp_build, cpp
 from aha.kernels._cpp_build import cpp_kernel_error
 
@@ -99,8 +99,12 @@ def test_padding_layouts(impl, layout, sink):
         kpm[1, 70:] = False
     if layout == "holes":
         kpm[1, 40:45] = False
-    assert (cpp.key_start(kpm, 2, q.device) is None) == (layout == "holes")  # holes fall back to split
     want = grads_of("reference", q, k, v, route, 9, kpm, sink)
+    if layout == "holes":  # the kernel takes contiguous real keys only: asked for, it says so; auto runs split
+        with pytest.raises(AhaInputError, match="holes"):
+            aha_attention(q, k, v, route, 9, impl=impl, key_padding_mask=kpm, sink=sink)
+        assert choose_impl(q, k, route, 9, kpm) == "split"
+        impl = "auto"
     got = grads_of(impl, q, k, v, route, 9, kpm, sink)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
@@ -114,11 +118,10 @@ def test_auto_uses_the_kernel_on_cpu():
     assert choose_impl(q.double(), k.double(), torch.rand(1, 2, 40) < 0.1, 8) == "split"
 
 
-@pytest.fixture(params=["kernel", "sdpa"])
-def decode_path(request, monkeypatch):
-    if request.param == "sdpa":
-        monkeypatch.setattr("aha.kernels.decode.cpp_supports", lambda *args: False)
-    elif not cpp.cpp_available():
+@pytest.fixture(params=["cpp", "decode"])
+def decode_path(request):
+    """The one-query step of the C++ kernel, or the SDPA decode path."""
+    if request.param == "cpp" and not cpp.cpp_available():
         pytest.skip("C++ kernel unavailable")
     return request.param
 
@@ -134,7 +137,7 @@ def test_decode_paths_match_reference(decode_path, dtype, tol, seq_kv, window, s
     kpm = torch.ones(2, seq_kv, dtype=torch.bool)
     kpm[1, : seq_kv // 3] = False
     expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
-    out = aha_attention(q, k, v, route, window, impl="decode", key_padding_mask=kpm, sink=sink)
+    out = aha_attention(q, k, v, route, window, impl=decode_path, key_padding_mask=kpm, sink=sink)
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 
 
@@ -142,20 +145,20 @@ def test_decode_never_reads_out_of_window_keys(decode_path):
     q = torch.randn(1, 4, 1, 16)
     k, v = torch.randn(2, 1, 2, 3000, 16)
     route = torch.tensor([[[False], [False], [True], [False]]])
-    out = aha_attention(q, k, v, route, 10, impl="decode")
+    out = aha_attention(q, k, v, route, 10, impl=decode_path)
     k[:, 0, :2990] = float("nan")  # KV head 0 serves query heads 0-1, both local
     v[:, 0, :2990] = float("nan")
-    torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl="decode"), out)
+    torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl=decode_path), out)
 
 
 def test_decode_with_sink_reads_only_the_sink_and_window_keys(decode_path):
     q = torch.randn(1, 4, 1, 16)
     k, v = torch.randn(2, 1, 2, 3000, 16)
     route = torch.tensor([[[False], [False], [True], [False]]])
-    out = aha_attention(q, k, v, route, 10, impl="decode", sink=2)
+    out = aha_attention(q, k, v, route, 10, impl=decode_path, sink=2)
     k[:, 0, 2:2990] = float("nan")  # KV head 0 serves query heads 0-1, both local
     v[:, 0, 2:2990] = float("nan")
-    torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl="decode", sink=2), out)
+    torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl=decode_path, sink=2), out)
     assert (out - aha_attention(q, k, v, route, 10, impl="decode")).abs().max() > 1e-4
 
 

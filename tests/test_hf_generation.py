@@ -7,6 +7,7 @@ from transformers import DynamicCache
 import aha
 import aha.kernels
 from aha.hf.testing import TINY, tiny_model
+from aha.kernels.dispatch import PRIORITY
 
 WINDOW = 5
 PROMPT = 12
@@ -51,18 +52,23 @@ def test_sampling_generation_with_cache_equals_generation_without():
 
 
 def test_decoding_runs_through_the_decode_path(monkeypatch):
+    """Generation steps reach the dispatcher as decode steps (one query against the whole cache) and
+    run on an implementation of the device's decode priority list."""
     calls = []
-    decode = aha.kernels.IMPLEMENTATIONS["decode"]
+    select = aha.kernels.select
 
-    def spy(q, k, v, route, *args):
-        calls.append((q.shape[2], k.shape[2]))
-        return decode(q, k, v, route, *args)
+    def spy(inputs, impl="auto"):
+        chosen = select(inputs, impl)
+        if inputs.decode_step:
+            calls.append((inputs.k.shape[2], chosen.name))
+        return chosen
 
-    monkeypatch.setitem(aha.kernels.IMPLEMENTATIONS, "decode", spy)
+    monkeypatch.setattr(aha.kernels, "select", spy)
     model = routed_model()
     model.generate(tokens(), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     layers = TINY["num_hidden_layers"]
-    assert calls == [(1, PROMPT + step) for step in (1, 2) for _ in range(layers)]
+    assert [length for length, _ in calls] == [PROMPT + step for step in (1, 2) for _ in range(layers)]
+    assert {name for _, name in calls} <= set(PRIORITY["cpu", "decode"])
 
 
 def test_chunked_prefill_equals_one_shot_prefill():

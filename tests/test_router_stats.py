@@ -27,6 +27,14 @@ def test_straight_through_gate_is_binary_forward_sigmoid_backward():
     torch.testing.assert_close(logits.grad, (g_soft * (1 - g_soft)).detach())
 
 
+def test_straight_through_gate_is_exactly_zero_or_one_for_every_logit():
+    """The attention op takes the STE gate as binary without reading it (route_is_binary); with
+    (g_hard + g_soft) - g_soft rounding left 1 - 2**-24 for about one logit in eight."""
+    logits = torch.randn(2, 9, 4096, generator=torch.Generator().manual_seed(0)) * 3
+    gate, _ = route_from_logits(logits.requires_grad_(True), straight_through=True)
+    assert bool(((gate == 0) | (gate == 1)).all())
+
+
 def test_threshold_polarity():
     logits = torch.logit(torch.tensor([[[0.2, 0.6, 0.9]]]))
     assert route_from_logits(logits, threshold=0.7)[0].tolist() == [[[False, False, True]]]

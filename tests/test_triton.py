@@ -11,11 +11,18 @@ import torch
 from aha import AhaInputError, aha_attention
 
 pytest.importorskip("triton")
-from triton_support import DEVICE, TOLERANCE, left_padding, needs_a_triton_device, random_inputs  # noqa: E402
+from triton_support import (
+    DEVICE,
+    TOLERANCE,
+    left_padding,
+    needs_a_triton_device,
+    random_inputs,
+)
 
-from aha.kernels import choose_impl, triton_prefill  # noqa: E402
-from aha.kernels.cpp import key_start  # noqa: E402
-from aha.kernels.triton_decode import triton_decode  # noqa: E402
+from aha.kernels import KeyPadding, choose_impl
+from aha.kernels.masks import key_start
+from aha.kernels.triton import prefill as triton_prefill
+from aha.kernels.triton.decode import triton_decode
 
 pytestmark = needs_a_triton_device
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -91,7 +98,7 @@ def test_a_padding_mask_with_holes_names_the_fix():
     route = torch.rand(1, 2, 64, device=DEVICE) < 0.5
     holes = torch.ones(1, 64, dtype=torch.bool, device=DEVICE)
     holes[0, 10] = False
-    with pytest.raises(AhaInputError, match="contiguous run.*flex"):
+    with pytest.raises(AhaInputError, match="holes.*flex"):
         aha_attention(q, k, v, route, 8, impl="triton", key_padding_mask=holes)
 
 
@@ -105,7 +112,7 @@ def test_triton_decode_matches_reference_and_reads_only_the_sink_and_window(dtyp
     q, k, v = random_inputs(batch, q_heads, kv_heads, 1, seq_kv, dtype)
     route = torch.rand(batch, q_heads, 1, device=DEVICE) < 0.3
     kpm = left_padding(batch, seq_kv, [seq_kv - seq_kv // 3] + [seq_kv] * (batch - 1))
-    first_key = key_start(kpm, batch, q.device)
+    first_key = key_start(KeyPadding.of(kpm), batch, q.device)
     scale = 64**-0.5
 
     def decode(k, v, route):
@@ -115,7 +122,7 @@ def test_triton_decode_matches_reference_and_reads_only_the_sink_and_window(dtyp
     expected = aha_attention(q, k, v, route, window, impl="reference", key_padding_mask=kpm, sink=sink)
     torch.testing.assert_close(decode(k, v, route), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     if DEVICE == "cuda":  # where the dispatcher itself picks this kernel
-        assert choose_impl(q, k, route, window, kpm) == "decode"
+        assert choose_impl(q, k, route, window, kpm) == "triton"
         dispatched = aha_attention(q, k, v, route, window, key_padding_mask=kpm, sink=sink)
         torch.testing.assert_close(dispatched, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     local_only = torch.zeros_like(route)
@@ -124,3 +131,16 @@ def test_triton_decode_matches_reference_and_reads_only_the_sink_and_window(dtyp
         k_poisoned[row, :, first + sink : seq_kv - window] = float("nan")
         v_poisoned[row, :, first + sink : seq_kv - window] = float("nan")
     torch.testing.assert_close(decode(k_poisoned, v_poisoned, local_only), decode(k, v, local_only), atol=0, rtol=0)
+
+
+def test_triton_ops_pass_opcheck():
+    """Schema, fake kernels and the registered backward of the Triton ops (what torch.compile relies on)."""
+    q, k, v = random_inputs(1, 2, 1, 40, 40, dim=16)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    route = torch.rand(1, 2, 40, device=DEVICE) < 0.3
+    first_key = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.aha.triton_prefill.default, (q, k, v, route, first_key, 8, 1, 0.25), test_utils=checks)
+    with torch.no_grad():
+        step = (q[:, :, -1:].detach(), k.detach(), v.detach(), route[:, :, -1:], first_key, 8, 1, 0.25)
+        torch.library.opcheck(torch.ops.aha.triton_decode.default, step, test_utils=checks)

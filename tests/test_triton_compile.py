@@ -53,7 +53,8 @@ def compile_all() -> dict[str, str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from aha.kernels import triton_decode, triton_prefill
+    from aha.kernels.triton import decode as triton_decode
+    from aha.kernels.triton import prefill as triton_prefill
 
     tiles = {"BLOCK_M": triton_prefill.BLOCK_M, "BLOCK_N": triton_prefill.BLOCK_N}
     kernels = {

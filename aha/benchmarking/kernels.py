@@ -28,7 +28,6 @@ from torch import Tensor
 from aha.benchmarking import BenchConfig, Column, Section, register_group
 from aha.benchmarking.timing import Samples, measure_round_robin, median_ratio
 from aha.kernels import aha_attention, choose_impl
-from aha.kernels.cpp import cpp_available
 from aha.kernels.cpu_tuning import kernel_choice, microkernel_name
 from aha.stats import ideal_cost_ratio
 
@@ -145,14 +144,14 @@ def _routed_rows(cfg: BenchConfig, bench: str, seq_lens: list[int], rhos: list[f
     return rows
 
 
-def kernel_label(impl: str, dtype: torch.dtype) -> str:
+def kernel_label(impl: str, dtype: torch.dtype, decode: bool = False) -> str:
     """What an implementation ran for ``dtype``: the C++ kernel's microkernel (e.g. ``onednn-amx-bf16``,
-    ``avx512-fp32 decode`` for its decode path), else ``-``."""
+    ``avx512-fp32 decode`` for its one-query path, which runs on the vector units), else ``-``."""
     name, _, forced = impl.partition(":")
+    if name == "cpp" and decode:
+        return f"{microkernel_name(dtype, 'vector')} decode"
     if name == "cpp":
         return microkernel_name(dtype, forced or kernel_choice(dtype).microkernel) or "-"
-    if name == "decode" and not torch.cuda.is_available() and cpp_available():
-        return f"{microkernel_name(dtype, 'vector')} decode"
     return "-"
 
 
@@ -223,7 +222,7 @@ def decode_section(cfg: BenchConfig) -> Section:
                     "sink": cfg.sink,
                     "dtype": dtype_name,
                     "impl": choose_impl(q, k, route, window),
-                    "microkernel": kernel_label(choose_impl(q, k, route, window), dtype),
+                    "microkernel": kernel_label(choose_impl(q, k, route, window), dtype, decode=True),
                     "us": samples["aha"].median * 1e6,
                     "global_head_us": samples["global_head"].median * 1e6,
                     "full_us": samples["full"].median * 1e6,

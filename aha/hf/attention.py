@@ -7,8 +7,10 @@ Importing :mod:`aha` registers two functions under the name ``"aha"``:
   layer's :class:`~aha.hf.projection.RoutedQueryProjection` recorded for the same tokens, turns
   them into routes and calls :func:`aha.aha_attention`. Layers left unconverted run all-global.
 * :func:`aha_key_padding_mask` in ``AttentionMaskInterface``: instead of a 4D causal mask, the
-  model then passes the attention function the ``[batch, kv_len]`` key padding mask (True = real
-  token) or None; causality and the window are applied inside :func:`aha.aha_attention`.
+  model then passes the attention function the key padding layout
+  (:class:`~aha.kernels.masks.KeyPadding`: the ``[batch, kv_len]`` mask, True = real token, with
+  its first real keys), built once per forward pass and shared by every layer, or None;
+  causality and the window are applied inside :func:`aha.aha_attention`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from transformers.masking_utils import (
 
 from aha.hf.projection import find_router
 from aha.hf.settings import AhaSettings
-from aha.kernels import AhaInputError, aha_attention
+from aha.kernels import AhaInputError, KeyPadding, aha_attention
 
 ATTN_IMPLEMENTATION = "aha"
 
@@ -41,14 +43,16 @@ def aha_key_padding_mask(
     mask_function: Callable = causal_mask_function,
     attention_mask: Tensor | None = None,
     **kwargs: Any,
-) -> Tensor | None:
-    """Mask builder for ``attn_implementation="aha"``: the key padding mask, or None.
+) -> KeyPadding | Tensor | None:
+    """Mask builder for ``attn_implementation="aha"``: the key padding layout, or None.
 
     Called by ``transformers.masking_utils.create_causal_mask`` with its usual arguments.
 
     Returns:
-        ``[batch, kv_length]`` bool, True = a real key (``attention_mask`` restricted to the keys
-        of this call), or None when nothing is padded.
+        The :class:`~aha.kernels.masks.KeyPadding` of ``attention_mask`` restricted to the keys of
+        this call (``[batch, kv_length]`` bool, True = a real key), read once here so that no layer
+        reads it again; None when nothing is padded. Inside ``torch.compile`` the plain mask
+        (the values cannot be read while tracing; the attention op reads them itself).
 
     Raises:
         AhaInputError: for masks AHA attention cannot express -- packed sequences (position ids
@@ -71,7 +75,16 @@ def aha_key_padding_mask(
         return None
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset : kv_offset + kv_length]
     padding = padding.to(torch.bool)
-    return None if bool(padding.all()) else padding
+    if torch.compiler.is_compiling():
+        return padding
+    return None if bool(padding.all()) else KeyPadding.of(padding)
+
+
+@torch.compiler.assume_constant_result  # a compiled model bakes them in (torch._dynamo.reset() after editing them)
+def _routing_settings(config: Any) -> tuple[int, int, float]:
+    """``(window, sink, threshold)`` of an AHA model's config (:meth:`AhaSettings.of`, parsed once)."""
+    settings = AhaSettings.of(config)
+    return settings.window, settings.sink, settings.threshold
 
 
 def aha_attention_forward(
@@ -92,7 +105,8 @@ def aha_attention_forward(
             unconverted run all-global).
         query: ``[batch, q_heads, seq_q, head_dim]`` (after RoPE).
         key, value: ``[batch, kv_heads, seq_kv, head_dim]`` (the whole cache when decoding).
-        attention_mask: ``[batch, seq_kv]`` bool key padding mask from :func:`aha_key_padding_mask`.
+        attention_mask: the key padding layout from :func:`aha_key_padding_mask` (or a
+            ``[batch, seq_kv]`` bool mask).
         scaling: softmax scale.
         dropout: attention dropout; must be 0 (AHA attention has none).
 
@@ -108,25 +122,26 @@ def aha_attention_forward(
         raise AhaInputError(
             f"AHA attention has no attention dropout (got {dropout}); set config.attention_dropout = 0.0"
         )
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if isinstance(attention_mask, Tensor) and attention_mask.dim() != 2:
         raise AhaInputError(
             f"AHA attention takes a 2D [batch, seq] padding mask, got a {attention_mask.dim()}D mask; pass the "
             "tokenizer's attention_mask instead of a prepared 4D mask"
         )
-    settings = AhaSettings.of(module.config)
+    window, sink, threshold = _routing_settings(module.config)
     router = find_router(module)
     if router is not None:
-        route = router.route(settings.threshold, straight_through=module.training)
+        route = router.route(threshold, straight_through=module.training)
     else:
         batch, heads, seq_q, _ = query.shape
         route = torch.ones(batch, heads, seq_q, dtype=torch.bool, device=query.device)
     output = aha_attention(
-        query, key, value, route, settings.window, scale=scaling, key_padding_mask=attention_mask,
-        sink=settings.sink,
+        query, key, value, route, window, scale=scaling, key_padding_mask=attention_mask,
+        sink=sink, route_is_binary=True,  # routes come from route_from_logits: bool or the 0/1 STE gate
     )
     if router is not None and router.route_observers:
         seq_q = query.shape[2]
-        valid = None if attention_mask is None else attention_mask[:, -seq_q:]
+        mask = attention_mask.mask if isinstance(attention_mask, KeyPadding) else attention_mask
+        valid = None if mask is None else mask[:, -seq_q:]
         for observer in router.route_observers:
             observer(route, key.shape[2] - seq_q, valid)
     return output.transpose(1, 2), None

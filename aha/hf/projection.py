@@ -65,7 +65,7 @@ class RoutedQueryProjection(nn.Linear):
 
         Returns:
             ``[batch, heads, seq]``: bool (True = global) or, with ``straight_through``, the
-            STE float gate ``g_hard + g_soft - g_soft.detach()`` (exactly 0/1 forward).
+            STE float gate ``g_hard + (g_soft - g_soft.detach())`` (exactly 0/1 forward).
         """
         if self.last_logits is None:
             raise RuntimeError("the router has not run yet: call the model's forward first")

@@ -1,7 +1,9 @@
 """Input validation shared by every attention implementation.
 
-Every public entry point calls :func:`check_inputs` once, so implementations can
-assume well-formed tensors and the error messages are the same everywhere.
+Every public entry point calls :func:`check_inputs` once (shapes, dtypes, devices: nothing that
+reads a tensor's values, so it also runs inside a compiled graph) and, in eager mode,
+:func:`check_route_values`, so implementations can assume well-formed tensors and the error
+messages are the same everywhere.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from aha.kernels.masks import KeyPadding
 
 
 class AhaInputError(ValueError):
@@ -22,7 +26,7 @@ def check_inputs(
     v: Tensor,
     route: Tensor,
     window: int,
-    key_padding_mask: Tensor | None = None,
+    key_padding_mask: Tensor | KeyPadding | None = None,
     sink: int = 0,
     scale: float | None = None,
 ) -> None:
@@ -34,7 +38,8 @@ def check_inputs(
             ``q_heads % kv_heads == 0``.
         route: ``[batch, q_heads, seq_q]``; bool (True = global) or a float gate in [0, 1].
         window: number of keys a local query sees, its own included; ``>= 1``.
-        key_padding_mask: optional ``[batch, seq_kv]`` bool, True = a real (attendable) key.
+        key_padding_mask: optional ``[batch, seq_kv]`` bool, True = a real (attendable) key, or
+            its :class:`~aha.kernels.masks.KeyPadding`.
         sink: attention-sink keys every local query also sees; ``>= 0``.
         scale: softmax scale, a finite number, or None for ``1 / sqrt(head_dim)``.
     """
@@ -89,20 +94,13 @@ def check_inputs(
         )
     if route.device != q.device:
         raise AhaInputError(f"route is on {route.device} but q is on {q.device}; move it with route.to(q.device)")
-    if route.dtype != torch.bool:
-        if not route.is_floating_point():
-            raise AhaInputError(
-                f"route must be bool (True = global) or a float gate in [0, 1], got {route.dtype}; "
-                "use route.bool() for hard routes"
-            )
-        r = route.detach()
-        if not torch.isfinite(r).all():
-            raise AhaInputError("route contains NaN or inf; gates must be finite values in [0, 1]")
-        if (r < 0).any() or (r > 1).any():
-            raise AhaInputError(
-                f"float route values must lie in [0, 1] (got min {r.min().item():.4g}, max {r.max().item():.4g}); "
-                "apply torch.sigmoid to router logits first"
-            )
+    if route.dtype != torch.bool and not route.is_floating_point():
+        raise AhaInputError(
+            f"route must be bool (True = global) or a float gate in [0, 1], got {route.dtype}; "
+            "use route.bool() for hard routes"
+        )
+    if isinstance(key_padding_mask, KeyPadding):
+        key_padding_mask = key_padding_mask.mask
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise AhaInputError("key_padding_mask must be a bool tensor [batch, seq_kv] (True = real key)")
@@ -113,6 +111,21 @@ def check_inputs(
             )
         if key_padding_mask.device != q.device:
             raise AhaInputError("key_padding_mask must be on the same device as q")
+
+
+def check_route_values(route: Tensor) -> None:
+    """A float gate must hold finite values in [0, 1] (reads the values: eager mode only; producers
+    that guarantee them, such as :func:`aha.route_from_logits`, skip this)."""
+    if route.dtype == torch.bool:
+        return
+    r = route.detach()
+    if not torch.isfinite(r).all():
+        raise AhaInputError("route contains NaN or inf; gates must be finite values in [0, 1]")
+    if (r < 0).any() or (r > 1).any():
+        raise AhaInputError(
+            f"float route values must lie in [0, 1] (got min {r.min().item():.4g}, max {r.max().item():.4g}); "
+            "apply torch.sigmoid to router logits first"
+        )
 
 
 def is_binary(route: Tensor) -> bool:

@@ -17,13 +17,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from aha._cache import cache_dir
+from aha._cache import atomic_file, cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "aha_cpu.cpp"
 
@@ -72,7 +71,8 @@ def build_variant(target: Path, arch: str, namespace: str) -> None:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found; install g++ or set CXX")
-    _compile(compiler, target, arch, namespace)
+    with atomic_file(target) as partial:
+        _compile(compiler, partial, arch, namespace)
 
 
 def library_path(compiler: str) -> Path:
@@ -87,10 +87,8 @@ def _build(compiler: str, target: Path) -> None:
     _log.warning("aha: compiling the C++ CPU attention kernel once (about 15 s) into %s", target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     # compile to a private name and rename: concurrent builders never load a half-written file
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
+    with atomic_file(target) as partial:
         _compile(compiler, partial)
-        os.replace(partial, target)
 
 
 def load_cpp_kernel() -> bool:
@@ -120,6 +118,9 @@ def load_cpp_kernel() -> bool:
                 target.unlink(missing_ok=True)
                 _build(compiler, target)
                 torch.ops.load_library(str(target))
+            from aha.kernels.ops import register_kernel_ops
+
+            register_kernel_ops("aha")
             _loaded = True
         except (OSError, RuntimeError) as exc:
             _error = f"{exc}\nInstall g++ >= 10 or set CXX; the pure-PyTorch paths are used meanwhile."

@@ -6,8 +6,11 @@ per (batch, head) the local and the global rows are each tiled in position order
 reads only the keys its rows need, and masking is inline on the boundary key blocks only. It
 never materialises a mask or a ``seq x seq`` score matrix; the backward recomputes the scores
 from the saved log-sum-exp. fp32, bf16 and fp16, GQA, a KV prefix longer than the queries, and
-left/right key padding are handled in the kernel; a padding mask with holes falls back to
-``split``. The library is compiled on first use (see :mod:`aha.kernels._cpp_build`).
+left/right key padding are handled in the kernel (a padding mask with holes is refused: the
+registry in :mod:`aha.kernels.dispatch` sends it to ``split``). The library is compiled on first
+use (see :mod:`aha.kernels._cpp_build`); its ops are registered with ``torch.library`` (fake
+kernels and autograd in :mod:`aha.kernels.ops`), so ``torch.compile`` and ``torch.export`` see
+them as single nodes.
 
 The GEMMs run on one of two microkernels behind one tile loop: hand-written AVX-512/AVX2 code
 (``vector``; bf16 multiplied as bf16 pairs with AVX512-BF16, else widened to fp32) or oneDNN's
@@ -23,57 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aha.kernels import nonfinite
-from aha.kernels._checks import AhaInputError
-from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
-from aha.kernels.cpu_tuning import KernelChoice, kernel_choice, microkernel_name
+from aha.kernels._cpp_build import load_cpp_kernel
+from aha.kernels.cpu_tuning import kernel_settings
 from aha.kernels.gating import apply_route_with_kernel
-from aha.kernels.reference import first_key
-from aha.kernels.split import split_attention
+from aha.kernels.masks import KeyPadding, key_start
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@torch.compiler.assume_constant_result  # a compiled graph bakes the answer in instead of tracing the build
 def cpp_available() -> bool:
     """True when the C++ kernel is built and loaded (building it on first call)."""
     return load_cpp_kernel()
-
-
-def key_start(key_padding_mask: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
-    """First real key per batch row ``[batch]`` int32, or None when a row's real keys are not
-    one contiguous run (the kernel needs ``False* True* False*``: left and/or right padding)."""
-    first = first_key(key_padding_mask, batch, device)
-    if key_padding_mask is not None:
-        count = key_padding_mask.sum(1)
-        positions = torch.arange(key_padding_mask.shape[1], device=device)
-        run = (positions >= first[:, None]) & (positions < (first + count)[:, None])
-        if not torch.equal(run, key_padding_mask):
-            return None
-    return first.to(torch.int32)
-
-
-def cpp_supports(q: Tensor, key_padding_mask: Tensor | None) -> bool:
-    """Whether the kernel itself (rather than the ``split`` fallback) computes these inputs."""
-    if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or not cpp_available():
-        return False
-    return key_padding_mask is None or key_start(key_padding_mask, q.shape[0], q.device) is not None
-
-
-class _KernelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, route, starts, window, sink, scale, settings):  # type: ignore[override]
-        out, lse, finite = torch.ops.aha.forward(q, k, v, route, starts, window, sink, scale, *settings)
-        ctx.save_for_backward(q, k, v, route, starts, out, lse)
-        ctx.window, ctx.sink, ctx.scale, ctx.settings = window, sink, scale, settings
-        ctx.mark_non_differentiable(finite)
-        return out, finite
-
-    @staticmethod
-    def backward(ctx, dout, _):  # type: ignore[override]
-        q, k, v, route, starts, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aha.backward(
-            dout, q, k, v, out, lse, route, starts, ctx.window, ctx.sink, ctx.scale, *ctx.settings
-        )
-        return dq, dk, dv, None, None, None, None, None, None
 
 
 def kernel_attention(
@@ -85,31 +49,26 @@ def kernel_attention(
     scale: float,
     starts: Tensor,
     sink: int = 0,
-    choice: KernelChoice | None = None,
-) -> tuple[Tensor, bool]:
+    microkernel: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """Run the kernel for a bool route ``[B, Hq, Sq]`` (True = global); differentiable in q, k, v.
 
     Shapes: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (last dim contiguous or copied),
-    ``starts`` ``[B]`` int32 first real key -> (out ``[B, Hq, Sq, D]``, whether every output
-    value is finite). A head_dim that is not a multiple of 16 is zero-padded (scores and the kept
-    output columns are unchanged). ``choice`` (default: :func:`~aha.kernels.cpu_tuning.kernel_choice`
-    for this dtype) picks the microkernel.
+    ``starts`` ``[B]`` int32 first real key -> (out ``[B, Hq, Sq, D]``, a 0-dim bool tensor: whether
+    every output value is finite). A head_dim that is not a multiple of 16 is zero-padded (scores
+    and the kept output columns are unchanged). ``microkernel`` (``"vector"`` / ``"onednn"``; default:
+    :func:`~aha.kernels.cpu_tuning.kernel_choice` for this dtype) picks the GEMM back end.
     """
-    choice = choice or kernel_choice(q.dtype)
-    if choice.microkernel == "onednn" and not torch.backends.mkldnn.enabled:
-        choice = KernelChoice()  # oneDNN switched off since the choice was measured: the built-in rule
-    settings = (*choice.tile_rows, choice.code)
+    settings = kernel_settings(q.dtype, microkernel)
     dim = q.shape[-1]
     pad = -dim % 16
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    hard = hard.contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, finite = _KernelFunction.apply(q, k, v, hard, starts, window, sink, scale, settings)
-    else:
-        out, _, finite = torch.ops.aha.forward(q, k, v, hard, starts, window, sink, scale, *settings)
-    return (out[..., :dim] if pad else out), bool(finite)
+    out, _, finite = torch.ops.aha.forward(
+        q, k, v, hard.contiguous(), starts, window, sink, scale, *settings
+    )
+    return (out[..., :dim] if pad else out), finite
 
 
 def cpp_attention(
@@ -119,40 +78,29 @@ def cpp_attention(
     route: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     sink: int = 0,
-    choice: KernelChoice | None = None,
+    microkernel: str | None = None,
+    binary: bool | None = None,
 ) -> Tensor:
     """AHA attention with the C++ kernel (see the module docstring); q ``[B, Hq, Sq, D]``,
-    k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` (True / g = 1 = global) -> ``[B, Hq, Sq, D]``.
-    ``choice`` forces a microkernel (default: the one measured fastest here for the dtype). When
-    the kernel reports a non-finite output value, the call is redone under the contract of
-    :mod:`aha.kernels.nonfinite`.
+    k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` (True / g = 1 = global), ``padding`` with
+    contiguous real keys per row -> ``[B, Hq, Sq, D]``. ``microkernel`` forces one (default:
+    the one measured fastest here for the dtype); ``binary`` as in :func:`~aha.kernels.gating.apply_route`.
 
-    Raises:
-        AhaInputError: the kernel is not built (the message says why), the inputs are not on CPU,
-            or the forced microkernel does not run this dtype here.
+    When the kernel reports a non-finite output value, the call is redone under the contract of
+    :mod:`aha.kernels.nonfinite` (in eager mode: a compiled graph cannot branch on the flag, so
+    there NaN and inf follow the kernel's own propagation).
     """
-    if q.device.type != "cpu":
-        raise AhaInputError(f"impl='cpp' runs on CPU tensors; these are on {q.device}. Use impl='auto'")
-    if not cpp_available():
-        raise AhaInputError(f"impl='cpp' is unavailable: {cpp_kernel_error()}")
-    starts = key_start(key_padding_mask, q.shape[0], q.device)
-    if q.dtype not in KERNEL_DTYPES or starts is None:
-        return split_attention(q, k, v, route, window, scale, key_padding_mask, sink)
-    if choice is not None and microkernel_name(q.dtype, choice.microkernel) is None:
-        raise AhaInputError(
-            f"impl='cpp:{choice.microkernel}' does not run {q.dtype} on this CPU; use impl='cpp:vector' or 'auto'"
-        )
-    all_finite = True
+    starts = key_start(padding, q.shape[0], q.device)
+    flags = []
 
     def routed(hard: Tensor, sink: int) -> Tensor:
-        nonlocal all_finite
-        out, finite = kernel_attention(q, k, v, hard, window, scale, starts, sink, choice)
-        all_finite &= finite
+        out, finite = kernel_attention(q, k, v, hard, window, scale, starts, sink, microkernel)
+        flags.append(finite)
         return out
 
-    out = apply_route_with_kernel(route, window >= k.shape[2], routed, sink)
-    if all_finite:
+    out = apply_route_with_kernel(route, window >= k.shape[2], routed, sink, binary)
+    if torch.compiler.is_compiling() or all(bool(finite) for finite in flags):
         return out
-    return nonfinite.enforce(q, k, v, route, window, scale, key_padding_mask, sink)
+    return nonfinite.enforce(q, k, v, route, window, scale, padding, sink)

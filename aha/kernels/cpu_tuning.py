@@ -185,6 +185,7 @@ class KernelChoice:
         return cls(microkernel=data["microkernel"], measured=data.get("measured", {}), **models)
 
 
+@torch.compiler.assume_constant_result
 def microkernel_name(dtype: torch.dtype, microkernel: str) -> str | None:
     """What ``microkernel`` runs for ``dtype`` on this CPU (e.g. ``onednn-amx-bf16``), None if unsupported."""
     if not load_cpp_kernel():
@@ -252,11 +253,10 @@ def calibrate(
             "split": run(lambda: split_attention(q, k, v, routes[SPLIT_FRACTION], CALIBRATION_WINDOW, scale)),
         }
         for name in microkernels:
-            choice = KernelChoice(microkernel=name)
             for rho in fractions[:2]:
                 candidates[f"{name} {rho}"] = run(
-                    lambda route=routes[rho], choice=choice: kernel_attention(
-                        q, k, v, route, CALIBRATION_WINDOW, scale, starts, 0, choice
+                    lambda route=routes[rho], name=name: kernel_attention(
+                        q, k, v, route, CALIBRATION_WINDOW, scale, starts, 0, name
                     )[0]
                 )
         with torch.set_grad_enabled(grad):
@@ -324,6 +324,16 @@ def kernel_choice(dtype: torch.dtype) -> KernelChoice:
                 choice = _calibrate_and_cache(dtype)
         _choices[dtype] = choice
         return choice
+
+
+@torch.compiler.assume_constant_result  # a compiled graph bakes the settings in instead of tracing the cache
+def kernel_settings(dtype: torch.dtype, microkernel: str | None = None) -> tuple[int, int, int]:
+    """``(local_rows, global_rows, microkernel code)``: the C++ ops' tiling arguments for ``dtype``,
+    from :func:`kernel_choice` or for a forced ``microkernel``."""
+    choice = kernel_choice(dtype) if microkernel is None else KernelChoice(microkernel=microkernel)
+    if choice.microkernel == "onednn" and not torch.backends.mkldnn.enabled:
+        choice = KernelChoice()  # oneDNN switched off since the choice was measured: the built-in rule
+    return (*choice.tile_rows, choice.code)
 
 
 def recalibrate(dtypes: list[torch.dtype]) -> dict[torch.dtype, KernelChoice]:

@@ -1,12 +1,10 @@
-"""Decode path: one new query per (batch, head) against a long KV cache.
+"""``decode``: one new query per (batch, head) against a long KV cache, with SDPA.
 
-Local heads read only the last ``window`` keys of the cache (and the ``sink`` first keys);
-global heads read the whole cache.
-Out-of-window keys are never touched for local heads. On CPU the C++ kernel does this in one
-call (split-KV over threads, bf16 read as bf16); on CUDA a Triton split-KV kernel does
-(:mod:`aha.kernels.triton_decode`). Elsewhere, or without either, local heads take one SDPA call
-over a slice view of the window and global heads one SDPA call per (batch, KV head) that has a
-global query head.
+Local heads read only the last ``window`` keys of the cache (and the ``sink`` first keys), in one
+SDPA call over a slice view of the window; global heads read the whole cache, in one SDPA call per
+(batch, KV head) that has a global query head. Out-of-window keys are never touched for local
+heads. Where a fused kernel serves the inputs ``auto`` prefers it (the C++ kernel on CPU, the
+Triton decode kernel on CUDA: see :data:`aha.kernels.dispatch.PRIORITY`); this path runs anywhere.
 """
 
 from __future__ import annotations
@@ -16,13 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aha.kernels import nonfinite
-from aha.kernels.cpp import cpp_supports, kernel_attention, key_start
-from aha.kernels.split import sink_keys
-
-try:
-    from aha.kernels.triton_decode import triton_decode, triton_available
-except ImportError:  # no Triton (CPU-only installs)
-    triton_decode = None
+from aha.kernels.masks import KeyPadding, padding_mask, sink_keys
 
 
 def decode_attention(
@@ -32,25 +24,17 @@ def decode_attention(
     route: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     sink: int = 0,
 ) -> Tensor:
     """AHA attention for ``seq_q == 1`` with hard routes (inference only).
 
     Shapes: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool -> ``[B, Hq, 1, D]``.
     """
-    if cpp_supports(q, key_padding_mask):
-        starts = key_start(key_padding_mask, q.shape[0], q.device)
-        assert starts is not None  # cpp_supports checked it
-        return kernel_attention(q, k, v, route, window, scale, starts, sink)[0]
-    if triton_decode is not None and q.is_cuda and triton_available(q):
-        starts = key_start(key_padding_mask, q.shape[0], q.device)
-        if starts is not None:  # real keys are one contiguous run
-            return triton_decode(q, k, v, route, window, scale, starts, sink)
-    out = _sdpa_decode(q, k, v, route, window, scale, key_padding_mask, sink)
+    out = _sdpa_decode(q, k, v, route, window, scale, padding, sink)
     if q.device.type != "cpu" or nonfinite.looks_finite(out, q, k, v):
         return out
-    return nonfinite.enforce(q, k, v, route, window, scale, key_padding_mask, sink)  # SDPA hides a NaN key
+    return nonfinite.enforce(q, k, v, route, window, scale, padding, sink)  # SDPA hides a NaN key
 
 
 def _sdpa_decode(
@@ -60,10 +44,11 @@ def _sdpa_decode(
     route: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     sink: int = 0,
 ) -> Tensor:
     """Decode with SDPA: one call over the window (and sink) of every head, one per global KV head."""
+    key_padding_mask = padding_mask(padding)
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -72,7 +57,7 @@ def _sdpa_decode(
     k_local, v_local = k[:, :, window_start:], v[:, :, window_start:]
     local_mask = None if key_padding_mask is None else key_padding_mask[:, window_start:]
     if sink and window_start > 0:
-        k_sink, v_sink, sink_pos, sink_real = sink_keys(k, v, sink, key_padding_mask)
+        k_sink, v_sink, sink_pos, sink_real = sink_keys(k, v, sink, padding)
         k_local, v_local = torch.cat([k_sink, k_local], dim=2), torch.cat([v_sink, v_local], dim=2)
         in_window = torch.ones(k.shape[0], k.shape[2] - window_start, dtype=torch.bool, device=q.device)
         local_mask = torch.cat([sink_real & (sink_pos < window_start), in_window if local_mask is None else local_mask], 1)

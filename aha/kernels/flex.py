@@ -21,13 +21,14 @@ import warnings
 from typing import Any, Callable
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from aha.kernels._checks import AhaInputError
 from aha.kernels.gating import apply_route_with_kernel
-from aha.kernels.reference import first_key
+from aha.kernels.masks import KeyPadding, first_real_key, padding_mask
 
 BLOCK = 128
 
@@ -43,6 +44,8 @@ _compiled_flex: Callable[..., Tensor] | None = None
 # with the compiled flex_attention.
 _compiled_routed: Callable[..., Tensor] | None = None
 _whole_graph_failed: set[tuple] = set()
+# what a failed lowering raises (dynamo's own errors, inductor's, and a CUDA compile of the generated code)
+_LOWERING_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)
 
 
 def _flex() -> Callable[..., Tensor]:
@@ -76,7 +79,8 @@ class SortedRoute:
         self.is_global = F.pad(hard.gather(-1, self.order), (0, padded - seq_q))
         position = (seq_kv - seq_q + self.order).to(torch.int32)
         self.position = F.pad(position, (0, padded - seq_q), value=-1)
-        start = first_key(key_padding_mask, batch, device).to(torch.int32)[:, None, None]
+        first = torch.zeros(batch, dtype=torch.int32, device=device) if key_padding_mask is None else first_real_key(key_padding_mask)
+        start = first.to(torch.int32)[:, None, None]
         self.sink_end = start + sink
         lo = torch.where(self.is_global, start, torch.maximum(start, self.position - window + 1))
         # a query before the first real key still sees its own key (its output is zeroed later)
@@ -174,13 +178,14 @@ def flex_routed(
     """AHA attention for a bool route ``[B, Hq, Sq]`` (True = global) via sorted FlexAttention;
     q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
     signature = (q.shape, k.shape, q.dtype, key_padding_mask is None, window, sink)
-    if USE_COMPILE and q.is_cuda and signature not in _whole_graph_failed:
+    # inside a user's torch.compile the outer graph already takes this code in
+    if USE_COMPILE and q.is_cuda and signature not in _whole_graph_failed and not torch.compiler.is_compiling():
         global _compiled_routed
         if _compiled_routed is None:
             _compiled_routed = torch.compile(_routed, dynamic=False)
         try:
             return _compiled_routed(q, k, v, hard, window, scale, key_padding_mask, sink, _flex())
-        except Exception as exc:  # noqa: BLE001 -- a lowering failure: use the per-op path for these inputs
+        except _LOWERING_FAILURES as exc:  # use the per-op path for these inputs
             _whole_graph_failed.add(signature)
             warnings.warn(f"aha: whole-graph compile of impl='flex' failed for {signature}, using the per-op path ({exc!r})", stacklevel=2)
     return _routed(q, k, v, hard, window, scale, key_padding_mask, sink, _flex())
@@ -193,20 +198,12 @@ def flex_attention_aha(
     route: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     sink: int = 0,
 ) -> Tensor:
-    """AHA attention with FlexAttention (see the module docstring); shapes as :func:`flex_routed`.
-
-    Raises:
-        AhaInputError: gradients are needed on CPU, where FlexAttention has no backward.
-    """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, route))
-    if needs_grad and q.device.type == "cpu":
-        raise AhaInputError(
-            "impl='flex' has no backward on CPU (FlexAttention in torch 2.13 is forward-only there); "
-            "use impl='cpp' or impl='auto' for training, or run under torch.no_grad()"
-        )
+    """AHA attention with FlexAttention (see the module docstring); shapes as :func:`flex_routed`
+    (the registry in :mod:`aha.kernels.dispatch` refuses gradients on CPU, where FlexAttention has none)."""
+    mask = padding_mask(padding)
     return apply_route_with_kernel(
-        route, window >= k.shape[2], lambda hard, sink: flex_routed(q, k, v, hard, window, scale, key_padding_mask, sink), sink
+        route, window >= k.shape[2], lambda hard, sink: flex_routed(q, k, v, hard, window, scale, mask, sink), sink
     )

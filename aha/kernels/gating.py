@@ -5,7 +5,8 @@ for a bool route ``[batch, q_heads, seq_q]`` (True = global), and ``full()`` / `
 dense branches for every query. :func:`apply_route` turns any route the operator accepts into
 calls to them:
 
-* bool routes and binary float gates (the STE's forward values) run ``routed`` only;
+* bool routes and binary float gates (the STE's forward values) run ``routed`` only (a caller
+  that knows its gate is binary passes ``binary=True``; otherwise its values are read);
 * a float gate that requires grad also gets ``d out / d g = full - local`` at every pair, from
   both dense branches computed without grad (the price of the STE: full attention per step);
 * soft gates (values strictly between 0 and 1) mix both dense branches, ``g * full + (1 - g) * local``;
@@ -28,31 +29,44 @@ def apply_route(
     routed: Callable[[Tensor], Tensor],
     full: Callable[[], Tensor],
     local: Callable[[], Tensor],
+    binary: bool | None = None,
 ) -> Tensor:
-    """AHA output ``[batch, q_heads, seq_q, head_dim]`` for ``route`` (bool, True = global, or float gate g = 1 global)."""
+    """AHA output ``[batch, q_heads, seq_q, head_dim]`` for ``route`` (bool, True = global, or float gate g = 1 global).
+
+    ``binary`` says whether a float gate's values are all 0 or 1 (None: unknown; read here in eager
+    mode). Inside a compiled graph an unknown gate cannot be read, so it takes the form that is exact
+    for every gate, ``routed(g > 0.5) + (g - [g > 0.5]) * (full - local)``, which pays both dense
+    branches with their gradients; producers that know their gate is binary (the STE) say so.
+    """
     gate_needs_grad = route.dtype != torch.bool and route.requires_grad
     if window_covers_keys:
         out = full()
         if gate_needs_grad:
             out = out + 0.0 * route[..., None].to(out.dtype)  # keeps the graph; d out / d g = 0
         return out
-    if not is_binary(route):
+    if route.dtype == torch.bool:
+        return routed(route)
+    if binary is None and not torch.compiler.is_compiling():
+        binary = is_binary(route)
+    hard = route > 0.5
+    if binary is False:
         g = route[..., None]
         full_out = full()
         g = g.to(full_out.dtype)
         return g * full_out + (1 - g) * local()
-    hard = route if route.dtype == torch.bool else route > 0.5
     out = routed(hard)
+    g = route[..., None].to(out.dtype)
+    if binary is None:
+        return out + (g - hard[..., None].to(out.dtype)) * (full() - local())
     if gate_needs_grad:
         with torch.no_grad():
             branch_gap = full() - local()
-        g = route[..., None].to(out.dtype)
         out = out + (g - g.detach()) * branch_gap
     return out
 
 
 def apply_route_with_kernel(
-    route: Tensor, window_covers_keys: bool, routed: Callable[[Tensor, int], Tensor], sink: int
+    route: Tensor, window_covers_keys: bool, routed: Callable[[Tensor, int], Tensor], sink: int, binary: bool | None = None
 ) -> Tensor:
     """:func:`apply_route` for an implementation whose routed kernel also computes the dense
     branches: ``routed(hard, sink)`` on the route itself, on an all-global route (full attention,
@@ -64,4 +78,5 @@ def apply_route_with_kernel(
         routed=lambda hard: routed(hard, sink),
         full=lambda: routed(every, 0),
         local=lambda: routed(~every, sink),
+        binary=binary,
     )

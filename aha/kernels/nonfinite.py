@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aha.kernels.masks import KeyPadding
 from aha.kernels.reference import reference_attention
 
 #: Scores per chunk of :func:`enforce` (query rows x key prefix x query heads): bounds its memory.
@@ -40,7 +41,7 @@ def enforce(
     route: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None,
+    padding: KeyPadding | None,
     sink: int,
 ) -> Tensor:
     """AHA attention under the contract, from the dense reference in chunks of query rows; the
@@ -52,10 +53,10 @@ def enforce(
     for first in range(0, seq_q, rows):
         last = min(seq_q, first + rows)
         end = seq_kv - seq_q + last  # the chunk's queries are the last positions of this key prefix
-        mask = None if key_padding_mask is None else key_padding_mask[:, :end]
+        prefix = None if padding is None else padding.prefix(end)
         chunks.append(
             reference_attention(
-                q[:, :, first:last], k[:, :, :end], v[:, :, :end], route[:, :, first:last], window, scale, mask, sink
+                q[:, :, first:last], k[:, :, :end], v[:, :, :end], route[:, :, first:last], window, scale, prefix, sink
             )
         )
     return torch.cat(chunks, dim=2)

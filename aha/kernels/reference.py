@@ -9,25 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def key_positions(seq_q: int, seq_kv: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Absolute positions of the queries ``[seq_q]`` (the last ``seq_q`` keys) and keys ``[seq_kv]``."""
-    kpos = torch.arange(seq_kv, device=device)
-    return kpos[seq_kv - seq_q :], kpos
-
-
-def first_key(key_padding_mask: Tensor | None, batch: int, device: torch.device) -> Tensor:
-    """First real key per batch row ``[batch]`` (int64; 0 without padding): where the sink keys start."""
-    if key_padding_mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    return key_padding_mask.to(torch.uint8).argmax(1)
-
-
-def sink_key_mask(seq_kv: int, sink: int, key_padding_mask: Tensor | None, batch: int, device: torch.device) -> Tensor:
-    """``[batch, seq_kv]`` bool, True at the sink keys: the ``sink`` positions from the first real key on
-    (padding among them stays unattended through the padding mask)."""
-    offset = torch.arange(seq_kv, device=device)[None, :] - first_key(key_padding_mask, batch, device)[:, None]
-    return (offset >= 0) & (offset < sink)
+from aha.kernels.masks import KeyPadding, key_positions, sink_key_mask
 
 
 def sanitized(x: Tensor) -> Tensor:
@@ -42,7 +24,7 @@ def reference_attention(
     route: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     sink: int = 0,
 ) -> Tensor:
     """Compute AHA attention densely (scores in fp32, output in ``q.dtype``).
@@ -73,14 +55,14 @@ def reference_attention(
     causal = kpos[None, :] <= qpos[:, None]
     band = causal & (kpos[None, :] > qpos[:, None] - window)
     if sink:
-        is_sink = sink_key_mask(seq_kv, sink, key_padding_mask, batch, q.device)
+        is_sink = sink_key_mask(seq_kv, sink, padding, batch, q.device)
         band = band | (causal & is_sink[:, None, None, :])  # [B, 1, Sq, Skv]
     query_valid = None
-    if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, None, :]
+    if padding is not None:
+        keep = padding.mask[:, None, None, :]
         causal = causal & keep
         band = band & keep
-        query_valid = key_padding_mask[:, seq_kv - seq_q :][:, None, :, None]
+        query_valid = padding.mask[:, seq_kv - seq_q :][:, None, :, None]
         # a padded query still "sees" its own key so its softmax stays finite; it is zeroed below
         own = (kpos[None, :] == qpos[:, None])
         causal = causal | own

@@ -9,7 +9,7 @@ ops, so autograd provides the backward pass.
 
 All functions take q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` with the queries at the
 last ``Sq`` positions, and return ``[B, Hq, Sq, D]``. ``sink`` > 0 adds the attention-sink keys
-(see :func:`aha.kernels.reference.sink_key_mask`) before the window of every local query.
+(see :mod:`aha.kernels.masks`) before the window of every local query.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from aha.kernels import nonfinite
 from aha.kernels.gating import apply_route
-from aha.kernels.reference import first_key, sink_key_mask
+from aha.kernels.masks import KeyPadding, first_key, sink_key_mask, sink_keys
 
 # Below this global fraction the band runs densely and global pairs are packed; above it,
 # full causal attention runs densely and local pairs are packed.
@@ -35,21 +35,8 @@ def band_block_size(window: int) -> int:
     return int(min(256, max(16, 16 * round(window / 64))))
 
 
-def sink_keys(k: Tensor, v: Tensor, sink: int, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The sink keys of each batch row: ``k``, ``v`` at ``[B, Hkv, sink, D]``, their positions
-    ``[B, sink]`` and whether each is a real key ``[B, sink]`` (False past the end or on padding)."""
-    batch, kv_heads, seq_kv, dim = k.shape
-    positions = first_key(key_padding_mask, batch, k.device)[:, None] + torch.arange(sink, device=k.device)
-    inside = positions.clamp(max=seq_kv - 1)
-    real = positions < seq_kv
-    if key_padding_mask is not None:
-        real = real & key_padding_mask.gather(1, inside)
-    index = inside[:, None, :, None].expand(batch, kv_heads, sink, dim)
-    return k.gather(2, index), v.gather(2, index), positions, real
-
-
 def band_attention(
-    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, key_padding_mask: Tensor | None = None, sink: int = 0
+    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, padding: KeyPadding | None = None, sink: int = 0
 ) -> Tensor:
     """Sliding-window causal attention for every query, reading ``O(seq * window)`` keys.
 
@@ -98,16 +85,16 @@ def band_attention(
     base = (col >= row) & (col <= row + window - 1)  # [block, span]
     key_abs = first_column + torch.arange(n_blocks, device=device)[:, None] * block + col  # [n_blocks, span]
     own = (col == row + window - 1)[None]  # the query's own key
-    if key_padding_mask is None:
+    if padding is None:
         mask = base[None] & (key_abs >= 0)[:, None, :]  # [n_blocks, block, span]
         mask = mask.repeat(1, group, 1)[None]  # [1, n_blocks, group*block, span]
     else:
-        kpm = F.pad(key_padding_mask, (max(0, -first_column), 0), value=False)[:, max(0, first_column) :]
+        kpm = F.pad(padding.mask, (max(0, -first_column), 0), value=False)[:, max(0, first_column) :]
         kpm = F.pad(kpm, (0, n_blocks * block + window - 1 - kpm.shape[1]), value=False)
         key_ok = kpm.unfold(1, span, block)  # [B, n_blocks, span]
         mask = per_kv_head(base[None, None] & (key_ok[:, :, None, :] | own[None]))
     if sink:
-        k_sink, v_sink, sink_pos, sink_real = sink_keys(k, v, sink, key_padding_mask)
+        k_sink, v_sink, sink_pos, sink_real = sink_keys(k, v, sink, padding)
         query_abs = first_query + torch.arange(n_blocks * block, device=device).view(n_blocks, block)
         sink_mask = sink_real[:, None, None, :] & (sink_pos[:, None, None, :] <= query_abs[None, :, :, None] - window)
         mask = torch.cat([per_kv_head(sink_mask), mask.expand(batch * kv_heads, -1, -1, -1)], dim=-1)
@@ -131,7 +118,7 @@ def packed_attention(
     select: Tensor,
     window: int | None,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     chunk: int = 64,
     sink: int = 0,
 ) -> Tensor:
@@ -161,8 +148,8 @@ def packed_attention(
     q_packed = q.gather(2, gather_index)
     is_sink = None
     if window is not None and sink:
-        is_sink = sink_key_mask(seq_kv, sink, key_padding_mask, batch, q.device)
-        sink_end = int(first_key(key_padding_mask, batch, q.device).max()) + sink
+        is_sink = sink_key_mask(seq_kv, sink, padding, batch, q.device)
+        sink_end = int(first_key(padding, batch, q.device).max()) + sink
 
     outputs = []
     for start in range(0, packed, chunk):
@@ -179,8 +166,8 @@ def packed_attention(
         if window is not None:
             in_window = kpos > pos[..., None] - window
             allowed = allowed & (in_window if is_sink is None else in_window | is_sink[:, None, None, kpos])
-        if key_padding_mask is not None:
-            allowed = allowed & (key_padding_mask[:, None, None, kpos] | (kpos == pos[..., None]))
+        if padding is not None:
+            allowed = allowed & (padding.mask[:, None, None, kpos] | (kpos == pos[..., None]))
         allowed = allowed | ~ok[..., None]  # padding rows: any finite result, discarded below
         outputs.append(
             F.scaled_dot_product_attention(
@@ -196,17 +183,17 @@ def packed_attention(
 
 
 def full_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, scale: float, padding: KeyPadding | None = None
 ) -> Tensor:
     """Full causal attention for every query (queries at the last ``Sq`` positions)."""
     seq_q, seq_kv = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
-    if key_padding_mask is None and seq_q == seq_kv:
+    if padding is None and seq_q == seq_kv:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if key_padding_mask is None and seq_q == 1:
+    if padding is None and seq_q == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     everything = torch.ones(q.shape[:3], dtype=torch.bool, device=q.device)
-    return packed_attention(q, k, v, everything, None, scale, key_padding_mask, chunk=256)
+    return packed_attention(q, k, v, everything, None, scale, padding, chunk=256)
 
 
 def packed_chunk(global_fraction: float) -> int:
@@ -225,22 +212,22 @@ def routed_split(
     hard: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     sink: int = 0,
 ) -> Tensor:
     """AHA attention for a bool route ``[B, Hq, Sq]`` (True = global): the majority branch runs
     densely, the minority branch only on its packed (token, head) pairs, merged per pair."""
     global_fraction = float(hard.float().mean())
     if global_fraction <= DENSE_GLOBAL_ABOVE:
-        out = band_attention(q, k, v, window, scale, key_padding_mask, sink)
+        out = band_attention(q, k, v, window, scale, padding, sink)
         if hard.any():
-            full = packed_attention(q, k, v, hard, None, scale, key_padding_mask, packed_chunk(global_fraction))
+            full = packed_attention(q, k, v, hard, None, scale, padding, packed_chunk(global_fraction))
             out = torch.where(hard[..., None], full, out)
         return out
-    out = full_attention(q, k, v, scale, key_padding_mask)
+    out = full_attention(q, k, v, scale, padding)
     if not hard.all():
         local = packed_attention(
-            q, k, v, ~hard, window, scale, key_padding_mask, packed_chunk(1 - global_fraction), sink
+            q, k, v, ~hard, window, scale, padding, packed_chunk(1 - global_fraction), sink
         )
         out = torch.where(hard[..., None], out, local)
     return out
@@ -253,8 +240,9 @@ def split_attention(
     route: Tensor,
     window: int,
     scale: float,
-    key_padding_mask: Tensor | None = None,
+    padding: KeyPadding | None = None,
     sink: int = 0,
+    binary: bool | None = None,
 ) -> Tensor:
     """AHA attention that computes each branch only for the pairs routed to it (see :func:`routed_split`);
     gates and windows covering every key follow :func:`aha.kernels.gating.apply_route`.
@@ -266,10 +254,11 @@ def split_attention(
     out = apply_route(
         route,
         window >= k.shape[2],
-        routed=lambda hard: routed_split(q, k, v, hard, window, scale, key_padding_mask, sink),
-        full=lambda: full_attention(q, k, v, scale, key_padding_mask),
-        local=lambda: band_attention(q, k, v, window, scale, key_padding_mask, sink),
+        routed=lambda hard: routed_split(q, k, v, hard, window, scale, padding, sink),
+        full=lambda: full_attention(q, k, v, scale, padding),
+        local=lambda: band_attention(q, k, v, window, scale, padding, sink),
+        binary=binary,
     )
     if q.device.type != "cpu" or nonfinite.looks_finite(out, q, k, v):
         return out
-    return nonfinite.enforce(q, k, v, route, window, scale, key_padding_mask, sink)
+    return nonfinite.enforce(q, k, v, route, window, scale, padding, sink)

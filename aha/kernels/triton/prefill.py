@@ -38,11 +38,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from aha.kernels._checks import AhaInputError
-from aha.kernels.cpp import key_start
-from aha.kernels.gating import apply_route_with_kernel
-from aha.kernels.triton_decode import triton_available
-
 # Launch configuration, not yet tuned on a GPU (benchmarks/triton_tune.py sweeps it there).
 BLOCK_M = 64  # sorted query rows per tile
 BLOCK_N = 64  # keys per inner iteration
@@ -463,66 +458,108 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-class _TritonAttention(torch.autograd.Function):
-    """The forward kernels, and the dq / dk-dv kernels for the backward (gradients of q, k, v)."""
+def _last_dim_contiguous(*tensors: Tensor) -> list[Tensor]:
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, hard: Tensor, window: int, scale: float, first_key: Tensor, sink: int) -> Tensor:  # type: ignore[override]
-        batch, q_heads, seq_q, head_dim = q.shape
-        seq_kv = k.shape[2]
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        positions = torch.arange(seq_q, device=q.device, dtype=torch.int32)
-        order = torch.argsort(torch.where(hard, -1 - positions, positions), dim=-1).to(torch.int32)
-        n_global = hard.sum(-1, dtype=torch.int32).flatten()
-        heads_total = batch * q_heads
-        q_tiles = triton.cdiv(seq_q, BLOCK_M)
-        split_tiles, programs = _tile_grid(heads_total, q_tiles)
-        slots = split_tiles * heads_total * NUM_SPLITS * BLOCK_M
-        partials = torch.empty(slots * (head_dim + 2), dtype=torch.float32, device=q.device)
-        acc, row_max, row_sum = partials.split([slots * head_dim, slots, slots])
-        tile_range = torch.empty(2, heads_total, q_tiles, dtype=torch.int32, device=q.device)
-        out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=q.dtype, device=q.device)
-        lse = torch.empty(heads_total, seq_q, dtype=torch.float32, device=q.device)
-        _prefill_tiles[(programs,)](
-            q, k, v, out, lse, order, n_global, first_key, tile_range[0], tile_range[1], acc, row_max, row_sum,
-            seq_q, seq_kv, window, sink, scale * LOG2E, q_heads, q_heads // k.shape[1], heads_total, q_tiles, split_tiles,
-            *_strides(q, k, v), HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_SPLITS=NUM_SPLITS,
-            PRECISION=_precision(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )  # fmt: skip
-        _merge_splits[(split_tiles * heads_total,)](
-            acc, row_max, row_sum, out, lse, order, n_global, seq_q, heads_total, split_tiles,
-            HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, NUM_SPLITS=NUM_SPLITS,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, order, n_global, first_key, tile_range)
-        ctx.settings = (window, scale, sink, BLOCK_M)  # the saved tile ranges are per BLOCK_M rows
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, lse, order, n_global, first_key, tile_range = ctx.saved_tensors
-        window, scale, sink, block_m = ctx.settings
-        batch, q_heads, seq_q, head_dim = q.shape
-        kv_heads, seq_kv = k.shape[1], k.shape[2]
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, Sq]: rowsum(do * o)
-        heads_total = batch * q_heads
-        q_tiles = tile_range.shape[-1]
-        split_tiles, programs = _tile_grid(heads_total, q_tiles)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS)
-        _dq_tiles[(programs,)](
-            q, k, v, grad_out, dq, lse, delta, order, n_global, first_key,
-            seq_q, seq_kv, window, sink, scale, scale * LOG2E, q_heads, q_heads // kv_heads, heads_total, split_tiles,
-            *_strides(q, k, v), NUM_SPLITS=NUM_SPLITS, **common,
-        )  # fmt: skip
-        kv_rows = batch * kv_heads
-        _dkdv_blocks[(triton.cdiv(seq_kv, BLOCK_N) * kv_rows,)](
-            q, k, v, grad_out, dk, dv, lse, delta, order, n_global, first_key, tile_range[0], tile_range[1],
-            seq_q, seq_kv, window, sink, scale, scale * LOG2E, q_heads, kv_heads, q_heads // kv_heads, q_tiles, kv_rows,
-            *_strides(q, k, v), **common,
-        )  # fmt: skip
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+@torch.library.custom_op("aha::triton_prefill", mutates_args=())
+def _prefill_op(
+    q: Tensor, k: Tensor, v: Tensor, hard: Tensor, first_key: Tensor, window: int, sink: int, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernels -> ``(out, lse, order, n_global, tile_range)``; the last four are saved for the backward."""
+    batch, q_heads, seq_q, head_dim = q.shape
+    seq_kv = k.shape[2]
+    q, k, v = _last_dim_contiguous(q, k, v)
+    positions = torch.arange(seq_q, device=q.device, dtype=torch.int32)
+    order = torch.argsort(torch.where(hard, -1 - positions, positions), dim=-1).to(torch.int32)
+    n_global = hard.sum(-1, dtype=torch.int32).flatten()
+    heads_total = batch * q_heads
+    q_tiles = triton.cdiv(seq_q, BLOCK_M)
+    split_tiles, programs = _tile_grid(heads_total, q_tiles)
+    slots = split_tiles * heads_total * NUM_SPLITS * BLOCK_M
+    partials = torch.empty(slots * (head_dim + 2), dtype=torch.float32, device=q.device)
+    acc, row_max, row_sum = partials.split([slots * head_dim, slots, slots])
+    tile_range = torch.empty(2, heads_total, q_tiles, dtype=torch.int32, device=q.device)
+    out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(heads_total, seq_q, dtype=torch.float32, device=q.device)
+    _prefill_tiles[(programs,)](
+        q, k, v, out, lse, order, n_global, first_key, tile_range[0], tile_range[1], acc, row_max, row_sum,
+        seq_q, seq_kv, window, sink, scale * LOG2E, q_heads, q_heads // k.shape[1], heads_total, q_tiles, split_tiles,
+        *_strides(q, k, v), HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_SPLITS=NUM_SPLITS,
+        PRECISION=_precision(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    _merge_splits[(split_tiles * heads_total,)](
+        acc, row_max, row_sum, out, lse, order, n_global, seq_q, heads_total, split_tiles,
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, NUM_SPLITS=NUM_SPLITS,
+    )  # fmt: skip
+    return out, lse, order, n_global, tile_range
+
+
+@_prefill_op.register_fake
+def _prefill_fake(q, k, v, hard, first_key, window, sink, scale):
+    batch, q_heads, seq_q, _ = q.shape
+    heads_total = batch * q_heads
+    q_tiles = (seq_q + BLOCK_M - 1) // BLOCK_M
+    int32 = {"dtype": torch.int32}
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(heads_total, seq_q, dtype=torch.float32),
+        q.new_empty(batch, q_heads, seq_q, **int32),
+        q.new_empty(heads_total, **int32),
+        q.new_empty(2, heads_total, q_tiles, **int32),
+    )
+
+
+@torch.library.custom_op("aha::triton_prefill_backward", mutates_args=())
+def _prefill_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, order: Tensor, n_global: Tensor,
+    first_key: Tensor, tile_range: Tensor, window: int, sink: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The dq and dk-dv kernels -> ``(dq, dk, dv)``; the tile ranges saved by the forward are per ``BLOCK_M`` rows."""
+    q, k, v = _last_dim_contiguous(q, k, v)
+    batch, q_heads, seq_q, head_dim = q.shape
+    kv_heads, seq_kv = k.shape[1], k.shape[2]
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, Sq]: rowsum(do * o)
+    heads_total = batch * q_heads
+    q_tiles = tile_range.shape[-1]
+    split_tiles, programs = _tile_grid(heads_total, q_tiles)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    common = dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS)
+    _dq_tiles[(programs,)](
+        q, k, v, grad_out, dq, lse, delta, order, n_global, first_key,
+        seq_q, seq_kv, window, sink, scale, scale * LOG2E, q_heads, q_heads // kv_heads, heads_total, split_tiles,
+        *_strides(q, k, v), NUM_SPLITS=NUM_SPLITS, **common,
+    )  # fmt: skip
+    kv_rows = batch * kv_heads
+    _dkdv_blocks[(triton.cdiv(seq_kv, BLOCK_N) * kv_rows,)](
+        q, k, v, grad_out, dk, dv, lse, delta, order, n_global, first_key, tile_range[0], tile_range[1],
+        seq_q, seq_kv, window, sink, scale, scale * LOG2E, q_heads, kv_heads, q_heads // kv_heads, q_tiles, kv_rows,
+        *_strides(q, k, v), **common,
+    )  # fmt: skip
+    return dq.to(q.dtype), dk, dv
+
+
+@_prefill_backward_op.register_fake
+def _prefill_backward_fake(grad_out, q, k, v, out, lse, order, n_global, first_key, tile_range, window, sink, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, _, first_key, window, sink, scale = inputs
+    out, lse, order, n_global, tile_range = output
+    ctx.save_for_backward(q, k, v, out, lse, order, n_global, first_key, tile_range)
+    ctx.settings = (window, sink, scale)
+
+
+def _backward(ctx, grad_out, *_unused):
+    q, k, v, out, lse, order, n_global, first_key, tile_range = ctx.saved_tensors
+    dq, dk, dv = _prefill_backward_op(grad_out, q, k, v, out, lse, order, n_global, first_key, tile_range, *ctx.settings)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_prefill_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_prefill(
@@ -530,36 +567,6 @@ def triton_prefill(
 ) -> Tensor:
     """AHA attention for a bool route: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``, ``hard``
     ``[B, Hq, Sq]`` (True = global), ``first_key`` ``[B]`` int32 (first real key per row), ``sink``
-    keys local rows also see -> ``[B, Hq, Sq, D]``; differentiable in q, k and v."""
-    return _TritonAttention.apply(q, k, v, hard, window, scale, first_key, sink)
-
-
-def triton_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    route: Tensor,
-    window: int,
-    scale: float,
-    key_padding_mask: Tensor | None = None,
-    sink: int = 0,
-) -> Tensor:
-    """AHA attention with the Triton kernels (see the module docstring); shapes as
-    :func:`triton_prefill`, ``route`` bool or a float gate (the STE gate gets its gradient
-    through :func:`~aha.kernels.gating.apply_route`).
-
-    Raises:
-        AhaInputError: the inputs are not on CUDA, the head size is not a power of two >= 16, or a
-            row's real keys are not one contiguous run.
-    """
-    if not triton_available(q):
-        raise AhaInputError("impl='triton' needs CUDA tensors and a power-of-two head_dim >= 16; use impl='auto'")
-    first_key = key_start(key_padding_mask, q.shape[0], q.device)
-    if first_key is None:
-        raise AhaInputError(
-            "impl='triton' needs each row's real keys to be one contiguous run (left or right padding); "
-            "use impl='flex' for a key_padding_mask with holes"
-        )
-    return apply_route_with_kernel(
-        route, window >= k.shape[2], lambda hard, sink: triton_prefill(q, k, v, hard, window, scale, first_key, sink), sink
-    )
+    keys local rows also see -> ``[B, Hq, Sq, D]``; differentiable in q, k and v (``torch.ops.aha.triton_prefill``
+    with its registered backward, so ``torch.compile`` and ``torch.export`` see single nodes)."""
+    return _prefill_op(q, k, v, hard, first_key, window, sink, float(scale))[0]

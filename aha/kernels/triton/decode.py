@@ -8,14 +8,12 @@ chunk holds neither, so a local head touches at most ``window / CHUNK + 2`` chun
 and a global head all of them. Each live program writes its chunk's unnormalised output, running max and sum
 (flash-decoding); a second kernel merges the chunks with their log-sum-exp weights.
 
-Only imported where Triton is installed; :func:`triton_available` says whether it can run
-on given inputs (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, Triton's interpreter,
-handy for debugging the kernel without a GPU).
+Only imported where Triton is installed; :func:`aha.kernels.triton.triton_reasons` says whether
+it can run on given inputs (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, Triton's
+interpreter, handy for debugging the kernel without a GPU).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -112,22 +110,9 @@ def _merge_chunks(acc_ptr, max_ptr, sum_ptr, out_ptr, num_chunks, HEAD_DIM: tl.c
     tl.store(out_ptr + row * HEAD_DIM + dims, (acc / running_sum).to(out_ptr.dtype.element_ty))
 
 
-def triton_available(q: Tensor) -> bool:
-    """Whether the Triton kernels (decode and prefill) run on ``q``: a CUDA tensor (any under the interpreter), head_dim a power of two >= 16."""
-    head_dim = q.shape[-1]
-    power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    return power_of_two and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def triton_decode(
-    q: Tensor, k: Tensor, v: Tensor, route: Tensor, window: int, scale: float, first_key: Tensor, sink: int = 0
-) -> Tensor:
-    """AHA decode step: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool
-    (True = global), ``first_key`` ``[B]`` int32 (first real key per row), ``sink`` keys local
-    heads also see -> ``[B, Hq, 1, D]``.
-
-    Three launches (partials buffer, chunk kernel, merge kernel), so a step stays cheap on the host.
-    """
+@torch.library.custom_op("aha::triton_decode", mutates_args=())
+def _decode_op(q: Tensor, k: Tensor, v: Tensor, route: Tensor, first_key: Tensor, window: int, sink: int, scale: float) -> Tensor:
+    """Three launches (partials buffer, chunk kernel, merge kernel), so a step stays cheap on the host."""
     batch, q_heads, _, head_dim = q.shape
     seq_kv = k.shape[2]
     q, route = q.contiguous(), route.contiguous()
@@ -145,3 +130,17 @@ def triton_decode(
     out = torch.empty_like(q)
     _merge_chunks[(rows,)](acc, chunk_max, chunk_sum, out, num_chunks, HEAD_DIM=head_dim, BLOCK=MERGE_BLOCK)
     return out
+
+
+@_decode_op.register_fake
+def _decode_fake(q, k, v, route, first_key, window, sink, scale):
+    return torch.empty_like(q)
+
+
+def triton_decode(
+    q: Tensor, k: Tensor, v: Tensor, route: Tensor, window: int, scale: float, first_key: Tensor, sink: int = 0
+) -> Tensor:
+    """AHA decode step: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool
+    (True = global), ``first_key`` ``[B]`` int32 (first real key per row), ``sink`` keys local
+    heads also see -> ``[B, Hq, 1, D]`` (``torch.ops.aha.triton_decode``)."""
+    return _decode_op(q, k, v, route, first_key, window, sink, float(scale))
