@@ -103,3 +103,23 @@ def test_track_routing_during_generation_counts_every_position_once():
     assert stats.position_total.tolist() == [heads * layers] * positions
     assert stats.total_pairs.sum() == positions * heads * layers
     assert 0.0 < stats.global_fraction < 1.0
+
+
+def test_the_padding_layout_is_read_once_per_forward_and_shared_by_every_layer(monkeypatch):
+    """The mask builder reads the padding once; no layer reads mask values again."""
+    reads = []
+    of = aha.kernels.KeyPadding.of.__func__
+
+    def counting(cls, mask):
+        if mask is not None and not isinstance(mask, cls):
+            reads.append(mask.shape)
+        return of(cls, mask)
+
+    monkeypatch.setattr(aha.kernels.KeyPadding, "of", classmethod(counting))
+    model = routed_model()
+    ids = tokens(batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert len(reads) == 1

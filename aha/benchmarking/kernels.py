@@ -161,16 +161,19 @@ def _shape(cfg: BenchConfig) -> str:
     return f"{shape}, sink {cfg.sink}" if cfg.sink else shape
 
 
+_ROUTED_COLUMNS = [
+    Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
+    Column("impl", "impl"), Column("microkernel", "microkernel"), Column("ms", "AHA ms", ".1f"),
+    Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
+]  # fmt: skip
+
+
 def prefill_section(cfg: BenchConfig) -> Section:
     """Forward time of AHA attention vs SDPA causal over the (dtype, n, window, rho) sweep."""
     return Section(
         name="prefill",
         title=f"prefill forward, {_shape(cfg)}",
-        columns=[
-            Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
-            Column("impl", "impl"), Column("microkernel", "microkernel"), Column("ms", "AHA ms", ".1f"),
-            Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
-        ],  # fmt: skip
+        columns=_ROUTED_COLUMNS,
         rows=_routed_rows(cfg, "prefill", cfg.seq_lens, cfg.rhos, grad=False),
         notes=[
             "AHA/SDPA: median over rounds of the per-round time ratio; ideal = rho + (1-rho)*2w/n;",
@@ -184,11 +187,7 @@ def train_section(cfg: BenchConfig) -> Section:
     return Section(
         name="train",
         title=f"forward+backward, {_shape(cfg)}",
-        columns=[
-            Column("n", "n"), Column("rho", "rho"), Column("window", "w"), Column("dtype", "dtype"),
-            Column("impl", "impl"), Column("microkernel", "microkernel"), Column("ms", "AHA ms", ".1f"),
-            Column("sdpa_ms", "SDPA ms", ".1f"), *_RATIO_COLUMNS,
-        ],  # fmt: skip
+        columns=_ROUTED_COLUMNS,
         rows=_routed_rows(cfg, "train", cfg.train_seq_lens, cfg.train_rhos, grad=True),
         notes=["Hard (bool) routes: training with the STE gate adds a no-grad full + local pass for d out/d g."],
     )

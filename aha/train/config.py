@@ -63,7 +63,7 @@ class TrainConfig:
     lora_rank: int = option("LoRA rank (trainable='lora')", default=16)
     lora_alpha: float = option("LoRA alpha (trainable='lora')", default=32.0)
     # data
-    data: list[str] = option("data specs: built-in corpus names, 'default', files, folders, or hf:<dataset>[:split]", default_factory=lambda: ["default"])
+    data: list[str] = option("data specs (repeatable or comma-separated): built-in corpus names, 'default', files, folders, or hf:<dataset>[:split]", default_factory=lambda: ["default"])
     text_field: str = option("text key of JSONL rows / datasets columns", default="text")
     heldout_fraction: float = option("share of documents held out (by a hash of the document id)", default=0.1)
     min_doc_tokens: int = option("skip documents shorter than this many tokens", default=2)
