@@ -6,7 +6,6 @@ keys ("Here", ``g = 0`` / False). See :func:`aha_attention` for the operator and
 :class:`Router` for the per-head router.
 """
 
-from aha.kernels import IMPLEMENTATIONS, AhaInputError, aha_attention, choose_impl
 from aha.hf import (
     SUPPORTED_ARCHITECTURES,
     AhaSettings,
@@ -18,6 +17,7 @@ from aha.hf import (
     router_logits,
     track_routing,
 )
+from aha.kernels import IMPLEMENTATIONS, AhaInputError, aha_attention, choose_impl
 from aha.models import load_model, load_smollm2
 from aha.router import OPEN_BIAS, Router, RouterInit, route_from_logits
 from aha.stats import RoutingStats, ideal_cost_ratio
@@ -30,20 +30,20 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AhaInputError",
     "AhaSettings",
-    "UnsupportedModelError",
-    "convert",
-    "force_routing",
-    "from_pretrained",
-    "is_aha_model",
-    "load_model",
-    "load_smollm2",
-    "router_logits",
-    "track_routing",
     "Router",
     "RouterInit",
     "RoutingStats",
+    "UnsupportedModelError",
     "aha_attention",
     "choose_impl",
+    "convert",
+    "force_routing",
+    "from_pretrained",
     "ideal_cost_ratio",
+    "is_aha_model",
+    "load_model",
+    "load_smollm2",
     "route_from_logits",
+    "router_logits",
+    "track_routing",
 ]

@@ -9,7 +9,12 @@ from typer.testing import CliRunner
 
 from aha import aha_attention
 from aha.benchmarking import GROUPS, SCHEMA, BenchConfig, run_benchmarks
-from aha.benchmarking.timing import Samples, TimingPolicy, measure_round_robin, median_ratio
+from aha.benchmarking.timing import (
+    Samples,
+    TimingPolicy,
+    measure_round_robin,
+    median_ratio,
+)
 from aha.cli import app
 from aha.stats import ideal_cost_ratio
 

@@ -7,9 +7,9 @@ from aha import aha_attention
 
 pytest.importorskip("hypothesis")  # GPU images may lack it
 pytest.importorskip("triton")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from triton_support import DEVICE, left_padding, needs_a_triton_device, random_inputs  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from triton_support import DEVICE, left_padding, needs_a_triton_device, random_inputs
 
 pytestmark = needs_a_triton_device
 

@@ -15,9 +15,10 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -83,7 +84,7 @@ class BenchConfig:
     )
 
     @classmethod
-    def quick_config(cls) -> "BenchConfig":
+    def quick_config(cls) -> BenchConfig:
         """A sweep that finishes in well under a minute on 2 cores (CI smoke test)."""
         return cls(
             quick=True,
@@ -195,8 +196,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-from aha.benchmarking import kernels as _kernels  # noqa: E402,F401  (registers the "kernels" group)
-from aha.benchmarking import model as _model  # noqa: E402,F401  (registers the "model" group)
+from aha.benchmarking import kernels as _kernels  # registers the "kernels" group
+from aha.benchmarking import model as _model  # registers the "model" group
 
 __all__ = [
     "GROUPS",

@@ -66,7 +66,7 @@ def version() -> None:
     typer.echo(f"aha {aha.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
 
 
-from aha.cli import bench as _bench  # noqa: E402,F401  (registers `aha bench`)
-from aha.cli import demo as _demo  # noqa: E402,F401  (registers `aha demo`)
-from aha.cli import eval as _eval  # noqa: E402,F401  (registers `aha eval`, `aha sweep`, `aha lm-eval`)
-from aha.cli import train as _train  # noqa: E402,F401  (registers `aha train`)
+from aha.cli import bench as _bench  # registers `aha bench`
+from aha.cli import demo as _demo  # registers `aha demo`
+from aha.cli import eval as _eval  # registers `aha eval`, `aha sweep`, `aha lm-eval`
+from aha.cli import train as _train  # registers `aha train`

@@ -30,7 +30,7 @@ INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'aha-attenti
 
 def _require_lm_eval() -> None:
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval
     except ImportError as error:
         raise ImportError(INSTALL_HINT) from error
 

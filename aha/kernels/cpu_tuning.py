@@ -28,9 +28,9 @@ import math
 import os
 import platform
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +176,7 @@ class KernelChoice:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "KernelChoice":
+    def from_json(cls, text: str) -> KernelChoice:
         data = json.loads(text)
         models = {
             mode: None if data.get(mode) is None else CostModel(**{key: tuple(v) for key, v in data[mode].items()})

@@ -17,6 +17,7 @@ from aha.kernels import nonfinite
 from aha.kernels.masks import KeyPadding, padding_mask, sink_keys
 
 
+@nonfinite.checked  # SDPA hides a NaN key
 def decode_attention(
     q: Tensor,
     k: Tensor,
@@ -27,27 +28,11 @@ def decode_attention(
     padding: KeyPadding | None = None,
     sink: int = 0,
 ) -> Tensor:
-    """AHA attention for ``seq_q == 1`` with hard routes (inference only).
+    """AHA attention for ``seq_q == 1`` with hard routes (inference only), with SDPA: one call over
+    the window (and sink) of every head, one per global KV head.
 
     Shapes: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool -> ``[B, Hq, 1, D]``.
     """
-    out = _sdpa_decode(q, k, v, route, window, scale, padding, sink)
-    if q.device.type != "cpu" or nonfinite.looks_finite(out, q, k, v):
-        return out
-    return nonfinite.enforce(q, k, v, route, window, scale, padding, sink)  # SDPA hides a NaN key
-
-
-def _sdpa_decode(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    route: Tensor,
-    window: int,
-    scale: float,
-    padding: KeyPadding | None = None,
-    sink: int = 0,
-) -> Tensor:
-    """Decode with SDPA: one call over the window (and sink) of every head, one per global KV head."""
     key_padding_mask = padding_mask(padding)
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]

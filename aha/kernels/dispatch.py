@@ -179,7 +179,7 @@ class Flex(Implementation):
 
     def input_reasons(self, inputs: Inputs) -> list[str]:
         try:
-            import aha.kernels.flex  # noqa: F401
+            import aha.kernels.flex
         except ImportError as error:
             return [f"FlexAttention is not importable in this torch ({error})"]
         return []

@@ -18,7 +18,8 @@ CPU backward), through the inductor C++ template. Each new shape compiles (secon
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch._dynamo.exc

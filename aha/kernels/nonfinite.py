@@ -12,11 +12,14 @@ The contract is about outputs. Gradients of rows that read a non-finite input ar
 
 So implementations run as usual and check cheaply whether anything non-finite is involved: the
 C++ kernel, which propagates NaN itself, reports a non-finite output for free; ``split`` and the
-SDPA decode path sum their inputs and output. Only then the call is redone by :func:`enforce`:
+SDPA decode path sum their inputs and output (:func:`checked`). Only then the call is redone by :func:`enforce`:
 the dense reference over chunks of query rows (each reading only its key prefix).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,6 +29,23 @@ from aha.kernels.reference import reference_attention
 
 #: Scores per chunk of :func:`enforce` (query rows x key prefix x query heads): bounds its memory.
 CHUNK_SCORES = 1 << 24
+
+
+def checked(attention: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Decorate an implementation built on SDPA (shared signature ``(q, k, v, route, window, scale,
+    padding, sink, **options)``), whose kernels hide a NaN query or key and spread a NaN value
+    across a block: on CPU the inputs and the output are checked with one summation each and the
+    call is redone by :func:`enforce` when one is not finite (on CUDA the check would stall the
+    device, and in a compiled graph it cannot branch, so it is skipped there)."""
+
+    @functools.wraps(attention)
+    def run(q, k, v, route, window, scale, padding=None, sink=0, **options):
+        out = attention(q, k, v, route, window, scale, padding, sink, **options)
+        if q.device.type != "cpu" or torch.compiler.is_compiling() or looks_finite(out, q, k, v):
+            return out
+        return enforce(q, k, v, route, window, scale, padding, sink)
+
+    return run
 
 
 def looks_finite(*tensors: Tensor) -> bool:

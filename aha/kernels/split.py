@@ -233,6 +233,7 @@ def routed_split(
     return out
 
 
+@nonfinite.checked
 def split_attention(
     q: Tensor,
     k: Tensor,
@@ -245,13 +246,9 @@ def split_attention(
     binary: bool | None = None,
 ) -> Tensor:
     """AHA attention that computes each branch only for the pairs routed to it (see :func:`routed_split`);
-    gates and windows covering every key follow :func:`aha.kernels.gating.apply_route`.
-
-    SDPA's kernels hide a NaN query or key and spread a NaN value across a block, so on CPU the
-    inputs and the output are checked with one summation each and the call is redone under the
-    contract of :mod:`aha.kernels.nonfinite` when one is not finite (on CUDA the check would stall
-    the device and is skipped)."""
-    out = apply_route(
+    gates and windows covering every key follow :func:`aha.kernels.gating.apply_route`; NaN and inf
+    follow :mod:`aha.kernels.nonfinite` (:func:`~aha.kernels.nonfinite.checked`)."""
+    return apply_route(
         route,
         window >= k.shape[2],
         routed=lambda hard: routed_split(q, k, v, hard, window, scale, padding, sink),
@@ -259,6 +256,3 @@ def split_attention(
         local=lambda: band_attention(q, k, v, window, scale, padding, sink),
         binary=binary,
     )
-    if q.device.type != "cpu" or nonfinite.looks_finite(out, q, k, v):
-        return out
-    return nonfinite.enforce(q, k, v, route, window, scale, padding, sink)
