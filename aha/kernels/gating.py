@@ -71,12 +71,15 @@ def apply_route_with_kernel(
     """:func:`apply_route` for an implementation whose routed kernel also computes the dense
     branches: ``routed(hard, sink)`` on the route itself, on an all-global route (full attention,
     no sink) and on an all-local route (sliding window)."""
-    every = torch.ones(route.shape, dtype=torch.bool, device=route.device)
+
+    def every(value: bool) -> Tensor:
+        return torch.full(route.shape, value, dtype=torch.bool, device=route.device)
+
     return apply_route(
         route,
         window_covers_keys,
         routed=lambda hard: routed(hard, sink),
-        full=lambda: routed(every, 0),
-        local=lambda: routed(~every, sink),
+        full=lambda: routed(every(True), 0),
+        local=lambda: routed(every(False), sink),
         binary=binary,
     )
