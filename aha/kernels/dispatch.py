@@ -11,7 +11,7 @@ inputs; an explicit ``impl=`` that cannot serve them raises :class:`AhaInputErro
 
 from __future__ import annotations
 
-import os
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -178,10 +178,8 @@ class Flex(Implementation):
     grad_devices = ("cuda",)
 
     def input_reasons(self, inputs: Inputs) -> list[str]:
-        try:
-            import aha.kernels.flex
-        except ImportError as error:
-            return [f"FlexAttention is not importable in this torch ({error})"]
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return [f"this torch ({torch.__version__}) has no FlexAttention"]
         return []
 
     def __call__(self, inputs: Inputs) -> Tensor:
@@ -280,7 +278,3 @@ def select(inputs: Inputs, impl: str = "auto") -> Implementation:
         "no implementation runs these inputs: " + "; ".join(f"{name}: {', '.join(why)}" for name, why in refused.items())
     )
 
-
-def triton_interpreter() -> bool:
-    """Whether Triton runs on CPU tensors through its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
