@@ -31,6 +31,8 @@ def train_command(
         aha train --model smollm2-135m --data default --window 256 --target-global 0.1 --steps 300 --seq-len 1024 --out runs/smol
 
         accelerate launch --num_processes 2 -m aha.cli train --config train.yaml
+
+        accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 -m aha.cli train --config train.yaml
     """
     from aha.data import DataSourceError
     from aha.recipes.finetune import train

@@ -71,7 +71,6 @@ from aha.train.interrupt import GracefulInterrupt
 from aha.train.metrics import MetricsLog
 from aha.train.model_setup import (
     configure_trainable,
-    mixed_precision,
     param_groups,
     prepare_model,
     router_parameters,
@@ -79,6 +78,7 @@ from aha.train.model_setup import (
 )
 from aha.train.objective import LambdaController
 from aha.train.schedule import TrainProgress, eval_indices
+from aha.train.sharding import is_sharded, make_accelerator, save_final_model
 from aha.train.step import Stepper
 
 #: Train-set rows averaged for the reported achieved global fraction.
@@ -89,7 +89,8 @@ ACHIEVED_WINDOW_STEPS = 20
 class TrainResult:
     """What :func:`train` returns (on every process).
 
-    ``model``: the trained model, unwrapped (LoRA merged), in eval mode. ``history``: the train rows
+    ``model``: the trained model, unwrapped (LoRA merged), in eval mode; under FSDP each process holds
+    its shard (``model/`` on disk is the consolidated one). ``history``: the train rows
     logged by this call. ``evaluation``: the final held-out evaluation (None when disabled).
     ``achieved_global``: mean global fraction of the last training steps.
     """
@@ -176,7 +177,8 @@ def train(
 ) -> TrainResult:
     """Fine-tune a causal LM with AHA routing (see the module docstring); resumes from ``config.out`` if it holds checkpoints.
 
-    Run it directly or under ``accelerate launch`` (DDP over processes, no code change).
+    Run it directly or under ``accelerate launch``: DDP over processes, or FSDP2 with
+    ``--use_fsdp --fsdp_version 2`` (see :mod:`aha.train.sharding`), no code change.
 
     Args:
         config: the run's settings.
@@ -190,7 +192,7 @@ def train(
         (``kind`` = train / eval rows), ``checkpoints/step-*``, ``model/`` (the final model, loadable
         with ``aha.load_model``) and ``summary.json``.
     """
-    accelerator = Accelerator(mixed_precision=mixed_precision(config.precision), step_scheduler_with_optimizer=False)
+    accelerator = make_accelerator(config)
     out = Path(config.out)
     resume = check_resume(config, out)
     set_seed(config.seed)
@@ -237,8 +239,10 @@ def train(
 
     def run_eval() -> dict[str, Any]:
         # the unwrapped model: processes may hold different numbers of eval batches, and DDP forwards are collective
+        # (a sharded model's forwards are collectives whatever the wrapper: evaluate runs them in lockstep)
         unwrapped = accelerator.unwrap_model(student)
-        result = evaluate(unwrapped, aha_model, data.heldout, heldout_indices, batch_size=config.batch_size, accelerator=accelerator)
+        result = evaluate(unwrapped, aha_model, data.heldout, heldout_indices, batch_size=config.batch_size, accelerator=accelerator,
+                          lockstep=is_sharded(accelerator))
         log.write({"kind": "eval", "step": progress.step, **{k: v for k, v in result.items() if k != "per_layer"}})
         return result
 
@@ -282,8 +286,8 @@ def train(
     if config.trainable == "lora":
         final_model = final_model.merge_and_unload()
     final_model.eval()
+    save_final_model(accelerator, student, final_model, out / "model")  # sharded: gathered on the main process
     if accelerator.is_main_process:
-        final_model.save_pretrained(out / "model")
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "model")
         summary = _summary(config, progress, controller, achieved_global, evaluation, data)

@@ -4,6 +4,7 @@
 * :mod:`~aha.train.objective` -- the loss terms and the sparsity budget controller;
 * :mod:`~aha.train.model_setup` -- conversion, trainable parameters, optimizer groups, the teacher;
 * :mod:`~aha.train.step` -- one optimizer step over the global batch;
+* :mod:`~aha.train.sharding` -- FSDP2 through accelerate (also on CPU), the consolidated final model;
 * :mod:`~aha.train.schedule` -- the batch order, a pure function of ``(seed, step)``;
 * :mod:`~aha.train.checkpoint` -- atomic, verified, rotating checkpoints and resume;
 * :mod:`~aha.train.metrics` -- ``metrics.jsonl`` (and TensorBoard);

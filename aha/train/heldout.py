@@ -26,6 +26,7 @@ def evaluate(
     *,
     batch_size: int,
     accelerator: Accelerator,
+    lockstep: bool = False,
 ) -> dict[str, Any]:
     """Held-out perplexity and routing with hard routes (eval mode), split over processes.
 
@@ -33,6 +34,8 @@ def evaluate(
         model: the model to run (``aha_model`` itself, or a PEFT wrapper around it); not DDP-wrapped.
         aha_model: the converted model whose routes are recorded (forced routes count as used).
         dataset, indices: the sequences to evaluate.
+        lockstep: every process runs the same number of forwards (a sharded model's forward is a
+            collective); a process with a shorter share repeats a batch outside the statistics.
 
     Returns:
         ``{"loss", "perplexity", "global_fraction", "compute_ratio", "per_layer", "targets"}``; routing
@@ -48,6 +51,12 @@ def evaluate(
             # the padding mask only serves the routing statistics: right padding never reaches a real token
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             ce += cross_entropy_sum(logits, batch["labels"]).double()
+    if lockstep and len(indices):
+        share = math.ceil(len(indices) / accelerator.num_processes)
+        spare = math.ceil(share / batch_size) - math.ceil(len(mine) / batch_size)
+        with torch.no_grad(), accelerator.autocast():
+            for _ in range(spare):  # uncounted: only the collectives must match
+                model(input_ids=collate(dataset, list(indices)[:1], accelerator.device)["input_ids"])
     model.train(was_training)
     counts = torch.cat([stats.global_pairs.flatten(), stats.total_pairs.flatten()]).to(accelerator.device)
     counts = accelerator.reduce(counts, "sum").cpu()

@@ -1,0 +1,89 @@
+"""Sharded training (FSDP2 through accelerate) on CPU: 2 processes over gloo against 1 process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from train_support import save_tiny_model
+
+import aha
+from aha.train import TrainConfig, iter_metrics, train
+
+# accelerate's FSDP options as `accelerate launch` takes them; ACCELERATE_USE_CPU=1 in the environment makes
+# the processes join over gloo on CPU (aha.train.sharding turns the launch into FSDP2 there, see its docstring)
+FSDP_LAUNCH = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+               "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
+
+
+def _documents(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (folder / f"{i}.txt").write_text(" ".join(rng.choice(["ab", "cd", "ef", "gh"], size=int(rng.integers(10, 60)))))
+    return folder
+
+
+def _launch(tmp_path, config: dict, name: str, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AHA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    config_file = tmp_path / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *FSDP_LAUNCH, "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+              "-m", "aha.cli", "train", "--config", str(config_file)]
+    # its own session: a hung run (mismatched collectives) is killed with every worker, not left behind
+    process = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the FSDP run hung for 300 s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(launch, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable", ["all", "routers"])
+def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, trainable):
+    """2 FSDP2 processes (parameters, gradients and optimizer state sharded) == 1 process, global batch of 4;
+    the consolidated ``model/`` loads on one process and equals the 1-process model."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    docs = _documents(tmp_path / "docs")
+    routers = {"router_init": "random"} if trainable == "routers" else {}  # routers-only needs separate routers: the default layout
+    common = dict(model=str(model_dir), data=[str(docs)], window=8, seq_len=48, steps=4, batch_size=2, lr=3e-3, router_lr=3e-2,
+                  target_global=0.5, lambda_init=1e-2, trainable=trainable, checkpoint_every=2, eval_every=2, eval_sequences=5,
+                  heldout_fraction=0.3, progress=False, precision="fp32", **routers)
+    done = _launch(tmp_path, {**common, "grad_accum": 1, "out": str(tmp_path / "two")}, "two", 29527 if trainable == "all" else 29528)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es), FSDP" in done.stdout, done.stdout[-2000:]
+
+    os.environ["AHA_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        one = train(TrainConfig(**common, grad_accum=2, out=str(tmp_path / "one")))
+    finally:
+        del os.environ["AHA_CACHE_DIR"]
+    rows_one, rows_two = list(iter_metrics(tmp_path / "one")), list(iter_metrics(tmp_path / "two"))
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [1, 2, 3, 4]
+    for a, b in zip(rows_one, rows_two):
+        assert a["targets_seen"] == b["targets_seen"] and a["global_fraction"] == b["global_fraction"]
+        for key in ("loss", "ce", "soft_gate", "lambda", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    evals_one = [r for r in iter_metrics(tmp_path / "one", kind="eval")]
+    evals_two = [r for r in iter_metrics(tmp_path / "two", kind="eval")]
+    # start, step 2, end; 5 sequences split 3 + 2: 2 batches of 2 on one process, 1 on the other, which repeats one
+    # uncounted (a sharded forward is a collective)
+    assert len(evals_one) == len(evals_two) == 3
+    for a, b in zip(evals_one, evals_two):
+        assert a["targets"] == b["targets"] and b["global_fraction"] == a["global_fraction"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+    saved, _ = aha.load_model(tmp_path / "two" / "model")
+    saved_state = saved.state_dict()
+    for name, value in one.model.state_dict().items():
+        assert torch.allclose(value, saved_state[name], atol=1e-5), name
