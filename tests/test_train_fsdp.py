@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from aha.train import TrainConfig, iter_metrics, train
 
 # accelerate's FSDP options as `accelerate launch` takes them; ACCELERATE_USE_CPU=1 in the environment makes
 # the processes join over gloo on CPU (aha.train.sharding turns the launch into FSDP2 there, see its docstring)
+EXACT_KEYS = ("loss", "ce", "kd", "soft_gate", "global_fraction", "lambda", "lr_model", "lr_routers", "grad_norm", "targets_seen")
 FSDP_LAUNCH = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
 
@@ -87,3 +89,33 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, train
     saved_state = saved.state_dict()
     for name, value in one.model.state_dict().items():
         assert torch.allclose(value, saved_state[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
+    """Killed after step 4 was logged but before its checkpoint, a 2-process FSDP2 run resumes from the sharded
+    checkpoint of step 2 and reproduces the uninterrupted rows and final model exactly."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    docs = _documents(tmp_path / "docs")
+    config = {"model": str(model_dir), "data": [str(docs)], "window": 8, "seq_len": 48, "steps": 4, "batch_size": 2, "grad_accum": 1,
+              "lr": 3e-3, "router_lr": 3e-2, "target_global": 0.5, "lambda_init": 1e-2, "checkpoint_every": 2, "keep_checkpoints": 3,
+              "eval_every": -1, "progress": False, "precision": "fp32", "out": str(tmp_path / "straight")}
+    done = _launch(tmp_path, config, "straight", 29529)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", killed)
+    for leftover in (killed / "checkpoints" / "step-00000004", killed / "model"):
+        shutil.rmtree(leftover)
+    (killed / "summary.json").unlink()
+    done = _launch(tmp_path, {**config, "out": str(killed)}, "resumed", 29529)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "(step 2)" in done.stdout, done.stdout[-2000:]
+
+    rows_straight, rows_resumed = list(iter_metrics(tmp_path / "straight")), list(iter_metrics(killed))
+    assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4]
+    for a, b in zip(rows_straight, rows_resumed):
+        assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}
+    straight = aha.load_model(tmp_path / "straight" / "model")[0].state_dict()
+    resumed = aha.load_model(killed / "model")[0].state_dict()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
