@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_support import save_tiny_model
+from train_support import save_tiny_model, tiny_llama
 
 import aha
 from aha.train import TrainConfig, iter_metrics, train
+from aha.train.checkpoint import check_resume
 
 # accelerate's FSDP options as `accelerate launch` takes them; ACCELERATE_USE_CPU=1 in the environment makes
 # the processes join over gloo on CPU (aha.train.sharding turns the launch into FSDP2 there, see its docstring)
@@ -119,3 +120,14 @@ def test_fsdp_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
     straight = aha.load_model(tmp_path / "straight" / "model")[0].state_dict()
     resumed = aha.load_model(killed / "model")[0].state_dict()
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, copy_data):
+    config = TrainConfig(model="tiny", window=4, seq_len=25, steps=2, batch_size=4, grad_accum=1, checkpoint_every=1,
+                         eval_every=-1, progress=False, precision="fp32", out=str(tmp_path))
+    train(config, model=tiny_llama(vocab_size=20), data=copy_data)
+    state = tmp_path / "checkpoints" / "step-00000002" / "trainer_state.json"
+    assert '"num_processes": 1' in state.read_text()
+    assert check_resume(config, tmp_path, 1)
+    with pytest.raises(ValueError, match=r"written by 1 process\(es\), this run has 2.*--num_processes 1"):
+        check_resume(config, tmp_path, 2)

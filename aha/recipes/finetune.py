@@ -194,7 +194,7 @@ def train(
     """
     accelerator = make_accelerator(config)
     out = Path(config.out)
-    resume = check_resume(config, out)
+    resume = check_resume(config, out, accelerator.num_processes)
     set_seed(config.seed)
     if model is None:
         model, tokenizer = aha.load_model(config.model, dtype=torch.float32)
@@ -225,7 +225,7 @@ def train(
     log = MetricsLog(out / "metrics.jsonl", progress.step if resumed else None, accelerator.is_main_process)
 
     def trainer_state() -> dict[str, Any]:
-        return {"controller": controller.state_dict(), "progress": progress.state_dict()}
+        return {"controller": controller.state_dict(), "progress": progress.state_dict(), "num_processes": accelerator.num_processes}
 
     stepper = Stepper(config, accelerator, student, aha_model, optimizer, scheduler, controller, train_set, teacher_logits)
     accelerator.print(

@@ -118,9 +118,21 @@ def load_newest_intact(
     )
 
 
-def check_resume(config: TrainConfig, out: Path) -> bool:
-    """Whether the run folder ``out`` holds checkpoints to resume; refuses those of a run with another config."""
+def check_resume(config: TrainConfig, out: Path, num_processes: int | None = None) -> bool:
+    """Whether the run folder ``out`` holds checkpoints to resume; refuses those of a run with another config,
+    or (given ``num_processes``) whose newest checkpoint was written by another number of processes."""
     checkpoints = list_checkpoints(out / "checkpoints")
+    if checkpoints and num_processes is not None:
+        try:
+            saved = json.loads((checkpoints[-1] / TRAINER_STATE).read_text()).get("num_processes")
+        except (OSError, ValueError, AttributeError):
+            saved = None  # damaged or older than the field: left to the loader
+        if isinstance(saved, int) and saved != num_processes:
+            raise ValueError(
+                f"{checkpoints[-1]} was written by {saved} process(es), this run has {num_processes}: the global batch "
+                "(batch_size x grad_accum x processes), the batch order, the per-process RNG states and, under FSDP, the "
+                f"shards depend on it. Resume with {saved} processes (accelerate launch --num_processes {saved}), or pass a new --out"
+            )
     saved_config = out / "config.yaml"
     if checkpoints and saved_config.exists():
         changed = differing_fields(yaml.safe_load(saved_config.read_text()), config)
