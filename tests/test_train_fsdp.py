@@ -54,14 +54,15 @@ def _launch(tmp_path, config: dict, name: str, port: int) -> subprocess.Complete
 @pytest.mark.slow
 @pytest.mark.parametrize("trainable", ["all", "routers"])
 def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, trainable):
-    """2 FSDP2 processes (parameters, gradients and optimizer state sharded) == 1 process, global batch of 4;
-    the consolidated ``model/`` loads on one process and equals the 1-process model."""
+    """2 FSDP2 processes (parameters, gradients and optimizer state sharded) == 1 process, global batch of 4, with
+    distillation (all: a sharded frozen teacher; routers: the student with routes forced global); the consolidated
+    ``model/`` loads on one process and equals the 1-process model."""
     model_dir = save_tiny_model(tmp_path / "tiny")
     docs = _documents(tmp_path / "docs")
     routers = {"router_init": "random"} if trainable == "routers" else {}  # routers-only needs separate routers: the default layout
     common = dict(model=str(model_dir), data=[str(docs)], window=8, seq_len=48, steps=4, batch_size=2, lr=3e-3, router_lr=3e-2,
                   target_global=0.5, lambda_init=1e-2, trainable=trainable, checkpoint_every=2, eval_every=2, eval_sequences=5,
-                  heldout_fraction=0.3, progress=False, precision="fp32", **routers)
+                  heldout_fraction=0.3, distill=0.5, progress=False, precision="fp32", **routers)
     done = _launch(tmp_path, {**common, "grad_accum": 1, "out": str(tmp_path / "two")}, "two", 29527 if trainable == "all" else 29528)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es), FSDP" in done.stdout, done.stdout[-2000:]
@@ -75,7 +76,7 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, train
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [1, 2, 3, 4]
     for a, b in zip(rows_one, rows_two):
         assert a["targets_seen"] == b["targets_seen"] and a["global_fraction"] == b["global_fraction"]
-        for key in ("loss", "ce", "soft_gate", "lambda", "grad_norm"):
+        for key in ("loss", "ce", "kd", "soft_gate", "lambda", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     evals_one = [r for r in iter_metrics(tmp_path / "one", kind="eval")]
     evals_two = [r for r in iter_metrics(tmp_path / "two", kind="eval")]

@@ -96,6 +96,10 @@ def teacher(config: TrainConfig, aha_model: nn.Module, student: nn.Module, accel
         return None
     if config.trainable == "all":
         frozen = copy.deepcopy(aha_model).requires_grad_(False).eval().to(accelerator.device)
+        if accelerator.is_fsdp2:  # sharded like the student (its forwards are collectives too); not checkpointed: it never changes
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            frozen = fsdp2_prepare_model(accelerator, frozen)
         teacher_model, routed_model = frozen, frozen
     else:
         teacher_model, routed_model = student, aha_model

@@ -22,8 +22,9 @@ term by global-batch counts and :class:`~aha.train.step.Stepper` sums the gate s
 processes before the budget controller reads them, so the sparsity loss and lambda see the all-rank
 mean of the gates, as under DDP; FSDP2 averages gradients over processes as DDP does.
 
-Not sharded yet: the frozen distillation teacher of ``trainable='all'`` (a full copy per process;
-``routers`` uses the student under ``aha.force_routing`` instead). ``trainable='lora'`` is refused.
+The frozen distillation teacher of ``trainable='all'`` is sharded the same way (``routers`` uses the
+student under ``aha.force_routing`` instead). ``trainable='lora'`` is refused. Every process still
+loads the whole model before it is sharded (no ``cpu_ram_efficient_loading`` yet).
 Checkpoints are accelerate's: with ``SHARDED_STATE_DICT`` (FSDP2's default) each process writes its
 shard through ``torch.distributed.checkpoint``, whose ``.metadata`` file is read back with
 ``pickle`` (the manifest still catches damaged files); ``FULL_STATE_DICT`` gathers everything on the
