@@ -63,7 +63,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # both shared states: every later AcceleratorState() copies PartialState's distributed_type over its own
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
+        plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
+        if accelerator.mixed_precision != "no":  # as accelerate does for its own FSDP: the MixedPrecisionPolicy
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError("aha train shards with FSDP2 only: launch with --fsdp_version 2 (or fsdp_version: 2 in the accelerate config)")
     if is_sharded(accelerator) and config.trainable == "lora":
