@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_support import save_tiny_model, tiny_llama
+from safetensors import safe_open
+from train_support import char_tokenizer, save_tiny_model, tiny_llama
 
 import aha
 from aha.train import TrainConfig, iter_metrics, train
@@ -57,9 +58,14 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, train
     """2 FSDP2 processes (parameters, gradients and optimizer state sharded) == 1 process, global batch of 4, with
     distillation (all: a sharded frozen teacher; routers: the student with routes forced global); the consolidated
     ``model/`` loads on one process and equals the 1-process model."""
-    model_dir = save_tiny_model(tmp_path / "tiny")
+    if trainable == "all":  # router rows fused into q_proj (the released AHA-OLMO2 layout), random: they shard inside q_proj
+        model_dir = tmp_path / "tiny"
+        aha.convert(tiny_llama(), window=8, router_init="random", router_layout="fused").save_pretrained(model_dir)
+        char_tokenizer().save_pretrained(model_dir)
+    else:  # separate aha.Router modules (what routers-only training needs), converted by the trainer
+        model_dir = save_tiny_model(tmp_path / "tiny")
     docs = _documents(tmp_path / "docs")
-    routers = {"router_init": "random"} if trainable == "routers" else {}  # routers-only needs separate routers: the default layout
+    routers = {"router_init": "random"} if trainable == "routers" else {}
     common = dict(model=str(model_dir), data=[str(docs)], window=8, seq_len=48, steps=4, batch_size=2, lr=3e-3, router_lr=3e-2,
                   target_global=0.5, lambda_init=1e-2, trainable=trainable, checkpoint_every=2, eval_every=2, eval_sequences=5,
                   heldout_fraction=0.3, distill=0.5, progress=False, precision="fp32", **routers)
@@ -87,8 +93,12 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, train
         assert a["targets"] == b["targets"] and b["global_fraction"] == a["global_fraction"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
+    assert sorted(safe_open(tmp_path / "two" / "model" / "model.safetensors", "pt").keys()) == sorted(
+        safe_open(tmp_path / "one" / "model" / "model.safetensors", "pt").keys())  # tied embeddings saved once
     saved, _ = aha.load_model(tmp_path / "two" / "model")
     saved_state = saved.state_dict()
+    fused = trainable == "all"
+    assert any(".q_proj.router." in name for name in saved_state) != fused
     for name, value in one.model.state_dict().items():
         assert torch.allclose(value, saved_state[name], atol=1e-5), name
 

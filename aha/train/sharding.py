@@ -90,4 +90,9 @@ def save_final_model(accelerator: Accelerator, student: nn.Module, final_model: 
     """
     state: dict[str, Any] | None = accelerator.get_state_dict(student) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
+        if state is not None:  # gathered tied weights are separate tensors: keep one name each, as save_pretrained does
+            first: dict[int, str] = {}
+            for name, param in final_model.named_parameters(remove_duplicate=False):
+                if first.setdefault(id(param), name) != name:
+                    state.pop(name, None)
         final_model.save_pretrained(folder, state_dict=state)
