@@ -34,11 +34,11 @@ def _documents(folder):
     return folder
 
 
-def _launch(tmp_path, config: dict, name: str, port: int) -> subprocess.CompletedProcess:
+def _launch(tmp_path, config: dict, name: str, port: int, fsdp: list[str] = FSDP_LAUNCH) -> subprocess.CompletedProcess:
     env = {**os.environ, "AHA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     config_file = tmp_path / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *FSDP_LAUNCH, "--num_processes", "2", "--num_machines", "1",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
               "-m", "aha.cli", "train", "--config", str(config_file)]
     # its own session: a hung run (mismatched collectives) is killed with every worker, not left behind
@@ -142,3 +142,16 @@ def test_resume_refuses_another_number_of_processes(tmp_path, copy_data):
     assert check_resume(config, tmp_path, 1)
     with pytest.raises(ValueError, match=r"written by 1 process\(es\), this run has 2.*--num_processes 1"):
         check_resume(config, tmp_path, 2)
+
+
+@pytest.mark.slow
+def test_fsdp_refuses_lora_and_fsdp1(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    docs = _documents(tmp_path / "docs")
+    config = {"model": str(model_dir), "data": [str(docs)], "window": 8, "seq_len": 48, "steps": 1, "batch_size": 2, "progress": False,
+              "precision": "fp32"}
+    lora = _launch(tmp_path, {**config, "trainable": "lora", "out": str(tmp_path / "lora")}, "lora", 29530)
+    assert lora.returncode != 0 and "trainable='lora' is not supported with FSDP yet" in lora.stderr, lora.stderr[-3000:]
+    fsdp1 = [arg if arg != "2" else "1" for arg in FSDP_LAUNCH]
+    version1 = _launch(tmp_path, {**config, "out": str(tmp_path / "fsdp1")}, "fsdp1", 29530, fsdp=fsdp1)
+    assert version1.returncode != 0 and "launch with --fsdp_version 2" in version1.stderr, version1.stderr[-3000:]

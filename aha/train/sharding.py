@@ -50,6 +50,8 @@ except ImportError as error:  # pragma: no cover - the recipe reports the missin
 from aha.train.config import TrainConfig
 from aha.train.model_setup import mixed_precision
 
+FSDP1_REFUSED = "aha train shards with FSDP2 only: launch with --fsdp_version 2 (or fsdp_version: 2 in the accelerate config)"
+
 
 def fsdp_requested() -> bool:
     """Whether the launch asked for FSDP (``accelerate launch --use_fsdp`` or a config file with ``distributed_type: FSDP``)."""
@@ -58,6 +60,8 @@ def fsdp_requested() -> bool:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """The run's :class:`Accelerator`: DDP, FSDP2 or one process, as launched; FSDP2 on CPU too (see the module docstring)."""
+    if fsdp_requested() and os.environ.get("FSDP_VERSION", "1") != "2":  # before accelerate builds (and on CPU rejects) an FSDP1 plugin
+        raise ValueError(FSDP1_REFUSED)
     accelerator = Accelerator(mixed_precision=mixed_precision(config.precision), step_scheduler_with_optimizer=False)
     if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # both shared states: every later AcceleratorState() copies PartialState's distributed_type over its own
@@ -68,7 +72,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             plugin.set_mixed_precision(accelerator.mixed_precision)
         accelerator.state.fsdp_plugin = plugin
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise ValueError("aha train shards with FSDP2 only: launch with --fsdp_version 2 (or fsdp_version: 2 in the accelerate config)")
+        raise ValueError(FSDP1_REFUSED)
     if is_sharded(accelerator) and config.trainable == "lora":
         raise ValueError(
             "trainable='lora' is not supported with FSDP yet (the adapters are merged on one process at the end); "
