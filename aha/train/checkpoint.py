@@ -108,7 +108,7 @@ def load_newest_intact(
             try:
                 accelerator.load_state(str(path))
                 return path, json.loads((path / TRAINER_STATE).read_text())
-            except Exception as exc:  # any failure to load means: try the next older one
+            except Exception as exc:  # noqa: BLE001 -- any failure to load means: try the next older one
                 problem = f"failed to load: {exc.__class__.__name__}: {str(exc)[:200]}"
         problems.append(f"{path.name}: {problem}")
         report(f"aha train: skipping damaged checkpoint {path} ({problem})")
