@@ -30,6 +30,7 @@ from transformers.masking_utils import (
 from aha.hf.projection import find_router
 from aha.hf.settings import AhaSettings
 from aha.kernels import AhaInputError, KeyPadding, aha_attention
+from aha.kernels.masks import padding_mask
 
 ATTN_IMPLEMENTATION = "aha"
 
@@ -140,7 +141,7 @@ def aha_attention_forward(
     )
     if router is not None and router.route_observers:
         seq_q = query.shape[2]
-        mask = attention_mask.mask if isinstance(attention_mask, KeyPadding) else attention_mask
+        mask = padding_mask(attention_mask)
         valid = None if mask is None else mask[:, -seq_q:]
         for observer in router.route_observers:
             observer(route, key.shape[2] - seq_q, valid)

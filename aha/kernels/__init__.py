@@ -157,7 +157,7 @@ def aha_attention(
     # a window or sink past the last key means every key: clamped, no index arithmetic can overflow
     window, sink = min(window, k.shape[2]), min(sink, k.shape[2])
     if torch.compiler.is_compiling() and not _needs_grad(q, k, v, route):
-        mask = padding_mask(key_padding_mask) if isinstance(key_padding_mask, KeyPadding) else key_padding_mask
+        mask = padding_mask(key_padding_mask)
         return attention_op(q, k, v, route, mask, window, sink, float(scale), impl, bool(route_is_binary))
     return run_eager(q, k, v, route, window, scale, key_padding_mask, sink, impl, route_is_binary)
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from aha.kernels.masks import KeyPadding
+from aha.kernels.masks import KeyPadding, padding_mask
 
 
 class AhaInputError(ValueError):
@@ -99,8 +99,7 @@ def check_inputs(
             f"route must be bool (True = global) or a float gate in [0, 1], got {route.dtype}; "
             "use route.bool() for hard routes"
         )
-    if isinstance(key_padding_mask, KeyPadding):
-        key_padding_mask = key_padding_mask.mask
+    key_padding_mask = padding_mask(key_padding_mask)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise AhaInputError("key_padding_mask must be a bool tensor [batch, seq_kv] (True = real key)")

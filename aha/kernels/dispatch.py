@@ -26,8 +26,6 @@ from aha.kernels.masks import KeyPadding
 from aha.kernels.reference import reference_attention
 from aha.kernels.split import split_attention
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
 
 @dataclass(frozen=True, eq=False)
 class Inputs:
@@ -63,14 +61,17 @@ class Inputs:
         """One query per head with a hard route and no gradient: a generation step."""
         return self.q.shape[2] == 1 and not self.needs_grad and self.binary is True
 
+    @property
+    def hard_route(self) -> Tensor:
+        """The route as bool (True = global): a float gate thresholded at 0.5 (its own values where it is binary)."""
+        return self.route if self.route.dtype == torch.bool else self.route > 0.5
+
     def global_fraction(self) -> float:
         """Share of (token, head) pairs whose routed work is full attention (reads the route: a sync);
         soft gates and gates that need a gradient count as 1 (their dense full branch runs everywhere)."""
-        if self.route.dtype == torch.bool:
-            return float(self.route.float().mean())
-        if self.route.requires_grad or not self.binary:
+        if self.route.dtype != torch.bool and (self.route.requires_grad or not self.binary):
             return 1.0
-        return float((self.route > 0.5).float().mean())
+        return float(self.hard_route.float().mean())
 
 
 class Implementation:
@@ -166,8 +167,8 @@ class Decode(Implementation):
         return reasons
 
     def __call__(self, inputs: Inputs) -> Tensor:
-        q, k, v, route, *rest = _arguments(inputs)
-        return decode_attention(q, k, v, route if route.dtype == torch.bool else route > 0.5, *rest)
+        q, k, v, _, *rest = _arguments(inputs)
+        return decode_attention(q, k, v, inputs.hard_route, *rest)
 
 
 class Flex(Implementation):
@@ -201,7 +202,10 @@ class Triton(Implementation):
     def __call__(self, inputs: Inputs) -> Tensor:
         from aha.kernels.triton import triton_attention
 
-        return triton_attention(*_arguments(inputs), decode_step=inputs.decode_step)
+        q, k, v, route, *rest = _arguments(inputs)
+        if inputs.decode_step:
+            return triton_attention(q, k, v, inputs.hard_route, *rest, decode_step=True)
+        return triton_attention(q, k, v, route, *rest)
 
 
 def _arguments(inputs: Inputs) -> tuple:

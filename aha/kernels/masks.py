@@ -55,9 +55,9 @@ def first_real_key(mask: Tensor) -> Tensor:
     return mask.to(torch.uint8).argmax(1)
 
 
-def padding_mask(padding: KeyPadding | None) -> Tensor | None:
-    """The ``[batch, seq_kv]`` bool mask of ``padding``, or None."""
-    return None if padding is None else padding.mask
+def padding_mask(padding: Tensor | KeyPadding | None) -> Tensor | None:
+    """The ``[batch, seq_kv]`` bool mask of ``padding`` (a mask, its layout, or None)."""
+    return padding.mask if isinstance(padding, KeyPadding) else padding
 
 
 def key_positions(seq_q: int, seq_kv: int, device: torch.device) -> tuple[Tensor, Tensor]:

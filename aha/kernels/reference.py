@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aha.kernels._checks import is_binary
 from aha.kernels.masks import KeyPadding, key_positions, sink_key_mask
 
 
@@ -77,10 +78,9 @@ def reference_attention(
         out = torch.where(route[..., None], full, local)
     else:
         g = route.float()[..., None]
-        gate = route.detach()
-        if bool(((gate == 0) | (gate == 1)).all()):
+        if is_binary(route):
             gap = torch.nan_to_num(full - local, nan=0.0, posinf=0.0, neginf=0.0)  # d out / d g, finite
-            out = torch.where(gate[..., None] > 0.5, full, local) + (g - g.detach()) * gap
+            out = torch.where(route.detach()[..., None] > 0.5, full, local) + (g - g.detach()) * gap
         else:
             out = g * full + (1 - g) * local
     if query_valid is not None:

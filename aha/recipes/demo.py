@@ -42,7 +42,7 @@ from aha.data import build_datasets
 from aha.evaluation import EvalSettings, run_evaluation
 from aha.evaluation.passkey import evaluate_passkey
 from aha.evaluation.perplexity import compare_routing_modes, full_length_subset
-from aha.hf.settings import AhaSettings, routing_field, routing_settings
+from aha.hf.settings import routing_field
 from aha.recipes.finetune import train
 from aha.report.markdown import (
     headline_rows,
@@ -112,17 +112,12 @@ class DemoSettings:
         )
         return cls(**{**small, **overrides})
 
-    @property
-    def routing(self) -> AhaSettings:
-        """The AHA settings of the demo's model (``window``, ``sink``; the rest at their defaults)."""
-        return routing_settings(self)
-
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             model=self.model,
             data=list(self.data),
-            window=self.routing.window,
-            sink=self.routing.sink,
+            window=self.window,
+            sink=self.sink,
             seq_len=self.seq_len,
             steps=self.steps,
             target_global=self.target_global,
@@ -164,7 +159,7 @@ def _cached_stage(path: Path, key: dict[str, Any], compute: Callable[[], dict[st
 def _baseline(model: torch.nn.Module, tokenizer: Any, settings: DemoSettings) -> dict[str, Any]:
     """The original model with full attention and with the sliding window of AHA's local heads: perplexity and passkey."""
     # open routers: equals the original
-    original = aha.convert(copy.deepcopy(model), window=settings.routing.window, sink=settings.routing.sink)
+    original = aha.convert(copy.deepcopy(model), window=settings.window, sink=settings.sink)
     original.eval()
     heldout = build_datasets(list(settings.data), tokenizer, seq_len=settings.seq_len).heldout
     sequences = full_length_subset(heldout, settings.eval_sequences)

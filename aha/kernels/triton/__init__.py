@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import torch
 from torch import Tensor
 
 from aha.kernels.gating import apply_route_with_kernel
@@ -48,13 +47,12 @@ def triton_attention(
 ) -> Tensor:
     """AHA attention with the Triton kernels; the shared implementation signature (q ``[B, Hq, Sq, D]``,
     k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, Sq]`` bool or float gate, 1 = global). ``decode_step``
-    (one query, hard route, no gradient) runs the split-KV decode kernel instead of the prefill ones."""
+    (one query, a bool route, no gradient) runs the split-KV decode kernel instead of the prefill ones."""
     first_key = key_start(padding, q.shape[0], q.device)
     if decode_step:
         from aha.kernels.triton.decode import triton_decode
 
-        hard = route if route.dtype == torch.bool else route > 0.5
-        return triton_decode(q, k, v, hard, window, scale, first_key, sink)
+        return triton_decode(q, k, v, route, window, scale, first_key, sink)
     from aha.kernels.triton.prefill import triton_prefill
 
     return apply_route_with_kernel(
