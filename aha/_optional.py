@@ -6,6 +6,7 @@
 * ``train``: accelerate, peft, datasets (``aha train``, :mod:`aha.recipes.finetune`, ``hf:`` data);
 * ``eval``: lm-eval, matplotlib (``aha eval`` plots, ``aha lm-eval``);
 * ``cli``: typer, rich, matplotlib, gguf (the ``aha`` command; gguf reads the offline SmolLM2);
+* ``serve``: fastapi, uvicorn, openai, prometheus_client (``aha serve``);
 * ``demo``: cli + train + eval; ``dev``: everything.
 """
 
@@ -23,6 +24,10 @@ EXTRA_OF = {
     "typer": "cli",
     "rich": "cli",
     "gguf": "cli",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "openai": "serve",
+    "prometheus_client": "serve",
 }
 
 

@@ -15,6 +15,7 @@ Importing :mod:`aha` registers two functions under the name ``"aha"``:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from transformers.masking_utils import (
     prepare_padding_mask,
 )
 
-from aha.hf.projection import find_router
+from aha.hf.projection import RoutedQueryProjection, find_router
 from aha.hf.settings import AhaSettings
 from aha.kernels import AhaInputError, KeyPadding, aha_attention
 from aha.kernels.masks import padding_mask
@@ -135,6 +136,12 @@ def aha_attention_forward(
     else:
         batch, heads, seq_q, _ = query.shape
         route = torch.ones(batch, heads, seq_q, dtype=torch.bool, device=query.device)
+    cu_seq_lens_q, cu_seq_lens_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_seq_lens_q is not None and cu_seq_lens_k is not None:
+        output = _packed_attention(
+            query, key, value, route, cu_seq_lens_q, cu_seq_lens_k, window, scaling, sink, router
+        )
+        return output.transpose(1, 2), None
     output = aha_attention(
         query, key, value, route, window, scale=scaling, key_padding_mask=attention_mask,
         sink=sink, route_is_binary=True,  # routes come from route_from_logits: bool or the 0/1 STE gate
@@ -146,6 +153,60 @@ def aha_attention_forward(
         for observer in router.route_observers:
             observer(route, key.shape[2] - seq_q, valid)
     return output.transpose(1, 2), None
+
+
+def _packed_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    route: Tensor,
+    cu_seq_lens_q: Tensor,
+    cu_seq_lens_k: Tensor,
+    window: int,
+    scaling: float | None,
+    sink: int,
+    router: RoutedQueryProjection | None,
+) -> Tensor:
+    """AHA attention over sequences packed into one row (continuous batching, packed training).
+
+    Args:
+        query: ``[1, q_heads, total_q, head_dim]``; sequence ``i`` holds queries
+            ``cu_seq_lens_q[i]:cu_seq_lens_q[i + 1]``, which are the last positions of its keys
+            ``cu_seq_lens_k[i]:cu_seq_lens_k[i + 1]`` of ``key``/``value``
+            ``[1, kv_heads, total_k, head_dim]`` (its cached prefix, then the new tokens).
+        route: ``[1, q_heads, total_q]`` (True / 1 = global).
+
+    Returns:
+        ``[1, q_heads, total_q, head_dim]``; rows past ``cu_seq_lens_q[-1]`` (padding) are zero.
+    """
+    if query.shape[0] != 1:
+        raise AhaInputError(f"packed sequences (cu_seq_lens_q/k) come in one row, got a batch of {query.shape[0]}")
+    starts_q, starts_k = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
+    if len(starts_q) != len(starts_k):
+        raise AhaInputError(
+            f"cu_seq_lens_q and cu_seq_lens_k describe {len(starts_q) - 1} and {len(starts_k) - 1} sequences"
+        )
+    outputs = []
+    for (q_start, q_end), (k_start, k_end) in zip(itertools.pairwise(starts_q), itertools.pairwise(starts_k)):
+        if q_end == q_start:
+            continue
+        if k_end - k_start < q_end - q_start:
+            raise AhaInputError(
+                f"a packed sequence has {q_end - q_start} queries but only {k_end - k_start} keys; its queries "
+                "must be the last positions of its keys"
+            )
+        sequence_route = route[:, :, q_start:q_end]
+        outputs.append(aha_attention(
+            query[:, :, q_start:q_end], key[:, :, k_start:k_end], value[:, :, k_start:k_end], sequence_route,
+            window, scale=scaling, sink=sink, route_is_binary=True,
+        ))  # fmt: skip
+        if router is not None:
+            for observer in router.route_observers:
+                observer(sequence_route, (k_end - k_start) - (q_end - q_start), None)
+    padding = query.shape[2] - starts_q[-1]
+    if padding:
+        outputs.append(query.new_zeros(*query.shape[:2], padding, query.shape[3]))
+    return torch.cat(outputs, dim=2)
 
 
 def register_attention() -> None:

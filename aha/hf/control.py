@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -58,6 +58,43 @@ def router_logits(model: nn.Module) -> list[Tensor]:
 
 
 @contextmanager
+def observe_routes(model: nn.Module, observer: Callable[[int, Tensor, int, Tensor | None], None]) -> Iterator[None]:
+    """Call ``observer(row, route, first_position, valid)`` after every routed attention call inside the block.
+
+    ``row`` is the index of the layer among the converted layers; ``route`` the hard route
+    ``[batch, heads, seq]`` it used (True = global, forced routes included); ``first_position``
+    the absolute position of its first query (the KV prefix length); ``valid`` None or a
+    ``[batch, seq]`` bool mask, False for padding tokens.
+    """
+    projections = list(routers(model).values())
+    observers = []
+    for row, q_proj in enumerate(projections):
+
+        def observe(route: Tensor, first_position: int, valid: Tensor | None, row: int = row) -> None:
+            observer(row, route, first_position, valid)
+
+        q_proj.route_observers.append(observe)
+        observers.append((q_proj, observe))
+    try:
+        yield
+    finally:
+        for q_proj, observe in observers:
+            q_proj.route_observers.remove(observe)
+
+
+def new_routing_stats(model: nn.Module) -> RoutingStats:
+    """Empty :class:`aha.RoutingStats` shaped for ``model`` (one row per converted layer)."""
+    config = aha_model(model).config
+    settings = AhaSettings.from_config(config)
+    return RoutingStats(
+        window=settings.window,
+        num_layers=len(routers(model)),
+        num_heads=config.num_attention_heads,
+        sink=settings.sink,
+    )
+
+
+@contextmanager
 def track_routing(model: nn.Module) -> Iterator[RoutingStats]:
     """Accumulate the hard routes of every forward pass inside the block into a :class:`aha.RoutingStats`.
 
@@ -70,28 +107,9 @@ def track_routing(model: nn.Module) -> Iterator[RoutingStats]:
     Yields:
         The statistics object, filled in as the model runs.
     """
-    projections = list(routers(model).values())
-    config = aha_model(model).config
-    settings = AhaSettings.from_config(config)
-    stats = RoutingStats(
-        window=settings.window,
-        num_layers=len(projections),
-        num_heads=config.num_attention_heads,
-        sink=settings.sink,
-    )
-    observers = []
-    for row, q_proj in enumerate(projections):
-
-        def observe(route: Tensor, first_position: int, valid: Tensor | None, row: int = row) -> None:
-            stats.update(row, route, first_position, valid)
-
-        q_proj.route_observers.append(observe)
-        observers.append((q_proj, observe))
-    try:
+    stats = new_routing_stats(model)
+    with observe_routes(model, stats.update):
         yield stats
-    finally:
-        for q_proj, observe in observers:
-            q_proj.route_observers.remove(observe)
 
 
 @contextmanager

@@ -58,6 +58,15 @@ class AhaModelMixin:
         """Default to ``"aha"`` (routed attention); an explicit ``attn_implementation`` still wins."""
         return super().get_correct_attn_implementation(requested_attention or ATTN_IMPLEMENTATION, is_init_check)
 
+    def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' continuous batching; with ``"aha"`` attention, a manager that keeps it
+        (:mod:`aha.hf.continuous_batching`)."""
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION:
+            return super().init_continuous_batching(*args, **kwargs)
+        from aha.hf.continuous_batching import init_continuous_batching
+
+        return init_continuous_batching(self, *args, **kwargs)
+
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """transformers' weight initialisation, then ``router_init`` for routers a checkpoint lacked.

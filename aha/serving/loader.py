@@ -1,0 +1,99 @@
+"""How ``aha serve`` loads its model, as a ``ModelLoader`` of transformers' serving stack.
+
+The server pickles the loader into the model's process (spawned), which unpickling this module
+imports: that registers the AHA classes and the ``"aha"`` attention there too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cli.serving.model_manager import ModelLoader
+from transformers.cli.serving.utils import parse_model_id
+
+import aha
+from aha.models import SMOLLM2, smollm2_path
+from aha.serving.server import configure_logging
+from aha.serving.telemetry import Telemetry
+
+_log = logging.getLogger("aha.serve")
+
+if TYPE_CHECKING:
+    from transformers import (
+        GenerationConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
+
+
+def model_folder(model_id: str) -> Path:
+    """The local folder of a served model: ``smollm2-135m`` (the offline default) or a folder path.
+
+    ``model_id`` is the serving stack's id: a path as it is, any other name with ``@revision``.
+    """
+    repo, _, _ = parse_model_id(model_id)
+    if repo.lower() == SMOLLM2:
+        return smollm2_path()
+    folder = Path(repo).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model folder at {folder}: serve a saved model folder (e.g. a training run's model/) or {SMOLLM2!r}"
+        )
+    return folder
+
+
+class AhaModelLoader(ModelLoader):
+    """Loads an AHA checkpoint routed, or a plain model converted at ``window``/``sink``.
+
+    Args:
+        window, sink: convert a plain model with these (required for a plain model unless
+            ``dense``); an AHA checkpoint keeps its own, and these must be None or equal.
+        dense: serve the same weights with PyTorch SDPA (no routing): the baseline.
+        dtype: weight dtype (``"float32"``, ``"bfloat16"``, ...).
+        device: ``"auto"`` (CUDA if available, else CPU), or a torch device.
+        log_level: of the model's process's ``aha.serve`` lines.
+
+    Never runs code from the checkpoint (``trust_remote_code`` stays False).
+    """
+
+    def __init__(
+        self, *, window: int | None, sink: int | None, dense: bool, dtype: str, device: str = "auto",
+        log_level: str = "info",
+    ):  # fmt: skip
+        super().__init__(device=device, dtype=dtype, trust_remote_code=False)
+        self.window, self.sink, self.dense, self.log_level = window, sink, dense, log_level
+
+    def load_config(self, model_id: str) -> tuple[PretrainedConfig, GenerationConfig]:
+        return super().load_config(str(model_folder(model_id)))
+
+    def load_processor(self, model_id: str) -> PreTrainedTokenizerBase:
+        return super().load_processor(str(model_folder(model_id)))
+
+    def _load_model(self, model_id: str, tqdm_class: type | None = None, progress_callback: Any = None) -> PreTrainedModel:
+        """Load, route (or not) and instrument the model; runs in the model's process."""
+        configure_logging(self.log_level)
+        folder = model_folder(model_id)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        model = aha.from_pretrained(folder, dtype=self.dtype, tqdm_class=tqdm_class).to(device).eval()
+        if aha.is_aha_model(model):
+            aha.AhaSettings.of(model.config).check_matches(str(folder), window=self.window, sink=self.sink)
+            if self.dense:
+                model.set_attn_implementation("sdpa")
+        elif not self.dense:
+            if self.window is None:
+                raise ValueError(
+                    f"{folder} is not an AHA model: pass --window (and --sink) to convert it, or --dense to serve "
+                    "it with full attention"
+                )
+            model = aha.convert(model, window=self.window, sink=self.sink or 0).eval()
+            _log.warning("%s is converted with open routers: every head attends globally until the routers "
+                         "are trained (aha train); serve the trained model folder to skip work", folder)
+        else:
+            model.set_attn_implementation("sdpa")
+        Telemetry(model).install()
+        return model
+

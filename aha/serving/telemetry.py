@@ -1,0 +1,191 @@
+"""What ``aha serve`` measures, in Prometheus form (``/metrics``) and in its log.
+
+The model runs in a process of its own (transformers' serving engine). There, :class:`Telemetry`
+counts every request's tokens and time and every routed attention call's routes, into
+``prometheus_client`` metrics in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which ``aha
+serve`` sets before either process imports the client). The API process serves them with
+:func:`metrics_registry`, which adds the running ratios and the requests in flight.
+
+Metrics (counters grow over the server's life):
+
+* ``aha_requests_total``, ``aha_prompt_tokens_total``, ``aha_generated_tokens_total``;
+  ``aha_request_seconds`` (histogram, arrival to last token);
+* ``aha_route_decisions_total{route="global"|"local"}``: (token, head) routing decisions of
+  every layer, prompt and generated tokens alike;
+* ``aha_attention_scores_total{attention="routed"|"full"}``: query-key scores the routed model
+  computes, and those full attention would (the compute ratio is their quotient);
+* ``aha_global_fraction``, ``aha_attention_compute_ratio``: those ratios, running;
+* ``aha_requests_in_flight``: requests accepted and not yet answered (running or queued).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from torch import nn
+
+from aha.hf import is_aha_model
+from aha.hf.control import new_routing_stats, observe_routes
+from aha.stats import RoutingStats
+
+_log = logging.getLogger("aha.serve")
+
+REQUESTS = Counter("aha_requests", "Requests answered")
+PROMPT_TOKENS = Counter("aha_prompt_tokens", "Prompt tokens of the requests answered")
+GENERATED_TOKENS = Counter("aha_generated_tokens", "Tokens generated")
+REQUEST_SECONDS = Histogram(
+    "aha_request_seconds", "Time from a request's arrival at the model to its last token",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250),
+)  # fmt: skip
+ROUTE_DECISIONS = Counter("aha_route_decisions", "(token, head) routing decisions of every layer", ["route"])
+ATTENTION_SCORES = Counter(
+    "aha_attention_scores", "Query-key scores computed (routed) and those full attention would compute (full)",
+    ["attention"],
+)  # fmt: skip
+
+#: Seconds between two reports of the routes under continuous batching (requests share forward passes).
+ROUTES_REPORT_INTERVAL = 5.0
+
+
+class Telemetry:
+    """Counts what one served model does; installed on the model in its process.
+
+    Sequential serving (``model.generate`` per request): each request's own global fraction and
+    compute ratio go to the log. Continuous batching: requests share forward passes, so the
+    routes are reported every :data:`ROUTES_REPORT_INTERVAL` seconds as running totals, and each
+    request's line has its tokens and time.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.routed = is_aha_model(model) and model.config._attn_implementation == "aha"
+        self._routes = new_routing_stats(model) if self.routed else None
+        self._exit = contextlib.ExitStack()
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        """Start counting: observe the routers, wrap ``generate`` and ``init_continuous_batching``."""
+        if self.routed:
+            self._exit.enter_context(observe_routes(self.model, self._observe))
+        self.model.generate = self._timed_generate(self.model.generate)
+        self.model.init_continuous_batching = self._watched_batching(self.model.init_continuous_batching)
+
+    def _observe(self, row: int, route: Any, first_position: int, valid: Any) -> None:
+        with self._lock:
+            self._routes.update(row, route, first_position, valid)
+
+    def take_routes(self) -> RoutingStats | None:
+        """The routes seen since the last call (None for a model served without routing)."""
+        if not self.routed:
+            return None
+        with self._lock:
+            taken, self._routes = self._routes, new_routing_stats(self.model)
+        report_routes(taken)
+        return taken
+
+    def _timed_generate(self, generate: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_generate(*args: Any, **kwargs: Any) -> Any:
+            self.take_routes()  # anything before this request (warm-up) is not its own
+            start = time.perf_counter()
+            sequences = generate(*args, **kwargs)
+            prompt = kwargs["input_ids"].shape[-1] if "input_ids" in kwargs else args[0].shape[-1]
+            self.finished(prompt, sequences.shape[-1] - prompt, time.perf_counter() - start, self.take_routes())
+            return sequences
+
+        return timed_generate
+
+    def _watched_batching(self, init: Callable[..., Any]) -> Callable[..., Any]:
+        def watched_init(*args: Any, **kwargs: Any) -> Any:
+            manager = init(*args, **kwargs)
+            listeners = getattr(manager, "finished_listeners", None)
+            if listeners is not None:
+                listeners.append(self._batched_request_finished)
+            if self.routed:
+                threading.Thread(target=self._report_routes_forever, name="aha-routes", daemon=True).start()
+            return manager
+
+        return watched_init
+
+    def _batched_request_finished(self, output: Any) -> None:
+        self.finished(len(output.prompt_ids), len(output.generated_tokens),
+                      time.perf_counter() - output.created_time, None)  # fmt: skip
+
+    def _report_routes_forever(self) -> None:
+        while True:
+            time.sleep(ROUTES_REPORT_INTERVAL)
+            routes = self.take_routes()
+            if routes is not None and routes.full_scores:
+                _log.info("routes in the last %.0f s: %s", ROUTES_REPORT_INTERVAL, describe_routes(routes))
+
+    @staticmethod
+    def finished(prompt_tokens: int, generated_tokens: int, seconds: float, routes: RoutingStats | None) -> None:
+        """Count one answered request and log its line."""
+        REQUESTS.inc()
+        PROMPT_TOKENS.inc(prompt_tokens)
+        GENERATED_TOKENS.inc(generated_tokens)
+        REQUEST_SECONDS.observe(seconds)
+        line = (f"request: {prompt_tokens} prompt + {generated_tokens} generated tokens in {seconds:.2f} s "
+                f"({generated_tokens / max(seconds, 1e-9):.1f} tokens/s)")  # fmt: skip
+        if routes is not None and routes.full_scores:
+            line += f"; {describe_routes(routes)}"
+        _log.info(line)
+
+
+def report_routes(routes: RoutingStats) -> None:
+    """Add ``routes`` to the route counters."""
+    global_pairs, total_pairs = float(routes.global_pairs.sum()), float(routes.total_pairs.sum())
+    ROUTE_DECISIONS.labels(route="global").inc(global_pairs)
+    ROUTE_DECISIONS.labels(route="local").inc(total_pairs - global_pairs)
+    ATTENTION_SCORES.labels(attention="routed").inc(routes.computed_scores)
+    ATTENTION_SCORES.labels(attention="full").inc(routes.full_scores)
+
+
+def describe_routes(routes: RoutingStats) -> str:
+    """``"global 12.3% of (token, head) pairs, attention compute 0.210x of full"``."""
+    return (f"global {100 * routes.global_fraction:.1f}% of (token, head) pairs, attention compute "
+            f"{routes.computed_scores / routes.full_scores:.3f}x of full")  # fmt: skip
+
+
+class _ServerCollector:
+    """The API process's own gauges: requests in flight and the running ratios of the counters."""
+
+    def __init__(self, counters: MultiProcessCollector, in_flight: Callable[[], int]):
+        self.counters = counters
+        self.in_flight = in_flight
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[tuple[str, str], float] = {}
+        for metric in self.counters.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    label = sample.labels.get("route") or sample.labels.get("attention") or ""
+                    totals[sample.name, label] = totals.get((sample.name, label), 0.0) + sample.value
+        yield GaugeMetricFamily("aha_requests_in_flight", "Requests accepted and not yet answered", value=self.in_flight())
+        routed_pairs = totals.get(("aha_route_decisions_total", "global"), 0.0)
+        all_pairs = routed_pairs + totals.get(("aha_route_decisions_total", "local"), 0.0)
+        full = totals.get(("aha_attention_scores_total", "full"), 0.0)
+        if all_pairs:
+            yield GaugeMetricFamily(
+                "aha_global_fraction", "Share of (token, head) pairs routed global, running", value=routed_pairs / all_pairs
+            )
+        if full:
+            computed = totals.get(("aha_attention_scores_total", "routed"), 0.0)
+            yield GaugeMetricFamily(
+                "aha_attention_compute_ratio", "Attention scores computed / full attention's, running", value=computed / full
+            )
+
+
+def metrics_registry(in_flight: Callable[[], int]) -> CollectorRegistry:
+    """The registry ``/metrics`` serves: every process's counters, plus :class:`_ServerCollector`."""
+    registry = CollectorRegistry()
+    counters = MultiProcessCollector(registry)
+    registry.register(_ServerCollector(counters, in_flight))
+    return registry
