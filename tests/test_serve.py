@@ -8,13 +8,8 @@ sink key, random routers: about half the (token, head) pairs local) with SmolLM2
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +24,7 @@ import aha
 from aha.hf.testing import tiny_model
 from aha.models import smollm2_path
 from aha.serving.checks import request_problem
+from aha.serving.process import ServerProcess, running_server
 
 CONTEXT = 256
 PROMPTS = [
@@ -54,73 +50,20 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """An ``aha serve`` subprocess on a free loopback port."""
-
-    def __init__(self, model: str, *flags: str, log: Path):
-        self.model, self.port, self.log = model, _free_port(), log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "aha.cli", "serve", model, "--port", str(self.port), *flags]
-        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"aha serve exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx2.HTTPError):
-                if httpx2.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"aha serve did not come up in 240 s:\n{log.read_text()[-3000:]}")
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def metrics(self) -> dict[str, float]:
-        """``/metrics`` samples without labels, and ``name{label}`` for labelled ones."""
-        samples = {}
-        for line in httpx2.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@contextlib.contextmanager
-def running(model: str, *flags: str, log: Path) -> Iterator[Server]:
-    server = Server(model, *flags, log=log)
-    try:
-        yield server
-    finally:
-        server.stop()
+def _client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def sequential_server(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running(str(tiny_folder), log=tmp_path_factory.mktemp("logs") / "serve.log") as server:
+def sequential_server(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_server(str(tiny_folder), log=tmp_path_factory.mktemp("logs") / "serve.log") as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def batching_server(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def batching_server(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "serve-cb.log"
-    with running(str(tiny_folder), "--continuous-batching", log=log) as server:
+    with running_server(str(tiny_folder), "--continuous-batching", log=log) as server:
         yield server
 
 
@@ -144,8 +87,8 @@ def reference(tiny_folder: Path):
     return answer
 
 
-def _complete(server: Server, prompt: str, max_tokens: int, *, chat: bool = False, stream: bool = False) -> str:
-    client = server.client()
+def _complete(server: ServerProcess, prompt: str, max_tokens: int, *, chat: bool = False, stream: bool = False) -> str:
+    client = _client(server)
     if chat:
         messages = [{"role": "user", "content": prompt}]
         response = client.chat.completions.create(
@@ -165,7 +108,7 @@ def _complete(server: Server, prompt: str, max_tokens: int, *, chat: bool = Fals
 @pytest.mark.slow
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_served_answers_equal_generate(sequential_server: Server, reference, chat: bool, stream: bool) -> None:
+def test_served_answers_equal_generate(sequential_server: ServerProcess, reference, chat: bool, stream: bool) -> None:
     for prompt in PROMPTS[:2]:
         assert _complete(sequential_server, prompt, 12, chat=chat, stream=stream) == reference(prompt, 12, chat)
 
@@ -201,7 +144,7 @@ def test_metrics_count_routes_and_requests(request: pytest.FixtureRequest, batch
 
 
 @pytest.mark.slow
-def test_bad_requests_get_clear_errors_and_the_server_goes_on(sequential_server: Server) -> None:
+def test_bad_requests_get_clear_errors_and_the_server_goes_on(sequential_server: ServerProcess) -> None:
     url, model = f"{sequential_server.url}/v1/completions", sequential_server.model
     cases = [
         (b"{not json", 400, "not valid JSON"),
@@ -219,7 +162,7 @@ def test_bad_requests_get_clear_errors_and_the_server_goes_on(sequential_server:
 
 
 @pytest.mark.slow
-def test_a_client_leaving_mid_stream_frees_its_slot(sequential_server: Server) -> None:
+def test_a_client_leaving_mid_stream_frees_its_slot(sequential_server: ServerProcess) -> None:
     body = {"model": sequential_server.model, "prompt": PROMPTS[1], "max_tokens": 200, "stream": True}
     with httpx2.stream("POST", f"{sequential_server.url}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -232,7 +175,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(sequential_server: Server) -
 
 @pytest.mark.slow
 def test_sigterm_drains_requests_in_flight(tiny_folder: Path, tmp_path: Path) -> None:
-    with running(str(tiny_folder), log=tmp_path / "serve.log") as server:
+    with running_server(str(tiny_folder), log=tmp_path / "serve.log") as server:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             answer = pool.submit(_complete, server, PROMPTS[1], 150)
             deadline = time.monotonic() + 30
@@ -246,7 +189,7 @@ def test_sigterm_drains_requests_in_flight(tiny_folder: Path, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_dense_baseline_serves_the_same_weights_without_routes(tiny_folder: Path, tmp_path: Path) -> None:
-    with running(str(tiny_folder), "--dense", log=tmp_path / "serve.log") as server:
+    with running_server(str(tiny_folder), "--dense", log=tmp_path / "serve.log") as server:
         assert _complete(server, PROMPTS[0], 6)
         metrics = server.metrics()
     assert metrics["aha_requests_total"] == 1
@@ -283,10 +226,10 @@ def test_smollm2_answers_an_openai_client(tmp_path: Path) -> None:
     with torch.no_grad():
         generated = model.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
-    with running("smollm2-135m", "--window", "64", "--sink", "1", log=tmp_path / "serve.log") as server:
-        response = server.client().chat.completions.create(
+    with running_server("smollm2-135m", "--window", "64", "--sink", "1", log=tmp_path / "serve.log") as server:
+        response = _client(server).chat.completions.create(
             model="smollm2-135m", messages=messages, max_tokens=12, temperature=0
         )
-        assert [entry.id for entry in server.client().models.list()] == ["smollm2-135m"]
+        assert [entry.id for entry in _client(server).models.list()] == ["smollm2-135m"]
     assert response.choices[0].message.content == expected
     assert "Paris" in expected
