@@ -8,6 +8,7 @@ sink key, random routers: about half the (token, head) pairs local) with SmolLM2
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import signal
 import time
@@ -214,6 +215,20 @@ def test_serve_settings_refuse_bad_flags() -> None:
         ServeSettings(window=64, dense=True)
     with pytest.raises(ValueError, match="--port"):
         ServeSettings(port=70000)
+
+
+@pytest.mark.slow
+def test_serve_benchmark_group_measures_both_servers(tiny_folder: Path) -> None:
+    from aha.benchmarking import BenchConfig, run_benchmarks
+
+    report = run_benchmarks(dataclasses.replace(BenchConfig.quick_config(), model=str(tiny_folder)), ["serve"])
+    rows = report["groups"]["serve"][0]["rows"]
+    assert [(row["prompt_len"], row["clients"]) for row in rows] == [(128, 1), (128, 2)]
+    for row in rows:
+        for name in ("aha", "sdpa"):
+            assert 0 < row[f"{name}_generated"] <= 8 * row["clients"]
+            assert row[f"{name}_p50_s"] <= row[f"{name}_p99_s"]
+        assert 0 < row["global_fraction"] < 1
 
 
 @pytest.mark.real_model

@@ -82,6 +82,10 @@ class BenchConfig:
         default=1,
         parse=lambda text: None if text == "learned" else int(text),
     )
+    serve_clients: list[int] = option("Concurrent clients of the 'serve' group, e.g. 1,4,16.", "--serve-clients", default_factory=lambda: [1, 4, 16])
+    serve_prompt_lens: list[int] = option("Prompt lengths of the 'serve' group, e.g. 1024,4096,8192.", "--serve-n", default_factory=lambda: [1024, 4096, 8192])
+    serve_max_tokens: int = option("Tokens each 'serve' request generates.", default=64)
+    serve_continuous_batching: bool = option("'serve' group: both servers batch concurrent requests.", default=False)
 
     @classmethod
     def quick_config(cls) -> BenchConfig:
@@ -97,6 +101,9 @@ class BenchConfig:
             decode_lens=[4096],
             memory_len=2048,
             model_seq_lens=[256],
+            serve_clients=[1, 2],
+            serve_prompt_lens=[128],
+            serve_max_tokens=8,
         )
 
 
@@ -198,6 +205,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
 
 from aha.benchmarking import kernels as _kernels  # registers the "kernels" group
 from aha.benchmarking import model as _model  # registers the "model" group
+from aha.benchmarking import serve as _serve  # registers the "serve" group
 
 __all__ = [
     "GROUPS",

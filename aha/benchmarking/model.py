@@ -83,7 +83,7 @@ def _attention_impl(model: nn.Module, name: str) -> None:
         model.set_attn_implementation(name)
 
 
-def _benchmark_tokens(tokenizer: Any, n: int) -> Tensor:
+def benchmark_tokens(tokenizer: Any, n: int) -> Tensor:
     from aha.data.passkey import load_haystack
 
     ids = tokenizer(load_haystack(), add_special_tokens=False, return_tensors="pt").input_ids[:, :n]
@@ -144,7 +144,7 @@ def measure_model(
     rows = []
     with benchmark_routes(model, cfg.model_global_heads), attention_timer() as attention:
         for n in seq_lens:
-            ids = _benchmark_tokens(tokenizer, n)
+            ids = benchmark_tokens(tokenizer, n)
             _attention_impl(model, ATTN_IMPLEMENTATION)
             with aha.track_routing(model) as stats:
                 model(ids)

@@ -1,0 +1,118 @@
+"""The ``serve`` group of ``aha bench``: a bounded load test of ``aha serve`` over loopback.
+
+Two servers of the same weights run side by side, the routed model (``aha``) and the dense
+baseline (``--dense``: PyTorch SDPA), and each load point -- N concurrent clients, each sending
+one prompt of P tokens and asking for ``serve_max_tokens`` tokens -- runs on one, then on the
+other. Throughput is generated tokens over the point's wall time; latency is each request's end to
+end time. The servers idle while the other is measured (nothing else should run meanwhile).
+A plain model is served converted at the first ``--window`` with ``--sink``: open routers, so
+every head is global until trained; serve a trained AHA model folder to measure the gain.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aha.benchmarking import BenchConfig, Column, Section, register_group
+
+def _prompts(model: str, clients: int, tokens: int) -> list[str]:
+    """``clients`` different texts of about ``tokens`` tokens (the passkey haystack, from different offsets)."""
+    from transformers import AutoTokenizer
+
+    from aha.benchmarking.model import benchmark_tokens
+    from aha.serving.loader import model_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(model))
+    ids = benchmark_tokens(tokenizer, tokens + 97 * clients)[0]
+    return [tokenizer.decode(ids[97 * client : 97 * client + tokens]) for client in range(clients)]
+
+
+def _load_point(url: str, model: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """All ``prompts`` at once, one client each; returns throughput and latency percentiles."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
+
+    def one(prompt: str) -> tuple[float, int, int]:
+        start = time.perf_counter()
+        response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        return time.perf_counter() - start, response.usage.completion_tokens, response.usage.prompt_tokens
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(one, prompts))
+    wall = time.perf_counter() - start
+    latencies = sorted(latency for latency, _, _ in results)
+    generated = sum(tokens for _, tokens, _ in results)
+    return {
+        "wall_s": wall,
+        "tokens_per_s": generated / wall,
+        "generated": generated,
+        "prompt_tokens": statistics.mean(prompt for _, _, prompt in results),
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+    }
+
+
+@register_group("serve")
+def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
+    """Throughput and latency of ``aha serve`` against the same weights served with SDPA."""
+    from aha.serving.process import running_server
+
+    flags = ("--continuous-batching",) if cfg.serve_continuous_batching else ()
+    routing = () if _is_aha_checkpoint(cfg.model) else ("--window", str(cfg.windows[0]), "--sink", str(cfg.sink))
+    rows = []
+    with (
+        tempfile.TemporaryDirectory(prefix="aha-bench-serve-") as logs,
+        running_server(cfg.model, *flags, *routing, log=Path(logs) / "aha.log") as routed,
+        running_server(cfg.model, *flags, "--dense", log=Path(logs) / "sdpa.log") as dense,
+    ):
+        for prompt_tokens in cfg.serve_prompt_lens:
+            for clients in cfg.serve_clients:
+                prompts = _prompts(cfg.model, clients, prompt_tokens)
+                before = routed.metrics()
+                row: dict[str, Any] = {"clients": clients, "prompt_len": prompt_tokens}
+                for name, server in (("aha", routed), ("sdpa", dense)):
+                    point = _load_point(server.url, cfg.model, prompts, cfg.serve_max_tokens)
+                    row.update({f"{name}_{key}": value for key, value in point.items()})
+                after = routed.metrics()
+                row["speedup"] = row["aha_tokens_per_s"] / row["sdpa_tokens_per_s"]
+                row["global_fraction"] = _delta_ratio(before, after, 'aha_route_decisions_total{route="global"}',
+                                                      'aha_route_decisions_total{route="local"}')  # fmt: skip
+                rows.append(row)
+    mode = "continuous batching" if cfg.serve_continuous_batching else "one request at a time (sequential generate)"
+    columns = [
+        Column("prompt_len", "prompt"), Column("clients", "clients"), Column("global_fraction", "global", ".3f"),
+        Column("aha_tokens_per_s", "aha tok/s", ".2f"), Column("sdpa_tokens_per_s", "sdpa tok/s", ".2f"),
+        Column("speedup", "speedup", ".2f"), Column("aha_p50_s", "aha p50 s", ".1f"), Column("sdpa_p50_s", "sdpa p50 s", ".1f"),
+        Column("aha_p99_s", "aha p99 s", ".1f"), Column("sdpa_p99_s", "sdpa p99 s", ".1f"),
+    ]  # fmt: skip
+    notes = [
+        (f"model {cfg.model}, {cfg.serve_max_tokens} generated tokens per request, {mode}; each client sends one "
+         "request; aha and sdpa serve the same weights in two servers, measured one after the other per point"),
+        "global = share of (token, head) pairs routed global during the aha point (prompt and generated tokens)",
+    ]
+    return [Section("serve_load", "aha serve load test over loopback (tokens/s and end-to-end latency)", columns, rows, notes)]
+
+
+def _is_aha_checkpoint(model: str) -> bool:
+    """Whether ``model`` is a saved AHA model (else the routed server converts it with open routers)."""
+    import json
+
+    from aha.hf.modeling import RELEASED_AHA_OLMO2_MODEL_TYPE
+    from aha.serving.loader import model_folder
+
+    config = json.loads((model_folder(model) / "config.json").read_text())
+    return config.get("aha") is not None or config.get("model_type") == RELEASED_AHA_OLMO2_MODEL_TYPE
+
+
+def _delta_ratio(before: dict[str, float], after: dict[str, float], part: str, rest: str) -> float:
+    """``part / (part + rest)`` of the counters' growth between two ``/metrics`` reads."""
+    grown_part = after.get(part, 0.0) - before.get(part, 0.0)
+    grown_rest = after.get(rest, 0.0) - before.get(rest, 0.0)
+    return grown_part / (grown_part + grown_rest) if grown_part + grown_rest else float("nan")
