@@ -419,3 +419,11 @@ def test_passkey_mix_feeds_the_training_steps(tmp_path):
     steps = [schedule.step_indices(step).ravel() for step in range(2)]
     assert result.history[-1]["targets_seen"] == sum(mix.num_targets(indices) for indices in steps)
     assert result.history[-1]["targets_seen"] != sum(base.num_targets(indices) for indices in steps)
+
+
+def test_router_warm_start_begins_at_the_budget(tmp_path, copy_data, copy_model_state):
+    """Open routers start every head global; warm-started ones start near the labelled share (the
+    first step's routes, before any router update)."""
+    config = toy_config(tmp_path, steps=1, router_warm_start=16, target_global=0.3, target_ramp=0.0)
+    result = train(config, model=copy_model(copy_model_state), data=copy_data)
+    assert result.history[0]["global_fraction"] == pytest.approx(0.3, abs=0.1)

@@ -77,6 +77,7 @@ from aha.train.model_setup import (
     teacher,
 )
 from aha.train.objective import LambdaController
+from aha.train.router_labels import full_length_sequences, warm_start_routers
 from aha.train.schedule import TrainProgress, eval_indices
 from aha.train.sharding import is_sharded, make_accelerator, save_final_model
 from aha.train.step import Stepper
@@ -206,6 +207,11 @@ def train(
 
     # the model, what trains, the teacher, the optimizer
     aha_model = prepare_model(config, model)
+    if config.router_warm_start and not resume:  # a resumed run restores its routers from the checkpoint
+        sequences = full_length_sequences(data.train, config.router_warm_start, seed=config.seed)
+        fitted = warm_start_routers(aha_model, sequences, config.warm_start_fraction)
+        fractions = ", ".join(f"{layer['fitted']:.2f}" for layer in fitted["layers"])
+        accelerator.print(f"routers warm-started on {len(sequences)} sequences; global fraction per layer: {fractions}")
     routers = router_parameters(aha_model)
     student = configure_trainable(config, aha_model)
     teacher_logits = teacher(config, aha_model, student, accelerator)

@@ -51,6 +51,14 @@ class TrainConfig:
         "(sigmoid(1) = 0.73) lets routes move within a short fine-tune, where aha.OPEN_BIAS = 4 takes hundreds of steps",
         default=1.0,
     )
+    router_warm_start: int = option(
+        "before training, fit the routers to where N full-length training sequences need global attention "
+        "(aha.train.router_labels; 0 = off: routers start open). Pair it with --target-ramp 0",
+        default=0,
+    )
+    warm_start_global: float | None = option(
+        "share of (token, head) pairs the warm start labels global (default: --target-global)", default=None
+    )
     force_routing: ForcedRouting | None = option(
         "train a baseline with routing fixed ('global' = the un-routed model fine-tuned the same way); routers are frozen", default=None
     )
@@ -138,6 +146,12 @@ class TrainConfig:
             problems.append("seq_len must be >= 2")
         if not 0 <= self.passkey_mix <= 1:
             problems.append("passkey_mix must be in [0, 1] (a share of the training sequences)")
+        if self.router_warm_start < 0:
+            problems.append("router_warm_start must be >= 0 (training sequences to label; 0 = off)")
+        if self.router_warm_start and self.force_routing is not None:
+            problems.append("router_warm_start fits routers that force_routing would ignore: drop one")
+        if self.router_warm_start and not 0 < (self.warm_start_fraction or 0) < 1:
+            problems.append("router_warm_start needs warm_start_global (or target_global) in (0, 1)")
         if self.force_routing is not None and (self.target_global is not None or self.trainable == "routers"):
             problems.append("force_routing fixes the routes: drop target_global and use trainable='all' or 'lora'")
         choices = {"trainable": get_args(Trainable), "precision": get_args(Precision)}
@@ -147,6 +161,11 @@ class TrainConfig:
                 problems.append(f"{name} must be one of {allowed}")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def warm_start_fraction(self) -> float | None:
+        """The share of pairs the router warm start labels global: ``warm_start_global``, else ``target_global``."""
+        return self.warm_start_global if self.warm_start_global is not None else self.target_global
 
     @property
     def routing(self) -> AhaSettings:
