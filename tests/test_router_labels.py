@@ -8,7 +8,11 @@ import torch
 import aha
 from aha.hf.testing import tiny_model
 from aha.train.config import TrainConfig
-from aha.train.router_labels import collect_route_labels, need_threshold, warm_start_routers
+from aha.train.router_labels import (
+    collect_route_labels,
+    need_threshold,
+    warm_start_routers,
+)
 
 
 def _model():

@@ -248,3 +248,20 @@ def test_smollm2_answers_an_openai_client(tmp_path: Path) -> None:
         assert [entry.id for entry in _client(server).models.list()] == ["smollm2-135m"]
     assert response.choices[0].message.content == expected
     assert "Paris" in expected
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_route_tally_counts_as_routing_stats_do(padded: bool) -> None:
+    from aha.serving.telemetry import RouteTally
+    from aha.stats import RoutingStats
+
+    generator = torch.Generator().manual_seed(0)
+    stats, tally = RoutingStats(window=8, num_layers=1, num_heads=4, sink=1), RouteTally(8, 1)
+    valid = torch.tensor([[False] * 3 + [True] * 17, [True] * 20]) if padded else None
+    calls = [(0, 20, valid), (20, 1, None), (21, 1, None)] if padded else [(0, 20, None), (20, 1, None), (21, 1, None)]
+    for first, seq, mask in calls:
+        route = torch.rand(2, 4, seq, generator=generator) > 0.5
+        stats.update(0, route, first, mask)
+        tally.add(route, first, mask)
+    assert tally.global_fraction == pytest.approx(stats.global_fraction)
+    assert (tally.computed_scores, tally.full_scores) == (stats.computed_scores, stats.full_scores)

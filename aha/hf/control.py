@@ -82,18 +82,6 @@ def observe_routes(model: nn.Module, observer: Callable[[int, Tensor, int, Tenso
             q_proj.route_observers.remove(observe)
 
 
-def new_routing_stats(model: nn.Module) -> RoutingStats:
-    """Empty :class:`aha.RoutingStats` shaped for ``model`` (one row per converted layer)."""
-    config = aha_model(model).config
-    settings = AhaSettings.from_config(config)
-    return RoutingStats(
-        window=settings.window,
-        num_layers=len(routers(model)),
-        num_heads=config.num_attention_heads,
-        sink=settings.sink,
-    )
-
-
 @contextmanager
 def track_routing(model: nn.Module) -> Iterator[RoutingStats]:
     """Accumulate the hard routes of every forward pass inside the block into a :class:`aha.RoutingStats`.
@@ -107,7 +95,11 @@ def track_routing(model: nn.Module) -> Iterator[RoutingStats]:
     Yields:
         The statistics object, filled in as the model runs.
     """
-    stats = new_routing_stats(model)
+    config = aha_model(model).config
+    settings = AhaSettings.from_config(config)
+    stats = RoutingStats(
+        window=settings.window, num_layers=len(routers(model)), num_heads=config.num_attention_heads, sink=settings.sink
+    )
     with observe_routes(model, stats.update):
         yield stats
 

@@ -27,14 +27,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from torch import nn
+from torch import Tensor, nn
 
-from aha.hf import is_aha_model
-from aha.hf.control import new_routing_stats, observe_routes
-from aha.stats import RoutingStats
+from aha.hf import AhaSettings, is_aha_model
+from aha.hf.control import observe_routes
 
 _log = logging.getLogger("aha.serve")
 
@@ -55,6 +55,57 @@ ATTENTION_SCORES = Counter(
 ROUTES_REPORT_INTERVAL = 5.0
 
 
+class RouteTally:
+    """Running counts of routed (token, head) pairs and attention scores, cheap enough for every decode step.
+
+    The same definitions as :class:`aha.RoutingStats` (a query at position ``p`` scores ``p + 1``
+    keys globally, ``min(p + 1, window + sink)`` locally), without its per-layer and per-position
+    tables.
+    """
+
+    def __init__(self, window: int, sink: int):
+        self.reach = window + sink
+        self.global_pairs = self.pairs = self.computed_scores = self.full_scores = 0.0
+
+    def add(self, route: Tensor, first_position: int, valid: Tensor | None) -> None:
+        """Count a route ``[batch, heads, seq]`` (True = global) of queries from ``first_position`` on."""
+        batch, heads, seq = route.shape
+        if seq == 1 and valid is None:  # a decode step: closed forms, one reduction
+            keys = first_position + 1
+            local_keys = min(keys, self.reach)
+            opened = float(route.sum())
+            self.global_pairs += opened
+            self.pairs += batch * heads
+            self.full_scores += batch * heads * keys
+            self.computed_scores += batch * heads * local_keys + opened * (keys - local_keys)
+            return
+        weight = torch.ones(batch, seq, dtype=torch.float64) if valid is None else valid.detach().cpu().double()
+        opened = (route.detach().cpu().double() * weight[:, None, :]).sum(dim=(0, 1))  # [seq] global heads per position
+        keys = torch.arange(first_position + 1, first_position + seq + 1, dtype=torch.float64)
+        local_keys = keys.clamp(max=self.reach)
+        queries = weight.sum(0) * heads  # [seq] (token, head) pairs per position
+        self.global_pairs += float(opened.sum())
+        self.pairs += float(queries.sum())
+        self.full_scores += float((queries * keys).sum())
+        self.computed_scores += float((queries * local_keys + opened * (keys - local_keys)).sum())
+
+    @property
+    def global_fraction(self) -> float:
+        return self.global_pairs / self.pairs if self.pairs else float("nan")
+
+    def describe(self) -> str:
+        """``"global 12.3% of (token, head) pairs, attention compute 0.210x of full"``."""
+        return (f"global {100 * self.global_fraction:.1f}% of (token, head) pairs, attention compute "
+                f"{self.computed_scores / self.full_scores:.3f}x of full")  # fmt: skip
+
+    def report(self) -> None:
+        """Add these counts to the route counters of ``/metrics``."""
+        ROUTE_DECISIONS.labels(route="global").inc(self.global_pairs)
+        ROUTE_DECISIONS.labels(route="local").inc(self.pairs - self.global_pairs)
+        ATTENTION_SCORES.labels(attention="routed").inc(self.computed_scores)
+        ATTENTION_SCORES.labels(attention="full").inc(self.full_scores)
+
+
 class Telemetry:
     """Counts what one served model does; installed on the model in its process.
 
@@ -67,7 +118,9 @@ class Telemetry:
     def __init__(self, model: nn.Module):
         self.model = model
         self.routed = is_aha_model(model) and model.config._attn_implementation == "aha"
-        self._routes = new_routing_stats(model) if self.routed else None
+        settings = AhaSettings.of(model.config) if self.routed else None
+        self._new_tally = (lambda: RouteTally(settings.window, settings.sink)) if settings is not None else None
+        self._routes = self._new_tally() if settings is not None else None
         self._exit = contextlib.ExitStack()
         self._lock = threading.Lock()
 
@@ -78,17 +131,17 @@ class Telemetry:
         self.model.generate = self._timed_generate(self.model.generate)
         self.model.init_continuous_batching = self._watched_batching(self.model.init_continuous_batching)
 
-    def _observe(self, row: int, route: Any, first_position: int, valid: Any) -> None:
+    def _observe(self, _row: int, route: Tensor, first_position: int, valid: Tensor | None) -> None:
         with self._lock:
-            self._routes.update(row, route, first_position, valid)
+            self._routes.add(route, first_position, valid)
 
-    def take_routes(self) -> RoutingStats | None:
-        """The routes seen since the last call (None for a model served without routing)."""
+    def take_routes(self) -> RouteTally | None:
+        """The routes seen since the last call, added to ``/metrics`` (None for a model served without routing)."""
         if not self.routed:
             return None
         with self._lock:
-            taken, self._routes = self._routes, new_routing_stats(self.model)
-        report_routes(taken)
+            taken, self._routes = self._routes, self._new_tally()
+        taken.report()
         return taken
 
     def _timed_generate(self, generate: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,10 +176,10 @@ class Telemetry:
             time.sleep(ROUTES_REPORT_INTERVAL)
             routes = self.take_routes()
             if routes is not None and routes.full_scores:
-                _log.info("routes in the last %.0f s: %s", ROUTES_REPORT_INTERVAL, describe_routes(routes))
+                _log.info("routes in the last %.0f s: %s", ROUTES_REPORT_INTERVAL, routes.describe())
 
     @staticmethod
-    def finished(prompt_tokens: int, generated_tokens: int, seconds: float, routes: RoutingStats | None) -> None:
+    def finished(prompt_tokens: int, generated_tokens: int, seconds: float, routes: RouteTally | None) -> None:
         """Count one answered request and log its line."""
         REQUESTS.inc()
         PROMPT_TOKENS.inc(prompt_tokens)
@@ -135,23 +188,8 @@ class Telemetry:
         line = (f"request: {prompt_tokens} prompt + {generated_tokens} generated tokens in {seconds:.2f} s "
                 f"({generated_tokens / max(seconds, 1e-9):.1f} tokens/s)")  # fmt: skip
         if routes is not None and routes.full_scores:
-            line += f"; {describe_routes(routes)}"
+            line += f"; {routes.describe()}"
         _log.info(line)
-
-
-def report_routes(routes: RoutingStats) -> None:
-    """Add ``routes`` to the route counters."""
-    global_pairs, total_pairs = float(routes.global_pairs.sum()), float(routes.total_pairs.sum())
-    ROUTE_DECISIONS.labels(route="global").inc(global_pairs)
-    ROUTE_DECISIONS.labels(route="local").inc(total_pairs - global_pairs)
-    ATTENTION_SCORES.labels(attention="routed").inc(routes.computed_scores)
-    ATTENTION_SCORES.labels(attention="full").inc(routes.full_scores)
-
-
-def describe_routes(routes: RoutingStats) -> str:
-    """``"global 12.3% of (token, head) pairs, attention compute 0.210x of full"``."""
-    return (f"global {100 * routes.global_fraction:.1f}% of (token, head) pairs, attention compute "
-            f"{routes.computed_scores / routes.full_scores:.3f}x of full")  # fmt: skip
 
 
 class _ServerCollector:
