@@ -3,7 +3,8 @@
 Two servers of the same weights run side by side, the routed model (``aha``) and the dense
 baseline (``--dense``: PyTorch SDPA), and each load point -- N concurrent clients, each sending
 one prompt of P tokens and asking for ``serve_max_tokens`` tokens -- runs on one, then on the
-other. Throughput is generated tokens over the point's wall time; latency is each request's end to
+other. A prompt longer than the model's context leaves room for is cut to fit (8192 tokens of
+context and 64 to generate: an "8K" prompt has 8112 tokens). Throughput is generated tokens over the point's wall time; latency is each request's end to
 end time. The servers idle while the other is measured (nothing else should run meanwhile).
 A plain model is served converted at the first ``--window`` with ``--sink``: open routers, so
 every head is global until trained; serve a trained AHA model folder to measure the gain.
@@ -12,6 +13,7 @@ every head is global until trained; serve a trained AHA model folder to measure 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import statistics
 import tempfile
 import time
@@ -20,14 +22,11 @@ from typing import Any
 
 from aha.benchmarking import BenchConfig, Column, Section, register_group
 
-def _prompts(model: str, clients: int, tokens: int) -> list[str]:
+
+def _prompts(tokenizer: Any, clients: int, tokens: int) -> list[str]:
     """``clients`` different texts of about ``tokens`` tokens (the passkey haystack, from different offsets)."""
-    from transformers import AutoTokenizer
-
     from aha.benchmarking.model import benchmark_tokens
-    from aha.serving.loader import model_folder
 
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(model))
     ids = benchmark_tokens(tokenizer, tokens + 97 * clients)[0]
     return [tokenizer.decode(ids[97 * client : 97 * client + tokens]) for client in range(clients)]
 
@@ -62,24 +61,37 @@ def _load_point(url: str, model: str, prompts: list[str], max_tokens: int) -> di
 @register_group("serve")
 def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
     """Throughput and latency of ``aha serve`` against the same weights served with SDPA."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from aha.serving.loader import model_folder
     from aha.serving.process import running_server
 
+    folder = model_folder(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    context = config.get("max_position_embeddings") or 1 << 62
+    limit = context - cfg.serve_max_tokens - 16  # room to generate, and a margin for re-tokenizing the text
     flags = ("--continuous-batching",) if cfg.serve_continuous_batching else ()
-    routing = () if _is_aha_checkpoint(cfg.model) else ("--window", str(cfg.windows[0]), "--sink", str(cfg.sink))
+    routing = () if _is_aha_config(config) else ("--window", str(cfg.windows[0]), "--sink", str(cfg.sink))
     rows = []
     with (
         tempfile.TemporaryDirectory(prefix="aha-bench-serve-") as logs,
         running_server(cfg.model, *flags, *routing, log=Path(logs) / "aha.log") as routed,
         running_server(cfg.model, *flags, "--dense", log=Path(logs) / "sdpa.log") as dense,
     ):
-        for prompt_tokens in cfg.serve_prompt_lens:
+        for prompt_tokens in (min(length, limit) for length in cfg.serve_prompt_lens):
             for clients in cfg.serve_clients:
-                prompts = _prompts(cfg.model, clients, prompt_tokens)
+                prompts = _prompts(tokenizer, clients, prompt_tokens)
                 before = routed.metrics()
                 row: dict[str, Any] = {"clients": clients, "prompt_len": prompt_tokens}
-                for name, server in (("aha", routed), ("sdpa", dense)):
-                    point = _load_point(server.url, cfg.model, prompts, cfg.serve_max_tokens)
-                    row.update({f"{name}_{key}": value for key, value in point.items()})
+                try:
+                    for name, server in (("aha", routed), ("sdpa", dense)):
+                        point = _load_point(server.url, cfg.model, prompts, cfg.serve_max_tokens)
+                        row.update({f"{name}_{key}": value for key, value in point.items()})
+                except openai.APIError as error:  # the other points still run
+                    rows.append({**row, "error": f"{type(error).__name__}: {error}"})
+                    continue
                 after = routed.metrics()
                 row["speedup"] = row["aha_tokens_per_s"] / row["sdpa_tokens_per_s"]
                 row["global_fraction"] = _delta_ratio(before, after, 'aha_route_decisions_total{route="global"}',
@@ -96,18 +108,15 @@ def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
         (f"model {cfg.model}, {cfg.serve_max_tokens} generated tokens per request, {mode}; each client sends one "
          "request; aha and sdpa serve the same weights in two servers, measured one after the other per point"),
         "global = share of (token, head) pairs routed global during the aha point (prompt and generated tokens)",
+        *(f"failed: {row['clients']} clients x {row['prompt_len']} tokens: {row['error']}" for row in rows if "error" in row),
     ]
     return [Section("serve_load", "aha serve load test over loopback (tokens/s and end-to-end latency)", columns, rows, notes)]
 
 
-def _is_aha_checkpoint(model: str) -> bool:
-    """Whether ``model`` is a saved AHA model (else the routed server converts it with open routers)."""
-    import json
-
+def _is_aha_config(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` is a saved AHA model's (else the routed server converts it with open routers)."""
     from aha.hf.modeling import RELEASED_AHA_OLMO2_MODEL_TYPE
-    from aha.serving.loader import model_folder
 
-    config = json.loads((model_folder(model) / "config.json").read_text())
     return config.get("aha") is not None or config.get("model_type") == RELEASED_AHA_OLMO2_MODEL_TYPE
 
 
