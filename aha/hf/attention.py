@@ -111,6 +111,9 @@ def aha_attention_forward(
             ``[batch, seq_kv]`` bool mask).
         scaling: softmax scale.
         dropout: attention dropout; must be 0 (AHA attention has none).
+        kwargs: with ``cu_seq_lens_q`` and ``cu_seq_lens_k`` (continuous batching, packed
+            training), the batch is one row of packed sequences, each attending only within
+            itself (see :func:`_packed_attention`).
 
     Returns:
         ``(output [batch, seq_q, q_heads, head_dim], None)`` -- no attention weights.
