@@ -3,7 +3,8 @@
 Two servers of the same weights run side by side, the routed model (``aha``) and the dense
 baseline (``--dense``: PyTorch SDPA), and each load point -- N concurrent clients, each sending
 one prompt of P tokens and asking for ``serve_max_tokens`` tokens -- runs on one, then on the
-other. A prompt longer than the model's context leaves room for is cut to fit (8192 tokens of
+other, after one short warm-up request to each. A prompt longer than the model's context leaves
+room for is cut to fit (8192 tokens of
 context and 64 to generate: an "8K" prompt has 8112 tokens). Throughput is generated tokens over the point's wall time; latency is each request's end to
 end time. The servers idle while the other is measured (nothing else should run meanwhile).
 A plain model is served converted at the first ``--window`` with ``--sink``: open routers, so
@@ -80,6 +81,8 @@ def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
         running_server(cfg.model, *flags, *routing, log=Path(logs) / "aha.log") as routed,
         running_server(cfg.model, *flags, "--dense", log=Path(logs) / "sdpa.log") as dense,
     ):
+        for server in (routed, dense):  # first-request costs (kernel loading, allocations) are not a load point's
+            _load_point(server.url, cfg.model, _prompts(tokenizer, 1, 64), 4)
         for prompt_tokens in (min(length, limit) for length in cfg.serve_prompt_lens):
             for clients in cfg.serve_clients:
                 prompts = _prompts(tokenizer, clients, prompt_tokens)
