@@ -91,6 +91,14 @@ def _check_model_folder(path: str | os.PathLike[str]) -> None:
         )
 
 
+def model_path(name_or_path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """Where :func:`load_model` reads ``name_or_path`` from: the cached folder of :data:`SMOLLM2`, else
+    ``name_or_path`` itself, checked when it is meant as a local folder (config.json and a tokenizer)."""
+    path = smollm2_path() if str(name_or_path).lower() == SMOLLM2 else name_or_path
+    _check_model_folder(path)
+    return path
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -106,8 +114,7 @@ def load_model(
         ``(model, tokenizer)``. AHA checkpoints come back routed; plain ones unconverted (call
         :func:`aha.convert`).
     """
-    path = smollm2_path() if str(name_or_path).lower() == SMOLLM2 else name_or_path
-    _check_model_folder(path)
+    path = model_path(name_or_path)
     model = from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer

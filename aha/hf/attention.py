@@ -152,10 +152,15 @@ def aha_attention_forward(
     if router is not None and router.route_observers:
         seq_q = query.shape[2]
         mask = padding_mask(attention_mask)
-        valid = None if mask is None else mask[:, -seq_q:]
-        for observer in router.route_observers:
-            observer(route, key.shape[2] - seq_q, valid)
+        _notify_observers(router, route, key.shape[2] - seq_q, None if mask is None else mask[:, -seq_q:])
     return output.transpose(1, 2), None
+
+
+def _notify_observers(router: RoutedQueryProjection | None, route: Tensor, first_position: int, valid: Tensor | None) -> None:
+    """Hand the route a layer used to its router's observers (see :func:`aha.track_routing`)."""
+    if router is not None:
+        for observer in router.route_observers:
+            observer(route, first_position, valid)
 
 
 def _packed_attention(
@@ -203,9 +208,7 @@ def _packed_attention(
             query[:, :, q_start:q_end], key[:, :, k_start:k_end], value[:, :, k_start:k_end], sequence_route,
             window, scale=scaling, sink=sink, route_is_binary=True,
         ))  # fmt: skip
-        if router is not None:
-            for observer in router.route_observers:
-                observer(sequence_route, (k_end - k_start) - (q_end - q_start), None)
+        _notify_observers(router, sequence_route, (k_end - k_start) - (q_end - q_start), None)
     padding = query.shape[2] - starts_q[-1]
     if padding:
         outputs.append(query.new_zeros(*query.shape[:2], padding, query.shape[3]))

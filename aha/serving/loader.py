@@ -15,7 +15,7 @@ from transformers.cli.serving.model_manager import ModelLoader
 from transformers.cli.serving.utils import parse_model_id
 
 import aha
-from aha.models import SMOLLM2, smollm2_path
+from aha.models import model_path
 from aha.serving.server import configure_logging
 from aha.serving.telemetry import Telemetry
 
@@ -31,19 +31,12 @@ if TYPE_CHECKING:
 
 
 def model_folder(model_id: str) -> Path:
-    """The local folder of a served model: ``smollm2-135m`` (the offline default) or a folder path.
+    """The folder of a served model (``smollm2-135m`` or a saved model folder; see :func:`aha.models.model_path`).
 
     ``model_id`` is the serving stack's id: a path as it is, any other name with ``@revision``.
     """
     repo, _, _ = parse_model_id(model_id)
-    if repo.lower() == SMOLLM2:
-        return smollm2_path()
-    folder = Path(repo).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model folder at {folder}: serve a saved model folder (e.g. a training run's model/) or {SMOLLM2!r}"
-        )
-    return folder
+    return Path(model_path(repo))
 
 
 class AhaModelLoader(ModelLoader):
@@ -79,11 +72,12 @@ class AhaModelLoader(ModelLoader):
         folder = model_folder(model_id)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         model = aha.from_pretrained(folder, dtype=self.dtype, tqdm_class=tqdm_class).to(device).eval()
-        if aha.is_aha_model(model):
+        routed_checkpoint = aha.is_aha_model(model)
+        if routed_checkpoint:
             aha.AhaSettings.of(model.config).check_matches(str(folder), window=self.window, sink=self.sink)
-            if self.dense:
-                model.set_attn_implementation("sdpa")
-        elif not self.dense:
+        if self.dense:
+            model.set_attn_implementation("sdpa")
+        elif not routed_checkpoint:
             if self.window is None:
                 raise ValueError(
                     f"{folder} is not an AHA model: pass --window (and --sink) to convert it, or --dense to serve "
@@ -92,8 +86,6 @@ class AhaModelLoader(ModelLoader):
             model = aha.convert(model, window=self.window, sink=self.sink or 0).eval()
             _log.warning("%s is converted with open routers: every head attends globally until the routers "
                          "are trained (aha train); serve the trained model folder to skip work", folder)
-        else:
-            model.set_attn_implementation("sdpa")
         Telemetry(model).install()
         return model
 
