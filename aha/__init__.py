@@ -9,6 +9,7 @@ keys ("Here", ``g = 0`` / False). See :func:`aha_attention` for the operator and
 from aha.hf import (
     SUPPORTED_ARCHITECTURES,
     AhaSettings,
+    GrowingCache,
     UnsupportedModelError,
     convert,
     force_routing,
@@ -30,6 +31,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AhaInputError",
     "AhaSettings",
+    "GrowingCache",
     "Router",
     "RouterInit",
     "RoutingStats",

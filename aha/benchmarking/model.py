@@ -7,7 +7,8 @@ still computed, a negligible extra matmul). Two numbers per phase:
 * **attention**: seconds spent inside the attention functions, added up by wrappers installed in
   transformers' ``AttentionInterface`` -- what routing can speed up;
 * **end to end**: the whole forward pass (prefill) or one generated token (decode), which also
-  pays for embeddings, projections and MLPs that routing does not touch.
+  pays for embeddings, projections and MLPs that routing does not touch. Decode steps append to
+  the :class:`~aha.hf.kv_cache.GrowingCache` that ``generate`` uses, for both implementations.
 
 Routes: a trained AHA checkpoint uses its learned routes (``model_global_heads=None``). An
 untrained model (open routers: everything global) would show no difference, so by default the
@@ -30,6 +31,7 @@ import aha
 from aha.benchmarking import BenchConfig, Column, Section, register_group
 from aha.benchmarking.timing import Samples, measure_round_robin, median_ratio
 from aha.hf.attention import ATTN_IMPLEMENTATION
+from aha.hf.kv_cache import GrowingCache
 from aha.stats import ideal_cost_ratio
 
 FULL_ATTENTION = "sdpa"
@@ -167,8 +169,8 @@ def measure_model(
             caches = {}
             for name in calls:
                 _attention_impl(model, name)
-                prefilled = model(ids, use_cache=True)
-                caches[name] = prefilled.cache
+                caches[name] = GrowingCache(model.config, n + decode_tokens)  # the cache generate builds
+                prefilled = model(ids, cache=caches[name], use_cache=True)
             first_token = prefilled.logits[:, -1:].argmax(-1)
 
             def decode(name: str) -> Callable[[], None]:

@@ -7,6 +7,7 @@ mask builder with transformers, and the ``Aha*Config`` / ``Aha*ForCausalLM`` cla
 
 from aha.hf.attention import ATTN_IMPLEMENTATION, register_attention
 from aha.hf.control import force_routing, router_logits, routers, track_routing
+from aha.hf.kv_cache import GrowingCache
 from aha.hf.modeling import (
     AHA_MODEL_CLASSES,
     SUPPORTED_ARCHITECTURES,
@@ -33,6 +34,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AhaSettings",
     "FusedRouterQueryProjection",
+    "GrowingCache",
     "RoutedQueryProjection",
     "RouterLayout",
     "SeparateRouterQueryProjection",

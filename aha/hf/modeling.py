@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from aha.hf.attention import ATTN_IMPLEMENTATION
+from aha.hf.kv_cache import growing_cache_for
 from aha.hf.projection import (
     FusedRouterQueryProjection,
     RouterLayout,
@@ -66,6 +67,16 @@ class AhaModelMixin:
         from aha.hf.continuous_batching import init_continuous_batching
 
         return init_continuous_batching(self, *args, **kwargs)
+
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int, max_cache_length: int
+    ) -> None:
+        """``generate``'s cache: a :class:`~aha.hf.kv_cache.GrowingCache` sized for the call where
+        transformers would build a plain ``DynamicCache`` (which copies every layer's whole cache
+        each step); a cache the caller passed, or asked for by ``cache_implementation``, is kept."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        if "cache" in model_kwargs and not getattr(model_kwargs["cache"], "_is_user_defined", False):
+            model_kwargs["cache"] = growing_cache_for(model_kwargs["cache"], self.config, max_cache_length)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
