@@ -9,7 +9,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import aha
 from aha.hf.attention import aha_attention_forward
-from aha.hf.continuous_batching import AhaContinuousBatchingManager
+from aha.hf.continuous_batching import AhaContinuousBatchingManager, needed_kv_pairs
 from aha.hf.testing import tiny_model
 
 
@@ -71,3 +71,56 @@ def test_packed_sequences_need_their_queries_last() -> None:
             attention, torch.randn(1, 4, 6, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), None,
             cu_seq_lens_q=torch.tensor([0, 6]), cu_seq_lens_k=torch.tensor([0, 4]),
         )  # fmt: skip
+
+
+def _answers_in_a_batch(model, prompts, config):
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        ids = [manager.add_request(prompt) for prompt in prompts]
+        results = {}
+        while len(results) < len(ids):
+            output = manager.get_result(timeout=30)
+            assert output is not None, "continuous batching produced no result in 30 s"
+            results[output.request_id] = output.generated_tokens
+        return [results[request_id] for request_id in ids], manager.kv_reads
+    finally:
+        manager.stop(block=True)
+
+
+@pytest.mark.parametrize("forced", [None, "local"])
+def test_windowed_kv_reads_answer_as_generate(forced) -> None:
+    model = _routed_tiny()
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (length,), generator=generator).tolist() for length in (21, 6, 33)]
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)
+    with aha.force_routing(model, forced):
+        expected = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist() for p in prompts]
+        answers, reads = _answers_in_a_batch(model, prompts, config)
+    assert answers == expected
+    assert reads is not None and reads.pairs_full > 0
+    if forced == "local":  # windows of 4 + 1 sink key out of prefixes of up to 43 keys
+        assert reads.pairs_read < 0.5 * reads.pairs_full
+    else:
+        assert reads.pairs_read < reads.pairs_full  # some KV heads had only local query heads
+
+
+def test_needed_pairs_are_the_keys_some_query_reads() -> None:
+    cu_q, cu_k = torch.tensor([0, 1, 4, 5]), torch.tensor([0, 9, 12, 20])  # decode, a 3-token prefill, decode
+    kv_heads, group = 2, 2
+    route = torch.rand(kv_heads * group, 5, generator=torch.Generator().manual_seed(0)) > 0.7
+    needed = needed_kv_pairs(route, cu_q, cu_k, kv_heads, window=4, sink=1)
+    for request in range(3):
+        q0, q1, k0, k1 = cu_q[request], cu_q[request + 1], cu_k[request], cu_k[request + 1]
+        length = int(k1 - k0)
+        for head in range(kv_heads):
+            for position in range(length):
+                read = False
+                for query in range(int(q0), int(q1)):
+                    p = length - int(q1 - query)
+                    for q_head in range(head * group, (head + 1) * group):
+                        if route[q_head, query]:
+                            read |= position <= p
+                        else:
+                            read |= p - 4 < position <= p or position < 1
+                assert bool(needed[int(k0) + position, head]) == read, (request, head, position)

@@ -6,9 +6,17 @@ cached prefix, then its new tokens) into one packed row, and the ``"aha"`` atten
 runs every request's own causal + window + sink attention over them, split by ``cu_seq_lens_q``
 and ``cu_seq_lens_k`` (see :func:`aha.hf.attention.aha_attention_forward`). No 4D mask is built.
 
-What this does not do: the paged cache still gathers a request's whole prefix for every layer
-(as it does for SDPA), so local heads skip the attention compute beyond their window but not
-the KV copy; pages are not read per head.
+**Windowed KV reads.** For SDPA the paged cache gathers every request's whole prefix, for every
+layer and KV head, into the packed row at every step. For an AHA layer :class:`WindowedKVReads`
+replaces that read: a KV head whose query heads are all local for every query of a request gets
+only the keys those queries read (the union of their windows, and the sink), and the other
+positions of its rows keep what an earlier read left there (finite values, never read: the
+attention of a local head stops at its window). KV heads with a global query head get the whole prefix. Under grouped-query attention
+a KV head is read whole as soon as one of its query heads is global.
+
+Not covered: the decode fast path on block tables (CUDA flash kernels) and prefix sharing are
+left as transformers runs them (the fast path reads through the block table; prefix sharing is
+untested with AHA).
 """
 
 from __future__ import annotations
@@ -16,11 +24,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import Tensor, nn
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 from transformers.generation.continuous_batching import ContinuousBatchingManager
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
+from transformers.generation.continuous_batching.cache_allocators.full_attention import (
+    FullAttentionCacheAllocator,
+)
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from aha.hf.attention import ATTN_IMPLEMENTATION
+from aha.hf.projection import RoutedQueryProjection, find_router
+from aha.hf.settings import AhaSettings
 
 FinishedListener = Callable[[GenerationOutput], None]
 
@@ -42,6 +58,22 @@ class AhaContinuousBatchingManager(ContinuousBatchingManager):
         if model.config._attn_implementation == ATTN_IMPLEMENTATION:
             return
         super().switch_to_cb_friendly_attn(model, auto_switch_to_flash)
+
+    def _create_batch_processor(self) -> Any:
+        """transformers' batch processor; with ``"aha"`` attention its paged cache reads windowed K/V."""
+        processor = super()._create_batch_processor()
+        if self.model.config._attn_implementation == ATTN_IMPLEMENTATION and not isinstance(
+            processor.cache.update, WindowedKVReads
+        ):
+            processor.cache.update = WindowedKVReads(processor.cache, self.model)
+        return processor
+
+    @property
+    def kv_reads(self) -> WindowedKVReads | None:
+        """The windowed reads of the running batch processor's cache (None before it exists or without AHA)."""
+        processor = getattr(self, "batch_processor", None)
+        update = getattr(getattr(processor, "cache", None), "update", None)
+        return update if isinstance(update, WindowedKVReads) else None
 
     def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
         """transformers' ``get_result``; a finished request's output also goes to :attr:`finished_listeners`."""
@@ -68,3 +100,105 @@ def init_continuous_batching(
         continuous_batching_config=continuous_batching_config or ContinuousBatchingConfig(),
         workload_hints=workload_hints,
     )
+
+
+class WindowedKVReads:
+    """``PagedAttentionCache.update`` for AHA layers: write the new K/V, then read per KV head only
+    the positions its query heads need (see the module docstring).
+
+    Installed on a cache instance (``cache.update = WindowedKVReads(cache, model)``); layers of
+    other kinds, batches without cache reads and the block-table decode path run transformers'
+    own ``update``.
+
+    Attributes:
+        pairs_read: (key position, KV head) pairs gathered so far.
+        pairs_full: pairs a whole-prefix read would have gathered.
+    """
+
+    def __init__(self, cache: PagedAttentionCache, model: nn.Module):
+        self.cache = cache
+        self.original = cache.update
+        settings = AhaSettings.of(model.config)
+        self.window, self.sink, self.threshold = settings.window, settings.sink, settings.threshold
+        self.routers: dict[int, RoutedQueryProjection] = {}
+        for module in model.modules():
+            router = find_router(module) if hasattr(module, "layer_idx") else None
+            if router is not None:
+                self.routers[module.layer_idx] = router
+        self.buffers: dict[int, tuple[Tensor, Tensor]] = {}  # per allocator: rows gathered for one layer
+        self.pairs_read = self.pairs_full = 0
+
+    def __call__(self, key_states: Tensor, value_states: Tensor, layer_idx: int, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Same contract as ``PagedAttentionCache.update``: key/value ``[1, kv_heads, new, head_dim]``
+        in, ``[1, kv_heads, read, head_dim]`` out; ``kwargs`` updated in place."""
+        allocator = self.cache.layer_to_allocator[layer_idx]
+        router = self.routers.get(layer_idx)
+        if router is None or not isinstance(allocator, FullAttentionCacheAllocator) or kwargs.get("block_table") is not None:
+            return self.original(key_states, value_states, layer_idx, kwargs)
+        read_index = kwargs["read_index"][allocator.index]
+        if read_index.numel() == 0:
+            return self.original(key_states, value_states, layer_idx, kwargs)
+        kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
+        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        k_cache, v_cache = allocator._kv_token_views[layer_idx]  # [tokens, kv_heads, head_dim]
+        write_index = kwargs["write_index"][allocator.index]
+        k_cache.index_copy_(0, write_index, key_states[0].transpose(0, 1))
+        v_cache.index_copy_(0, write_index, value_states[0].transpose(0, 1))
+        route = router.route(self.threshold, straight_through=False)[0]  # [q_heads, total_q], True = global
+        needed = needed_kv_pairs(
+            route, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], k_cache.shape[1], self.window, self.sink
+        )
+        keys, values = self.gather(allocator.index, k_cache, v_cache, read_index, needed)
+        return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+
+    def gather(self, group: int, k_cache: Tensor, v_cache: Tensor, read_index: Tensor, needed: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``read_index`` of the caches, ``[read, kv_heads, head_dim]``, filled only where ``needed``
+        (positions past the packed keys are not filled either)."""
+        total_k, kv_heads = needed.shape
+        self.pairs_full += total_k * kv_heads
+        if bool(needed.all()):
+            self.pairs_read += total_k * kv_heads
+            return torch.index_select(k_cache, 0, read_index), torch.index_select(v_cache, 0, read_index)
+        rows = read_index.numel()
+        buffers = self.buffers.get(group)
+        if buffers is None or buffers[0].shape[0] < rows:
+            shape = (max(rows, 2 * (0 if buffers is None else buffers[0].shape[0])), *k_cache.shape[1:])
+            buffers = self.buffers[group] = (k_cache.new_zeros(shape), v_cache.new_zeros(shape))
+        keys, values = buffers[0][:rows], buffers[1][:rows]
+        for head in range(kv_heads):
+            positions = needed[:, head].nonzero()[:, 0]
+            self.pairs_read += len(positions)
+            sources = read_index[positions]
+            keys[positions, head] = k_cache[sources, head]
+            values[positions, head] = v_cache[sources, head]
+        return keys, values
+
+
+def needed_kv_pairs(
+    route: Tensor, cu_seq_lens_q: Tensor, cu_seq_lens_k: Tensor, kv_heads: int, window: int, sink: int
+) -> Tensor:
+    """Which (packed key position, KV head) pairs some query of a packed batch reads.
+
+    Args:
+        route: ``[q_heads, total_q]`` bool (True = global); query head ``h`` uses KV head
+            ``h // (q_heads // kv_heads)``. Columns past ``cu_seq_lens_q[-1]`` (padding) are ignored.
+        cu_seq_lens_q, cu_seq_lens_k: ``[requests + 1]`` offsets of each request's queries and keys;
+            a request's queries are the last positions of its keys.
+
+    Returns:
+        ``[cu_seq_lens_k[-1], kv_heads]`` bool. A key of a request with ``L`` keys and ``q`` queries
+        is read by a local query when it lies in the union of their windows, positions
+        ``L - q - window + 1 .. L - 1``, or among the first ``sink``; by a global query always.
+    """
+    device = route.device
+    query_lengths, key_lengths = cu_seq_lens_q.diff().long(), cu_seq_lens_k.diff().long()
+    requests = torch.arange(len(key_lengths), device=device)
+    query_request = requests.repeat_interleave(query_lengths)
+    key_request = requests.repeat_interleave(key_lengths)
+    total_q, total_k = len(query_request), len(key_request)
+    opened = route[:, :total_q].reshape(kv_heads, -1, total_q).any(1).T.float()  # [total_q, kv_heads]
+    opened_by_request = torch.zeros(len(key_lengths), kv_heads, device=device).index_add_(0, query_request, opened) > 0
+    position = torch.arange(total_k, device=device) - cu_seq_lens_k[:-1].long()[key_request]
+    first_near = (key_lengths - query_lengths - window + 1)[key_request]
+    near = (position >= first_near) | (position < sink)
+    return near[:, None] | opened_by_request[key_request]
