@@ -42,3 +42,27 @@ def test_sliding_window_names_say_whether_the_sink_is_kept():
 
     assert sliding_window_name(128, 0) == "pure sliding window (w=128), no training"
     assert sliding_window_name(128, 4) == "sliding window (w=128) + 4 sink keys, no training"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ([], {"window": 128, "sink": 1, "seq_len": 512, "steps": 120, "target_global": 0.2}),
+        (["--preset", "paper"], {"window": 256, "sink": 1, "seq_len": 1024, "steps": 200, "target_global": 0.1}),
+        (["--preset", "paper", "--steps", "300"], {"window": 256, "seq_len": 1024, "steps": 300}),
+    ],
+)
+def test_demo_presets_set_the_recipe_and_flags_override_them(monkeypatch, tmp_path, arguments, expected):
+    seen = []
+    monkeypatch.setattr("aha.recipes.demo.run_demo", seen.append)
+    result = CliRunner().invoke(app, ["demo", *arguments, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    train = seen[0].train_config()
+    assert {name: getattr(train, name) for name in expected} == expected
+    if "paper" in arguments:
+        assert seen[0].passkey_lengths == (2048, 4096, 8192) and train.distill == 1.0
+
+
+def test_quick_is_a_smoke_run_of_the_default_preset_only(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--quick", "--preset", "paper", "--out", str(tmp_path)], env={"COLUMNS": "240"})
+    assert result.exit_code != 0 and "drop --quick or --preset" in result.output
