@@ -98,18 +98,18 @@ class DemoSettings:
     @classmethod
     def quick_settings(cls, **overrides: Any) -> DemoSettings:
         """The CI smoke run (a few minutes at most): the same stages on a small budget."""
-        small = dict(
-            data=("shakespeare",),
-            window=32,
-            seq_len=192,  # room for a passkey training prompt (SmolLM2's chat template alone is 99 tokens)
-            steps=3,
-            eval_sequences=2,
-            passkey_lengths=(256,),
-            passkey_depths=(0.1, 1.0),
-            speed_seq_len=512,
-            speed_rounds=1,
-            quick=True,
-        )
+        small = {
+            "data": ("shakespeare",),
+            "window": 32,
+            "seq_len": 192,  # room for a passkey training prompt (SmolLM2's chat template alone is 99 tokens)
+            "steps": 3,
+            "eval_sequences": 2,
+            "passkey_lengths": (256,),
+            "passkey_depths": (0.1, 1.0),
+            "speed_seq_len": 512,
+            "speed_rounds": 1,
+            "quick": True,
+        }
         return cls(**{**small, **overrides})
 
     @classmethod
@@ -118,18 +118,18 @@ class DemoSettings:
         1024-token sequences, 200 steps to a 10% global target. On the 2-vCPU Intel Xeon this recipe
         kept 7.3% of (token, head) pairs global within 1.4% of the un-routed fine-tune's perplexity
         (``benchmarks/RESULTS.md``); passkey retrieval is scored up to SmolLM2's 8K context."""
-        paper = dict(
-            window=256,
-            sink=1,
-            seq_len=1024,
-            steps=200,
-            target_global=0.1,
-            passkey_mix=0.0,
-            eval_sequences=32,
-            passkey_lengths=(2048, 4096, 8192),
-            passkey_depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-            speed_seq_len=8192,
-        )
+        paper = {
+            "window": 256,
+            "sink": 1,
+            "seq_len": 1024,
+            "steps": 200,
+            "target_global": 0.1,
+            "passkey_mix": 0.0,
+            "eval_sequences": 32,
+            "passkey_lengths": (2048, 4096, 8192),
+            "passkey_depths": (0.1, 0.3, 0.5, 0.7, 0.9),
+            "speed_seq_len": 8192,
+        }
         return cls(**{**paper, **overrides})
 
     def train_config(self) -> TrainConfig:
