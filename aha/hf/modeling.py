@@ -73,9 +73,11 @@ class AhaModelMixin:
     ) -> None:
         """``generate``'s cache: a :class:`~aha.hf.kv_cache.GrowingCache` sized for the call where
         transformers would build a plain ``DynamicCache`` (which copies every layer's whole cache
-        each step); a cache the caller passed, or asked for by ``cache_implementation``, is kept."""
+        each step); a cache the caller passed, or asked for by ``cache_implementation``, is kept, and
+        so is an assistant model's (transformers records its past to roll it back)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-        if "cache" in model_kwargs and not getattr(model_kwargs["cache"], "_is_user_defined", False):
+        cache = model_kwargs.get("cache")
+        if cache is not None and not getattr(cache, "_is_user_defined", False) and not generation_config.is_assistant:
             model_kwargs["cache"] = growing_cache_for(model_kwargs["cache"], self.config, max_cache_length)
 
     @torch.no_grad()
