@@ -11,8 +11,9 @@ layer and KV head, into the packed row at every step. For an AHA layer :class:`W
 replaces that read: a KV head whose query heads are all local for every query of a request gets
 only the keys those queries read (the union of their windows, and the sink), and the other
 positions of its rows keep what an earlier read left there (finite values, never read: the
-attention of a local head stops at its window). KV heads with a global query head get the whole prefix. Under grouped-query attention
-a KV head is read whole as soon as one of its query heads is global.
+attention of a local head stops at its window). KV heads with a global query head get the whole
+prefix; under grouped-query attention a KV head is read whole as soon as one of its query heads
+is global.
 
 Not covered: the decode fast path on block tables (CUDA flash kernels) and prefix sharing are
 left as transformers runs them (the fast path reads through the block table; prefix sharing is
