@@ -296,7 +296,7 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
 #: The flags of each command that are not fields of its settings dataclass(es).
 COMMAND_ONLY_FLAGS = {
     "train": {"--config"},
-    "demo": {"--quick", "--fresh"},
+    "demo": {"--preset", "--quick", "--fresh"},
     "eval": {"--model", "--out", "--window", "--sink", "--dtype"},
     "sweep": {"--config"},
     "bench": {"--groups", "--quick", "--out", "--rounds", "--clock"},
