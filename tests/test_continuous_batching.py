@@ -124,3 +124,18 @@ def test_needed_pairs_are_the_keys_some_query_reads() -> None:
                         else:
                             read |= p - 4 < position <= p or position < 1
                 assert bool(needed[int(k0) + position, head]) == read, (request, head, position)
+
+
+@pytest.mark.parametrize("forced", [None, "local"])
+def test_chunked_prefill_with_windowed_reads_answers_as_generate(forced) -> None:
+    model = _routed_tiny()
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (length,), generator=generator).tolist() for length in (40, 23, 7)]
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
+    with aha.force_routing(model, forced):
+        expected = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist() for p in prompts]
+        outputs = model.generate_batch(  # 16 tokens per batch: the 40-token prompt is prefilled in chunks
+            prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=16),
+            progress_bar=False,
+        )  # fmt: skip
+    assert [outputs[key].generated_tokens for key in sorted(outputs, key=lambda key: int(key.rsplit("_", 1)[1]))] == expected
