@@ -12,8 +12,13 @@ from aha.hf.testing import TINY, tiny_model
 
 
 def chunks(lengths, seed=0, batch=2, heads=3, dim=8):
+    """Random (keys, values) ``[batch, heads, n, dim]`` for each ``n`` of ``lengths``."""
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, heads, n, dim, generator=generator), torch.randn(batch, heads, n, dim, generator=generator)) for n in lengths]
+
+    def random(n):
+        return torch.randn(batch, heads, n, dim, generator=generator)
+
+    return [(random(n), random(n)) for n in lengths]
 
 
 def fill(layer, parts):
