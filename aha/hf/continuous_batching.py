@@ -36,7 +36,8 @@ from transformers.generation.continuous_batching.cache_allocators.full_attention
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from aha.hf.attention import ATTN_IMPLEMENTATION
-from aha.hf.projection import RoutedQueryProjection, find_router
+from aha.hf.control import routers
+from aha.hf.projection import RoutedQueryProjection
 from aha.hf.settings import AhaSettings
 
 FinishedListener = Callable[[GenerationOutput], None]
@@ -121,11 +122,7 @@ class WindowedKVReads:
         self.original = cache.update
         settings = AhaSettings.of(model.config)
         self.window, self.sink, self.threshold = settings.window, settings.sink, settings.threshold
-        self.routers: dict[int, RoutedQueryProjection] = {}
-        for module in model.modules():
-            router = find_router(module) if hasattr(module, "layer_idx") else None
-            if router is not None:
-                self.routers[module.layer_idx] = router
+        self.routers: dict[int, RoutedQueryProjection] = routers(model)
         self.buffers: dict[int, tuple[Tensor, Tensor]] = {}  # per allocator: rows gathered for one layer
         self.pairs_read = self.pairs_full = 0
 
@@ -136,15 +133,16 @@ class WindowedKVReads:
         router = self.routers.get(layer_idx)
         if router is None or not isinstance(allocator, FullAttentionCacheAllocator) or kwargs.get("block_table") is not None:
             return self.original(key_states, value_states, layer_idx, kwargs)
-        read_index = kwargs["read_index"][allocator.index]
+        read_indices = kwargs["read_index"]
+        read_index = read_indices[allocator.index]
         if read_index.numel() == 0:
             return self.original(key_states, value_states, layer_idx, kwargs)
-        kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
-        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        # transformers' own update with nothing to read: it writes the new tokens and selects this
+        # layer type's cu_seq_lens_k / max_length_k in kwargs; the read is done here
+        kwargs["read_index"] = [read_index[:0] if index == allocator.index else other for index, other in enumerate(read_indices)]
+        self.original(key_states, value_states, layer_idx, kwargs)
+        kwargs["read_index"] = read_indices
         k_cache, v_cache = allocator._kv_token_views[layer_idx]  # [tokens, kv_heads, head_dim]
-        write_index = kwargs["write_index"][allocator.index]
-        k_cache.index_copy_(0, write_index, key_states[0].transpose(0, 1))
-        v_cache.index_copy_(0, write_index, value_states[0].transpose(0, 1))
         route = router.route(self.threshold, straight_through=False)[0]  # [q_heads, total_q], True = global
         needed = needed_kv_pairs(
             route, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], k_cache.shape[1], self.window, self.sink
