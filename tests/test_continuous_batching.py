@@ -17,22 +17,40 @@ def _routed_tiny():
     return aha.convert(tiny_model("llama"), window=4, sink=1, router_init="random").eval()
 
 
+def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (length,), generator=generator).tolist() for length in lengths]
+
+
+def _greedy(max_new_tokens: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0)
+
+
+def _generate_each(model, prompts, config) -> list[list[int]]:
+    """``model.generate``'s new tokens for each prompt on its own: what batching must reproduce."""
+    return [model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist() for p in prompts]
+
+
+def _in_request_order(outputs) -> list[list[int]]:
+    """``generate_batch``'s answers in the order of its prompts (its keys end in ``_<index>``)."""
+    return [outputs[key].generated_tokens for key in sorted(outputs, key=lambda key: int(key.rsplit("_", 1)[1]))]
+
+
 def test_batched_generation_equals_generate_per_request() -> None:
     model = _routed_tiny()
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 128, (length,), generator=generator).tolist() for length in (5, 17, 9, 30)]
-    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
-    expected = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist() for p in prompts]
+    prompts = _prompts(0, (5, 17, 9, 30))
+    config = _greedy(12)
+    expected = _generate_each(model, prompts, config)
     with aha.track_routing(model) as stats:
         outputs = model.generate_batch(
             prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(), progress_bar=False
         )
-    answers = [outputs[key].generated_tokens for key in sorted(outputs, key=lambda key: int(key.rsplit("_", 1)[1]))]
+    answers = _in_request_order(outputs)
     assert answers == expected
     assert 0.2 < stats.global_fraction < 0.8  # the routes were used, not forced one way
     with aha.force_routing(model, "local"):
         local = model.generate_batch(prompts, generation_config=config, progress_bar=False)
-    assert [local[key].generated_tokens for key in sorted(local, key=lambda key: int(key.rsplit("_", 1)[1]))] != answers
+    assert _in_request_order(local) != answers
 
 
 def test_manager_keeps_aha_attention() -> None:
@@ -91,11 +109,10 @@ def _answers_in_a_batch(model, prompts, config):
 @pytest.mark.parametrize("forced", [None, "local"])
 def test_windowed_kv_reads_answer_as_generate(forced) -> None:
     model = _routed_tiny()
-    generator = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 128, (length,), generator=generator).tolist() for length in (21, 6, 33)]
-    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)
+    prompts = _prompts(3, (21, 6, 33))
+    config = _greedy(10)
     with aha.force_routing(model, forced):
-        expected = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist() for p in prompts]
+        expected = _generate_each(model, prompts, config)
         answers, reads = _answers_in_a_batch(model, prompts, config)
     assert answers == expected
     assert reads is not None and reads.pairs_full > 0
@@ -129,13 +146,12 @@ def test_needed_pairs_are_the_keys_some_query_reads() -> None:
 @pytest.mark.parametrize("forced", [None, "local"])
 def test_chunked_prefill_with_windowed_reads_answers_as_generate(forced) -> None:
     model = _routed_tiny()
-    generator = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 128, (length,), generator=generator).tolist() for length in (40, 23, 7)]
-    config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
+    prompts = _prompts(5, (40, 23, 7))
+    config = _greedy(8)
     with aha.force_routing(model, forced):
-        expected = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist() for p in prompts]
+        expected = _generate_each(model, prompts, config)
         outputs = model.generate_batch(  # 16 tokens per batch: the 40-token prompt is prefilled in chunks
             prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=16),
             progress_bar=False,
         )  # fmt: skip
-    assert [outputs[key].generated_tokens for key in sorted(outputs, key=lambda key: int(key.rsplit("_", 1)[1]))] == expected
+    assert _in_request_order(outputs) == expected
