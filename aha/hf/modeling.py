@@ -78,7 +78,7 @@ class AhaModelMixin:
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         cache = model_kwargs.get("cache")
         if cache is not None and not getattr(cache, "_is_user_defined", False) and not generation_config.is_assistant:
-            model_kwargs["cache"] = growing_cache_for(model_kwargs["cache"], self.config, max_cache_length)
+            model_kwargs["cache"] = growing_cache_for(cache, self.config, max_cache_length)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
