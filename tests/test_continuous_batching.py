@@ -91,8 +91,8 @@ def test_packed_sequences_need_their_queries_last() -> None:
         )  # fmt: skip
 
 
-def _answers_in_a_batch(model, prompts, config):
-    manager = model.init_continuous_batching(generation_config=config)
+def _answers_in_a_batch(model, prompts, config, batching):
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=batching)
     manager.start()
     try:
         ids = [manager.add_request(prompt) for prompt in prompts]
@@ -107,16 +107,24 @@ def _answers_in_a_batch(model, prompts, config):
 
 
 @pytest.mark.parametrize("forced", [None, "local"])
-def test_windowed_kv_reads_answer_as_generate(forced) -> None:
+@pytest.mark.parametrize(
+    ("seed", "lengths", "new_tokens", "batching"),
+    [
+        (3, (21, 6, 33), 10, ContinuousBatchingConfig()),
+        # 16 tokens per batch: the 40-token prompt is prefilled in chunks, new queries over a cached prefix
+        (5, (40, 23, 7), 8, ContinuousBatchingConfig(max_batch_tokens=16)),
+    ],
+)
+def test_windowed_kv_reads_answer_as_generate(forced, seed, lengths, new_tokens, batching) -> None:
     model = _routed_tiny()
-    prompts = _prompts(3, (21, 6, 33))
-    config = _greedy(10)
+    prompts = _prompts(seed, lengths)
+    config = _greedy(new_tokens)
     with aha.force_routing(model, forced):
         expected = _generate_each(model, prompts, config)
-        answers, reads = _answers_in_a_batch(model, prompts, config)
+        answers, reads = _answers_in_a_batch(model, prompts, config, batching)
     assert answers == expected
     assert reads is not None and reads.pairs_full > 0
-    if forced == "local":  # windows of 4 + 1 sink key out of prefixes of up to 43 keys
+    if forced == "local":  # windows of 4 + 1 sink key out of prefixes of up to 48 keys
         assert reads.pairs_read < 0.5 * reads.pairs_full
     else:
         assert reads.pairs_read < reads.pairs_full  # some KV heads had only local query heads
@@ -141,17 +149,3 @@ def test_needed_pairs_are_the_keys_some_query_reads() -> None:
                         else:
                             read |= p - 4 < position <= p or position < 1
                 assert bool(needed[int(k0) + position, head]) == read, (request, head, position)
-
-
-@pytest.mark.parametrize("forced", [None, "local"])
-def test_chunked_prefill_with_windowed_reads_answers_as_generate(forced) -> None:
-    model = _routed_tiny()
-    prompts = _prompts(5, (40, 23, 7))
-    config = _greedy(8)
-    with aha.force_routing(model, forced):
-        expected = _generate_each(model, prompts, config)
-        outputs = model.generate_batch(  # 16 tokens per batch: the 40-token prompt is prefilled in chunks
-            prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=16),
-            progress_bar=False,
-        )  # fmt: skip
-    assert _in_request_order(outputs) == expected
