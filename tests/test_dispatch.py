@@ -43,6 +43,9 @@ def test_auto_takes_the_first_implementation_of_the_device_list_that_serves_the_
     holes = torch.ones(1, 40, dtype=torch.bool)
     holes[0, 5] = False
     assert choose_impl(q, k, route, 8, holes) == "split"  # the kernel refuses padding with holes
+    # decode steps remember their choice per device, dtype, head size and padding layout
+    assert choose_impl(q[:, :, -1:], k, route[:, :, -1:], 8, holes) == "decode"
+    assert choose_impl(q[:, :, -1:], k, route[:, :, -1:], 8) == "cpp"
 
 
 def test_a_soft_gate_is_not_a_decode_step():

@@ -29,7 +29,7 @@ from transformers.masking_utils import (
 )
 
 from aha.hf.projection import RoutedQueryProjection, find_router
-from aha.hf.settings import AhaSettings
+from aha.hf.settings import AhaSettings, UnsupportedModelError
 from aha.kernels import AhaInputError, KeyPadding, aha_attention
 from aha.kernels.masks import padding_mask
 
@@ -118,11 +118,13 @@ def aha_attention_forward(
     Returns:
         ``(output [batch, seq_q, q_heads, head_dim], None)`` -- no attention weights.
     """
-    if getattr(module.config, "aha", None) is None:
+    try:
+        window, sink, threshold = _routing_settings(module.config)
+    except UnsupportedModelError:
         raise AhaInputError(
             'attn_implementation="aha" needs an AHA model: convert it with aha.convert(model) or load an AHA '
             "checkpoint with aha.from_pretrained"
-        )
+        ) from None
     if dropout:
         raise AhaInputError(
             f"AHA attention has no attention dropout (got {dropout}); set config.attention_dropout = 0.0"
@@ -132,7 +134,6 @@ def aha_attention_forward(
             f"AHA attention takes a 2D [batch, seq] padding mask, got a {attention_mask.dim()}D mask; pass the "
             "tokenizer's attention_mask instead of a prepared 4D mask"
         )
-    window, sink, threshold = _routing_settings(module.config)
     router = find_router(module)
     if router is not None:
         route = router.route(threshold, straight_through=module.training)

@@ -141,7 +141,10 @@ def find_router(attention: nn.Module) -> RoutedQueryProjection | None:
     Looks inside ``attention.q_proj`` too, so wrappers that keep the original module as a child
     (PEFT's LoRA layers keep it as ``base_layer``) still route.
     """
-    return next((m for m in attention.q_proj.modules() if isinstance(m, RoutedQueryProjection)), None)
+    q_proj = attention.q_proj
+    if isinstance(q_proj, RoutedQueryProjection):  # the converted layer itself: no module walk (every decode step)
+        return q_proj
+    return next((m for m in q_proj.modules() if isinstance(m, RoutedQueryProjection)), None)
 
 
 def routed_query_projection(

@@ -169,11 +169,16 @@ class AhaSettings:
         block = getattr(config, "aha", None)
         if not isinstance(block, Mapping):
             return cls.from_config(config)
+        last = _last_parsed
+        if last is not None and last[0] == block:  # a dict comparison: every layer of every step lands here
+            return last[1]
         try:
             key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in block.items()))
-            return _parse_cached(key)
+            settings = _parse_cached(key)
         except TypeError:  # unhashable values: not a block we wrote; parse (and report) it directly
             return cls.from_dict(block)
+        _remember_parsed({k: list(v) if isinstance(v, list) else v for k, v in block.items()}, settings)
+        return settings
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The converted layer indices of a model with ``num_layers`` decoder layers."""
@@ -200,6 +205,15 @@ class AhaSettings:
             flags = " and ".join("--" + name.replace("_", "-") for name in differing)
             remedy = f"omit {flags} or pass {' and '.join(str(getattr(self, name)) for name in differing)}"
         raise ValueError(f"{what} is already an AHA model with {own}; {remedy}")
+
+
+_last_parsed: tuple[dict[str, Any], AhaSettings] | None = None
+
+
+def _remember_parsed(snapshot: dict[str, Any], settings: AhaSettings) -> None:
+    """Keep the last block parsed (a copy, so that an edit in place no longer matches it)."""
+    global _last_parsed
+    _last_parsed = (snapshot, settings)
 
 
 @functools.lru_cache(maxsize=64)

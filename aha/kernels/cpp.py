@@ -64,14 +64,18 @@ def kernel_attention(
     pad = -dim % 16
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    arguments = (q, k, v, hard.contiguous(), starts, window, sink, scale, *settings)
+    arguments = (_rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), hard.contiguous(), starts, window, sink, scale, *settings)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         out, _, finite = torch.ops.aha.forward(*arguments)
     else:
         with torch._C._AutoDispatchBelowAutograd():  # no gradient: skip the Python autograd layer (~10 us per call)
             out, _, finite = torch.ops.aha.forward(*arguments)
     return (out[..., :dim] if pad else out), finite
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    """``t`` itself when its last dim is contiguous (the kernel's only layout need), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def cpp_attention(

@@ -266,6 +266,32 @@ def select(inputs: Inputs, impl: str = "auto") -> Implementation:
         AhaInputError: ``impl`` is unknown or cannot serve the inputs (every reason listed), or no
             implementation can (``auto``).
     """
+    memo_key = _decode_step_key(inputs, impl)
+    if memo_key is not None and memo_key in _decode_step_choices:
+        return _decode_step_choices[memo_key]
+    chosen = _select(inputs, impl)
+    if memo_key is not None:
+        _decode_step_choices[memo_key] = chosen
+    return chosen
+
+
+#: :func:`select`'s answers for decode steps, by :func:`_decode_step_key` (every layer of every
+#: generated token asks the same question).
+_decode_step_choices: dict[tuple, Implementation] = {}
+
+
+def _decode_step_key(inputs: Inputs, impl: str) -> tuple | None:
+    """What the choice for a decode step depends on (device, dtype, head size, padding layout), or
+    None where it may depend on more (prefill, where the CPU crossover reads the route) or cannot
+    be memoized (inside a compiled graph)."""
+    if not inputs.decode_step or torch.compiler.is_compiling():
+        return None
+    padding = "none" if inputs.padding is None else "holes" if inputs.padding.start is None else "runs"
+    return impl, inputs.q.device.type, inputs.q.dtype, inputs.q.shape[-1], padding
+
+
+def _select(inputs: Inputs, impl: str) -> Implementation:
+    """:func:`select` without the memo."""
     if impl != "auto":
         chosen = implementation(impl)
         reasons = chosen.not_supported_reasons(inputs)

@@ -72,6 +72,9 @@ def apply_route_with_kernel(
     branches: ``routed(hard, sink)`` on the route itself, on an all-global route (full attention,
     no sink) and on an all-local route (sliding window)."""
 
+    if route.dtype == torch.bool and not window_covers_keys:  # the common inference call, without the closures
+        return routed(route, sink)
+
     def every(value: bool) -> Tensor:
         return torch.full(route.shape, value, dtype=torch.bool, device=route.device)
 

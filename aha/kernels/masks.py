@@ -11,6 +11,7 @@ forward pass and every layer reuses it, as FlexAttention shares one block mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,17 @@ def key_start(padding: KeyPadding | None, batch: int, device: torch.device) -> T
     """First real key per row ``[batch]`` int32 for the fused kernels, or None when a row's real
     keys are not one contiguous run."""
     if padding is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
+        if torch.compiler.is_compiling():
+            return torch.zeros(batch, dtype=torch.int32, device=device)
+        return _zero_starts(batch, device)
     return padding.start
+
+
+@functools.lru_cache(maxsize=32)
+def _zero_starts(batch: int, device: torch.device) -> Tensor:
+    """``[batch]`` int32 zeros, made once per (batch, device): a decode step of every layer asks for them
+    (the kernels only read them)."""
+    return torch.zeros(batch, dtype=torch.int32, device=device)
 
 
 def sink_key_mask(seq_kv: int, sink: int, padding: KeyPadding | None, batch: int, device: torch.device) -> Tensor:
