@@ -149,3 +149,20 @@ def test_needed_pairs_are_the_keys_some_query_reads() -> None:
                         else:
                             read |= p - 4 < position <= p or position < 1
                 assert bool(needed[int(k0) + position, head]) == read, (request, head, position)
+
+
+def test_telemetry_credits_each_packed_request_its_own_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aha.serving.telemetry import Telemetry
+
+    model = _routed_tiny()
+    Telemetry(model).install()
+    finished = []
+    monkeypatch.setattr(Telemetry, "finished", staticmethod(lambda prompt, generated, _seconds, routes: finished.append((prompt, generated, routes))))
+    # 16 tokens per batch: prompts are prefilled in chunks, packed beside other requests' decode steps
+    _answers_in_a_batch(model, _prompts(7, (21, 6, 33)), _greedy(6), ContinuousBatchingConfig(max_batch_tokens=16))
+    assert sorted(prompt for prompt, _, _ in finished) == [6, 21, 33]
+    pairs_per_token = model.config.num_hidden_layers * model.config.num_attention_heads
+    for prompt, generated, routes in finished:
+        assert routes.pairs == pairs_per_token * (prompt + generated - 1)  # every token it fed, none of the others'
+        assert routes.full_scores == pairs_per_token * sum(range(1, prompt + generated))
+        assert 0 < routes.global_fraction < 1  # random routers

@@ -41,6 +41,7 @@ from aha.hf.projection import RoutedQueryProjection
 from aha.hf.settings import AhaSettings
 
 FinishedListener = Callable[[GenerationOutput], None]
+BatchListener = Callable[["list[str] | None"], None]
 
 
 class AhaContinuousBatchingManager(ContinuousBatchingManager):
@@ -49,11 +50,25 @@ class AhaContinuousBatchingManager(ContinuousBatchingManager):
     Attributes:
         finished_listeners: called with the output of every request that finished (or failed) as
             :meth:`get_result` hands it out, e.g. for serving telemetry.
+        batch_listeners: called, in the generation thread, before every forward pass with the
+            request ids of its packed sequences in packing order (sequence ``i`` of the
+            ``cu_seq_lens`` the attention function sees is request ``i``), or None where the batch
+            processor does not expose them (transformers' asynchronous batching).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.finished_listeners: list[FinishedListener] = []
+        self.batch_listeners: list[BatchListener] = []
         super().__init__(*args, **kwargs)
+
+    def _generation_step(self) -> None:
+        """transformers' step, after telling :attr:`batch_listeners` which requests it packs."""
+        if self.batch_listeners:
+            scheduled = getattr(getattr(self.batch_processor, "inputs_and_outputs", None), "requests_in_batch", None)
+            request_ids = None if scheduled is None else [future.state.request_id for future in scheduled]
+            for listener in self.batch_listeners:
+                listener(request_ids)
+        super()._generation_step()
 
     def switch_to_cb_friendly_attn(self, model: Any, auto_switch_to_flash: bool = True) -> None:
         """Keep ``"aha"`` (it reads the packed sequences itself); other implementations as transformers does."""

@@ -109,11 +109,16 @@ class RouteTally:
 class Telemetry:
     """Counts what one served model does; installed on the model in its process.
 
-    Sequential serving (``model.generate`` per request): each request's own global fraction and
-    compute ratio go to the log. Continuous batching: requests share forward passes, so the
-    routes are reported every :data:`ROUTES_REPORT_INTERVAL` seconds as running totals, and each
-    request's line has its tokens and time.
+    Each request's line in the log has its tokens, time, global fraction and attention compute
+    ratio. Sequential serving (``model.generate`` per request) counts the routes of its calls;
+    under continuous batching requests share forward passes, so each packed sequence's routes are
+    credited to its request (the manager names the requests of every batch in packing order), and
+    the running totals also go to the log every :data:`ROUTES_REPORT_INTERVAL` seconds.
     """
+
+    #: Requests whose routes are kept under continuous batching before the oldest are dropped
+    #: (a request cancelled before it finished never collects its own).
+    MAX_BATCHED_REQUESTS = 4096
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -123,6 +128,9 @@ class Telemetry:
         self._routes = self._new_tally() if settings is not None else None
         self._exit = contextlib.ExitStack()
         self._lock = threading.Lock()
+        self._batch: list[str] | None = None  # request ids of the packed sequences of the running forward pass
+        self._batch_calls: dict[int, int] = {}  # per converted layer: sequences of that pass it has routed
+        self._request_routes: dict[str, RouteTally] = {}
 
     def install(self) -> None:
         """Start counting: observe the routers, wrap ``generate`` and ``init_continuous_batching``."""
@@ -131,9 +139,23 @@ class Telemetry:
         self.model.generate = self._timed_generate(self.model.generate)
         self.model.init_continuous_batching = self._watched_batching(self.model.init_continuous_batching)
 
-    def _observe(self, _row: int, route: Tensor, first_position: int, valid: Tensor | None) -> None:
+    def _observe(self, row: int, route: Tensor, first_position: int, valid: Tensor | None) -> None:
         with self._lock:
             self._routes.add(route, first_position, valid)
+            if self._batch is not None:  # packed sequences reach each layer one by one, in packing order
+                sequence = self._batch_calls.get(row, 0)
+                self._batch_calls[row] = sequence + 1
+                if sequence < len(self._batch):
+                    request = self._batch[sequence]
+                    if request not in self._request_routes:
+                        self._request_routes[request] = self._new_tally()
+                    self._request_routes[request].add(route, first_position, valid)
+
+    def _batch_started(self, request_ids: list[str] | None) -> None:
+        with self._lock:
+            self._batch, self._batch_calls = request_ids, {}
+            while len(self._request_routes) > self.MAX_BATCHED_REQUESTS:
+                del self._request_routes[next(iter(self._request_routes))]
 
     def take_routes(self) -> RouteTally | None:
         """The routes seen since the last call, added to ``/metrics`` (None for a model served without routing)."""
@@ -161,6 +183,8 @@ class Telemetry:
             listeners = getattr(manager, "finished_listeners", None)
             if listeners is not None:
                 listeners.append(self._batched_request_finished)
+            if self.routed and hasattr(manager, "batch_listeners"):
+                manager.batch_listeners.append(self._batch_started)
             if self.routed:
                 threading.Thread(target=self._report_routes_forever, name="aha-routes", daemon=True).start()
             return manager
@@ -168,8 +192,10 @@ class Telemetry:
         return watched_init
 
     def _batched_request_finished(self, output: Any) -> None:
+        with self._lock:
+            routes = self._request_routes.pop(output.request_id, None)
         self.finished(len(output.prompt_ids), len(output.generated_tokens),
-                      time.perf_counter() - output.created_time, None)  # fmt: skip
+                      time.perf_counter() - output.created_time, routes)  # fmt: skip
 
     def _report_routes_forever(self) -> None:
         while True:
