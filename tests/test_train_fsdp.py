@@ -53,11 +53,12 @@ def _launch(tmp_path, config: dict, name: str, port: int, fsdp: list[str] = FSDP
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainable", ["all", "routers"])
+@pytest.mark.parametrize("trainable", ["all", "routers", "lora"])
 def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, trainable):
     """2 FSDP2 processes (parameters, gradients and optimizer state sharded) == 1 process, global batch of 4, with
-    distillation (all: a sharded frozen teacher; routers: the student with routes forced global); the consolidated
-    ``model/`` loads on one process and equals the 1-process model."""
+    distillation (all: a sharded frozen teacher; routers and lora: the student with routes forced global, adapters
+    off); the consolidated ``model/`` (lora: adapters merged on the main process) loads on one process and equals
+    the 1-process model."""
     if trainable == "all":  # router rows fused into q_proj (the released AHA-OLMO2 layout), random: they shard inside q_proj
         model_dir = tmp_path / "tiny"
         aha.convert(tiny_llama(), window=8, router_init="random", router_layout="fused").save_pretrained(model_dir)
@@ -69,7 +70,8 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, train
     common = dict(model=str(model_dir), data=[str(docs)], window=8, seq_len=48, steps=4, batch_size=2, lr=3e-3, router_lr=3e-2,
                   target_global=0.5, lambda_init=1e-2, trainable=trainable, checkpoint_every=2, eval_every=2, eval_sequences=5,
                   heldout_fraction=0.3, distill=0.5, progress=False, precision="fp32", **routers)
-    done = _launch(tmp_path, {**common, "grad_accum": 1, "out": str(tmp_path / "two")}, "two", 29527 if trainable == "all" else 29528)
+    port = {"all": 29527, "routers": 29528, "lora": 29531}[trainable]
+    done = _launch(tmp_path, {**common, "grad_accum": 1, "out": str(tmp_path / "two")}, "two", port)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es), FSDP" in done.stdout, done.stdout[-2000:]
 
@@ -145,13 +147,11 @@ def test_resume_refuses_another_number_of_processes(tmp_path, copy_data):
 
 
 @pytest.mark.slow
-def test_fsdp_refuses_lora_and_fsdp1(tmp_path):
+def test_fsdp_refuses_fsdp1(tmp_path):
     model_dir = save_tiny_model(tmp_path / "tiny")
     docs = _documents(tmp_path / "docs")
     config = {"model": str(model_dir), "data": [str(docs)], "window": 8, "seq_len": 48, "steps": 1, "batch_size": 2, "progress": False,
               "precision": "fp32"}
-    lora = _launch(tmp_path, {**config, "trainable": "lora", "out": str(tmp_path / "lora")}, "lora", 29530)
-    assert lora.returncode != 0 and "trainable='lora' is not supported with FSDP yet" in lora.stderr, lora.stderr[-3000:]
     fsdp1 = [arg if arg != "2" else "1" for arg in FSDP_LAUNCH]
     version1 = _launch(tmp_path, {**config, "out": str(tmp_path / "fsdp1")}, "fsdp1", 29530, fsdp=fsdp1)
     assert version1.returncode != 0 and "launch with --fsdp_version 2" in version1.stderr, version1.stderr[-3000:]

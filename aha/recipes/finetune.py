@@ -79,7 +79,7 @@ from aha.train.model_setup import (
 from aha.train.objective import LambdaController
 from aha.train.router_labels import full_length_sequences, warm_start_routers
 from aha.train.schedule import TrainProgress, eval_indices
-from aha.train.sharding import is_sharded, make_accelerator, save_final_model
+from aha.train.sharding import is_sharded, make_accelerator, merged_lora_model, save_final_model
 from aha.train.step import Stepper
 
 #: Train-set rows averaged for the reported achieved global fraction.
@@ -91,7 +91,8 @@ class TrainResult:
     """What :func:`train` returns (on every process).
 
     ``model``: the trained model, unwrapped (LoRA merged), in eval mode; under FSDP each process holds
-    its shard (``model/`` on disk is the consolidated one). ``history``: the train rows
+    its shard (``model/`` on disk is the consolidated one), except with LoRA, where the main process
+    holds the merged, unsharded model. ``history``: the train rows
     logged by this call. ``evaluation``: the final held-out evaluation (None when disabled).
     ``achieved_global``: mean global fraction of the last training steps.
     """
@@ -169,6 +170,12 @@ def _summary(config: TrainConfig, progress: TrainProgress, controller: LambdaCon
     }
 
 
+def _lora_student(config: TrainConfig) -> nn.Module:
+    """A fresh unsharded LoRA student of ``config`` (base model loaded from ``config.model``), to merge trained adapters into."""
+    model, _ = aha.load_model(config.model, dtype=torch.float32)
+    return configure_trainable(config, prepare_model(config, model))
+
+
 def train(
     config: TrainConfig,
     *,
@@ -194,6 +201,11 @@ def train(
         with ``aha.load_model``) and ``summary.json``.
     """
     accelerator = make_accelerator(config)
+    if model is not None and config.trainable == "lora" and is_sharded(accelerator):
+        raise ValueError(
+            "LoRA under FSDP merges the adapters into a copy of the model loaded from config.model at the end: "
+            "pass config.model (a name or folder) instead of a model object"
+        )
     out = Path(config.out)
     resume = check_resume(config, out, accelerator.num_processes)
     set_seed(config.seed)
@@ -289,10 +301,16 @@ def train(
     recent = [r["global_fraction"] for r in history[-ACHIEVED_WINDOW_STEPS:]]
     achieved_global = float(np.mean(recent)) if recent else float("nan")
     final_model = accelerator.unwrap_model(student)
-    if config.trainable == "lora":
-        final_model = final_model.merge_and_unload()
-    final_model.eval()
-    save_final_model(accelerator, student, final_model, out / "model")  # sharded: gathered on the main process
+    if config.trainable == "lora" and is_sharded(accelerator):
+        merged = merged_lora_model(accelerator, student, rebuild=lambda: _lora_student(config))
+        if merged is not None:
+            final_model = merged.eval()
+            final_model.save_pretrained(out / "model")
+    else:
+        if config.trainable == "lora":
+            final_model = final_model.merge_and_unload()
+        final_model.eval()
+        save_final_model(accelerator, student, final_model, out / "model")  # sharded: gathered on the main process
     if accelerator.is_main_process:
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "model")

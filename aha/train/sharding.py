@@ -22,9 +22,11 @@ term by global-batch counts and :class:`~aha.train.step.Stepper` sums the gate s
 processes before the budget controller reads them, so the sparsity loss and lambda see the all-rank
 mean of the gates, as under DDP; FSDP2 averages gradients over processes as DDP does.
 
-The frozen distillation teacher of ``trainable='all'`` is sharded the same way (``routers`` uses the
-student under ``aha.force_routing`` instead). ``trainable='lora'`` is refused. Every process still
-loads the whole model before it is sharded (no ``cpu_ram_efficient_loading`` yet).
+The frozen distillation teacher of ``trainable='all'`` is sharded the same way (``routers`` and
+``lora`` use the student under ``aha.force_routing``, adapters disabled, instead). LoRA adapters
+shard with their layers; at the end they are merged on the main process into an unsharded copy of
+the model (:func:`merged_lora_model`). Every process still loads the whole model before it is
+sharded (no ``cpu_ram_efficient_loading`` yet).
 Checkpoints are accelerate's: with ``SHARDED_STATE_DICT`` (FSDP2's default) each process writes its
 shard through ``torch.distributed.checkpoint``, whose ``.metadata`` file is read back with
 ``pickle`` (the manifest still catches damaged files); ``FULL_STATE_DICT`` gathers everything on the
@@ -34,6 +36,7 @@ main process and loads with ``weights_only=True``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +76,28 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         accelerator.state.fsdp_plugin = plugin
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(FSDP1_REFUSED)
-    if is_sharded(accelerator) and config.trainable == "lora":
-        raise ValueError(
-            "trainable='lora' is not supported with FSDP yet (the adapters are merged on one process at the end); "
-            "use trainable='all' or 'routers', or DDP for LoRA"
-        )
     return accelerator
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the model is sharded over the processes (FSDP2): its forwards are collectives."""
     return accelerator.is_fsdp2
+
+
+def merged_lora_model(accelerator: Accelerator, student: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module | None:
+    """LoRA under FSDP: the trained adapters merged into the base weights, on the main process (None
+    elsewhere); call on every process (gathering the state is a collective).
+
+    PEFT merges a LoRA layer from its whole weights, which no process holds, so the main process
+    builds an unsharded copy of the student (``rebuild``: the base model with the same adapters),
+    loads the gathered full state dict into it and merges there (PEFT's ``merge_and_unload``).
+    """
+    state = accelerator.get_state_dict(student)
+    if not accelerator.is_main_process:
+        return None
+    copy = rebuild()
+    copy.load_state_dict(state)
+    return copy.merge_and_unload()
 
 
 def save_final_model(accelerator: Accelerator, student: nn.Module, final_model: nn.Module, folder: Path) -> None:
