@@ -79,7 +79,12 @@ from aha.train.model_setup import (
 from aha.train.objective import LambdaController
 from aha.train.router_labels import full_length_sequences, warm_start_routers
 from aha.train.schedule import TrainProgress, eval_indices
-from aha.train.sharding import is_sharded, make_accelerator, merged_lora_model, save_final_model
+from aha.train.sharding import (
+    is_sharded,
+    make_accelerator,
+    merged_lora_model,
+    save_final_model,
+)
 from aha.train.step import Stepper
 
 #: Train-set rows averaged for the reported achieved global fraction.
