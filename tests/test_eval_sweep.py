@@ -96,3 +96,27 @@ def test_aha_sweep_cli_reports_a_bad_recipe(recipe, tmp_path):
     assert result.exit_code != 0 and "--lambda-init" in result.output
     result = CliRunner().invoke(app, ["sweep", "--windows", "4,x", "--out", str(tmp_path / "s")])
     assert result.exit_code != 0 and "comma-separated integers" in result.output
+
+
+def _finished_sweep(folder, sink: int, points: list[tuple[int, float, float]]):
+    (folder / "w8").mkdir(parents=True)
+    (folder / "w8" / "config.yaml").write_text(f"window: 8\nsink: {sink}\n")
+    rows = [{"window": w, "global_fraction": g, "perplexity": p} for w, g, p in points]
+    (folder / "sweep.json").write_text(json.dumps({"reference_perplexity": 20.0, "points": rows}))
+    return folder
+
+
+def test_aha_sweep_compare_draws_finished_sweeps_in_one_plot(tmp_path):
+    pure = _finished_sweep(tmp_path / "pure", 0, [(8, 0.6, 30.0), (16, 0.4, 25.0), (32, 0.3, 23.0)])
+    sink = _finished_sweep(tmp_path / "sink", 1, [(8, 0.2, 22.0), (16, 0.1, 21.0)])
+    result = CliRunner().invoke(app, ["sweep", "--compare", f"{pure},{sink}", "--out", str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "both" / "long_tail.png").stat().st_size > 1000
+    assert not (tmp_path / "both" / "w8").exists()  # nothing trained
+    for compare, out, message in [
+        (f"{pure},{pure}", tmp_path / "x", "same operator"),
+        (f"{pure},{sink}", pure, "one of the compared sweeps"),
+        (f"{pure},{tmp_path / 'both'}", tmp_path / "x", "holds no sweep.json"),
+    ]:
+        result = CliRunner().invoke(app, ["sweep", "--compare", compare, "--out", str(out)])
+        assert result.exit_code != 0 and message in " ".join(result.output.replace("│", " ").split()), result.output

@@ -126,6 +126,10 @@ class SweepSettings:
     out: str = option("sweep folder: one training run per window, sweep.json, long_tail.png", default="runs/sweep")
     eval_sequences: int = option("held-out sequences scored per window (the same for every window)", default=16)
     eval_seq_len: int | None = option("their length (default: the training seq-len)", default=None)
+    compare: Sequence[str] = option(
+        "instead of training: draw these finished sweep folders (comma-separated, e.g. one per --sink) in one "
+        "long-tail plot, --out/long_tail.png", default=(),
+    )  # fmt: skip
 
 
 #: The training options ``aha sweep`` takes as flags, with what each means in a sweep.
@@ -160,6 +164,14 @@ def sweep_command(
     from aha.recipes.sweep import run_sweep
 
     sweep = SweepSettings(**{k: v for k, v in given.items() if k not in SWEEP_RECIPE_HELP})
+    if sweep.compare:
+        from aha.evaluation.sweep import compare_sweeps
+
+        try:
+            Console().print(f"plot: {compare_sweeps([Path(f) for f in sweep.compare], Path(sweep.out))}")
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+        return
     try:
         recipe = load_config(config, {k: v for k, v in given.items() if k in SWEEP_RECIPE_HELP})
         result = run_sweep(recipe, sweep.windows, sweep.out, eval_sequences=sweep.eval_sequences,

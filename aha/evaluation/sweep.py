@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch.utils.data import Subset
 
 import aha
@@ -100,3 +101,39 @@ def write_sweep(points: list[SweepPoint], reference: float, out: Path, *, title:
     result = SweepResult(points, reference, {"plot": str(plot), "json": str(out / "sweep.json")})
     write_json(out / "sweep.json", result.to_dict())
     return result
+
+
+def operator_label(sink: int) -> str:
+    """How a sweep's local heads see the keys: the window alone (the paper's operator), or with sink keys."""
+    return "window only (the paper's operator)" if sink == 0 else f"window + {sink} sink key{'s' if sink > 1 else ''}"
+
+
+def compare_sweeps(folders: list[Path], out: Path) -> Path:
+    """Draw finished sweeps (their ``sweep.json``) in one long-tail plot, ``out/long_tail.png``, one
+    colour per sweep, labelled by its local operator (from a window run's ``config.yaml``).
+
+    Raises:
+        ValueError: a folder holds no finished sweep, ``out`` is one of them, or two sweeps have the
+            same operator (their curves would share a label).
+    """
+    if any(Path(folder).resolve() == Path(out).resolve() for folder in folders):
+        raise ValueError(f"--out {out} is one of the compared sweeps: write the comparison to a folder of its own")
+    series: dict[str, list[WindowPoint]] = {}
+    references = []
+    for folder in map(Path, folders):
+        if not (folder / "sweep.json").exists():
+            raise ValueError(f"{folder} holds no sweep.json: finish that sweep first (re-run its aha sweep command)")
+        result = json.loads((folder / "sweep.json").read_text())
+        configs = sorted(folder.glob("w*/config.yaml"))
+        sink = int(yaml.safe_load(configs[0].read_text()).get("sink", 0)) if configs else 0
+        label = operator_label(sink)
+        if label in series:
+            raise ValueError(f"two of the compared sweeps use the same operator ({label}); compare sweeps of different sinks")
+        series[label] = [WindowPoint(p["window"], p["global_fraction"], p["perplexity"]) for p in result["points"]]
+        references.append(result["reference_perplexity"])
+    # one reference line where every sweep scored the original model on the same held-out sequences
+    reference = references[0] if max(references) - min(references) <= 1e-6 * references[0] else None
+    return plot_global_fraction_vs_window(
+        series, Path(out) / "long_tail.png", full_attention_perplexity=reference,
+        full_attention_label="perplexity (original model, full attention)", title="Global attention needed vs window",
+    )  # fmt: skip

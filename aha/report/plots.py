@@ -6,7 +6,7 @@ All functions write one PNG and return its path. Polarity: "global fraction" is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,42 +44,44 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 
 
 def plot_global_fraction_vs_window(
-    points: Sequence[WindowPoint],
+    points: Sequence[WindowPoint] | Mapping[str, Sequence[WindowPoint]],
     path: str | Path,
     *,
     full_attention_perplexity: float | None = None,
     full_attention_label: str = "perplexity (full attention)",
     title: str = "Global attention needed vs window",
 ) -> Path:
-    """The long-tail curve: global fraction (left axis) and perplexity (right axis) per window.
+    """The long-tail curve: global fraction (left panel) and held-out perplexity (right panel) per window.
 
     Args:
-        points: one point per window (any order).
+        points: one point per window (any order), or several such series by label (e.g. one per
+            local operator), drawn in one colour each.
         full_attention_perplexity: drawn as a dotted reference line (labelled ``full_attention_label``) when given.
     """
-    if not points:
-        raise ValueError("plot_global_fraction_vs_window needs at least one WindowPoint")
-    points = sorted(points, key=lambda p: p.window)
-    windows = [p.window for p in points]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(windows, [p.global_fraction for p in points], "o-", color="tab:red", label="global fraction")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(windows))
-    ax.set_xticklabels([str(w) for w in windows])
-    ax.set_xlabel("local window w (tokens)")
-    ax.set_ylabel("global fraction (token, head pairs)", color="tab:red")
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-
-    ppl_ax = ax.twinx()
-    ppl_ax.plot(windows, [p.perplexity for p in points], "s--", color="tab:blue", label="perplexity (AHA)")
+    series = dict(points) if isinstance(points, Mapping) else {"AHA": points}
+    if not series or not all(series.values()):
+        raise ValueError("plot_global_fraction_vs_window needs at least one WindowPoint per series")
+    windows = sorted({p.window for curve in series.values() for p in curve})
+    fig, (fraction_ax, ppl_ax) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    for index, (label, curve) in enumerate(series.items()):
+        curve = sorted(curve, key=lambda p: p.window)
+        xs = [p.window for p in curve]
+        fraction_ax.plot(xs, [p.global_fraction for p in curve], "o-", color=f"C{index}", label=label)
+        ppl_ax.plot(xs, [p.perplexity for p in curve], "s-", color=f"C{index}", label=label)
     if full_attention_perplexity is not None:
-        ppl_ax.axhline(full_attention_perplexity, color="tab:blue", alpha=0.5, linestyle=":", label=full_attention_label)
-    ppl_ax.set_ylabel("held-out perplexity", color="tab:blue")
-    handles = ax.get_legend_handles_labels()[0] + ppl_ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper right")
-    ax.set_title(title)
+        ppl_ax.axhline(full_attention_perplexity, color="gray", linestyle=":", label=full_attention_label)
+    for ax in (fraction_ax, ppl_ax):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(windows))
+        ax.set_xticklabels([str(w) for w in windows])
+        ax.set_xlabel("local window w (tokens)")
+        ax.grid(alpha=0.3)
+    fraction_ax.set_ylabel("global fraction (token, head pairs)")
+    fraction_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    fraction_ax.set_ylim(bottom=0)
+    ppl_ax.set_ylabel("held-out perplexity")
+    ppl_ax.legend(fontsize="small")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
