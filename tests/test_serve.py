@@ -212,7 +212,8 @@ def test_serve_settings_refuse_bad_flags() -> None:
 def test_serve_benchmark_group_measures_both_servers(tiny_folder: Path) -> None:
     from aha.benchmarking import BenchConfig, run_benchmarks
 
-    report = run_benchmarks(dataclasses.replace(BenchConfig.quick_config(), model=str(tiny_folder)), ["serve"])
+    config = dataclasses.replace(BenchConfig.quick_config(), model=str(tiny_folder), serve_rounds=2)
+    report = run_benchmarks(config, ["serve"])
     rows = report["groups"]["serve"][0]["rows"]
     assert [(row["prompt_len"], row["clients"]) for row in rows] == [(128, 1), (128, 2)]
     for row in rows:  # the sdpa server is aha serve --dense: the same weights, unrouted
@@ -220,6 +221,7 @@ def test_serve_benchmark_group_measures_both_servers(tiny_folder: Path) -> None:
             assert 0 < row[f"{name}_generated"] <= 8 * row["clients"]
             assert row[f"{name}_p50_s"] <= row[f"{name}_p99_s"]
         assert 0 < row["global_fraction"] < 1
+        assert row["rounds"] == 2 and row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
 
 
 @pytest.mark.real_model

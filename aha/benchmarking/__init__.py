@@ -86,6 +86,10 @@ class BenchConfig:
     serve_prompt_lens: list[int] = option("Prompt lengths of the 'serve' group, e.g. 1024,4096,8192.", "--serve-n", default_factory=lambda: [1024, 4096, 8192])
     serve_max_tokens: int = option("Tokens each 'serve' request generates.", default=64)
     serve_continuous_batching: bool = option("'serve' group: both servers batch concurrent requests.", default=False)
+    serve_rounds: int = option(
+        "Times each 'serve' load point runs on each server, alternating which goes first; the speedup is the median "
+        "of the rounds' speedups, with their min and max.", default=1,
+    )  # fmt: skip
 
     @classmethod
     def quick_config(cls) -> BenchConfig:

@@ -3,7 +3,8 @@
 Two servers of the same weights run side by side, the routed model (``aha``) and the dense
 baseline (``--dense``: PyTorch SDPA), and each load point -- N concurrent clients, each sending
 one prompt of P tokens and asking for ``serve_max_tokens`` tokens -- runs on one, then on the
-other, after one short warm-up request to each. A prompt longer than the model's context leaves
+other, after one short warm-up request to each (``--serve-rounds R``: R times on each, alternating
+which goes first; the row holds medians and the spread of the rounds' speedups). A prompt longer than the model's context leaves
 room for is cut to fit (8192 tokens of
 context and 64 to generate: an "8K" prompt has 8112 tokens). Throughput is generated tokens over the point's wall time; latency is each request's end to
 end time. The servers idle while the other is measured (nothing else should run meanwhile).
@@ -88,15 +89,21 @@ def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
                 prompts = _prompts(tokenizer, clients, prompt_tokens)
                 before = routed.metrics()
                 row: dict[str, Any] = {"clients": clients, "prompt_len": prompt_tokens}
+                measured: dict[str, list[dict[str, Any]]] = {"aha": [], "sdpa": []}
                 try:
-                    for name, server in (("aha", routed), ("sdpa", dense)):
-                        point = _load_point(server.url, cfg.model, prompts, cfg.serve_max_tokens)
-                        row.update({f"{name}_{key}": value for key, value in point.items()})
+                    for round_index in range(cfg.serve_rounds):  # alternate who goes first: drift hits both alike
+                        order = (("aha", routed), ("sdpa", dense))[:: 1 if round_index % 2 == 0 else -1]
+                        for name, server in order:
+                            measured[name].append(_load_point(server.url, cfg.model, prompts, cfg.serve_max_tokens))
                 except openai.APIError as error:  # the other points still run
                     rows.append({**row, "error": f"{type(error).__name__}: {error}"})
                     continue
                 after = routed.metrics()
-                row["speedup"] = row["aha_tokens_per_s"] / row["sdpa_tokens_per_s"]
+                for name, points in measured.items():
+                    row.update({f"{name}_{key}": statistics.median(point[key] for point in points) for key in points[0]})
+                speedups = [a["tokens_per_s"] / s["tokens_per_s"] for a, s in zip(measured["aha"], measured["sdpa"], strict=True)]
+                row.update(speedup=statistics.median(speedups), speedup_min=min(speedups), speedup_max=max(speedups),
+                           rounds=cfg.serve_rounds)  # fmt: skip
                 row["global_fraction"] = _delta_ratio(before, after, 'aha_route_decisions_total{route="global"}',
                                                       'aha_route_decisions_total{route="local"}')  # fmt: skip
                 rows.append(row)
@@ -104,12 +111,16 @@ def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
     columns = [
         Column("prompt_len", "prompt"), Column("clients", "clients"), Column("global_fraction", "global", ".3f"),
         Column("aha_tokens_per_s", "aha tok/s", ".2f"), Column("sdpa_tokens_per_s", "sdpa tok/s", ".2f"),
-        Column("speedup", "speedup", ".2f"), Column("aha_p50_s", "aha p50 s", ".1f"), Column("sdpa_p50_s", "sdpa p50 s", ".1f"),
+        Column("speedup", "speedup", ".2f"),
+        *((Column("speedup_min", "min", ".2f"), Column("speedup_max", "max", ".2f")) if cfg.serve_rounds > 1 else ()),
+        Column("aha_p50_s", "aha p50 s", ".1f"), Column("sdpa_p50_s", "sdpa p50 s", ".1f"),
         Column("aha_p99_s", "aha p99 s", ".1f"), Column("sdpa_p99_s", "sdpa p99 s", ".1f"),
     ]  # fmt: skip
     notes = [
         (f"model {cfg.model}, {cfg.serve_max_tokens} generated tokens per request, {mode}; each client sends one "
-         "request; aha and sdpa serve the same weights in two servers, measured one after the other per point"),
+         "request; aha and sdpa serve the same weights in two servers, measured one after the other per point"
+         + (f", {cfg.serve_rounds} rounds alternating which goes first (medians; min / max of the rounds' speedups)"
+            if cfg.serve_rounds > 1 else "")),
         "global = share of (token, head) pairs routed global during the aha point (prompt and generated tokens)",
         *(f"failed: {row['clients']} clients x {row['prompt_len']} tokens: {row['error']}" for row in rows if "error" in row),
     ]
