@@ -53,3 +53,15 @@ def test_a_soft_gate_is_not_a_decode_step():
     assert choose_impl(q, k, torch.full((1, 2, 1), 0.3), 8) != "decode"
     with pytest.raises(AhaInputError, match="hard route"):
         aha_attention(q, k, k, torch.full((1, 2, 1), 0.3), 8, impl="decode")
+
+
+@needs_kernel
+def test_a_first_call_in_inference_mode_leaves_nothing_that_breaks_training_later():
+    """Per-shape buffers the fast path keeps (the kernel's key starts) are made outside inference mode."""
+    q, k = torch.randn(2, 7, 2, 12, 16)  # a batch size no other test uses: the first call makes its buffers
+    route = torch.rand(7, 2, 12) < 0.5
+    with torch.inference_mode():
+        aha_attention(q, k, k, route, 4, impl="cpp")
+    q.requires_grad_()
+    aha_attention(q, k, k, route, 4, impl="cpp").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -87,8 +87,9 @@ def key_start(padding: KeyPadding | None, batch: int, device: torch.device) -> T
 @functools.lru_cache(maxsize=32)
 def _zero_starts(batch: int, device: torch.device) -> Tensor:
     """``[batch]`` int32 zeros, made once per (batch, device): a decode step of every layer asks for them
-    (the kernels only read them)."""
-    return torch.zeros(batch, dtype=torch.int32, device=device)
+    (the kernels only read them). Made outside inference mode, so that a training step may save them."""
+    with torch.inference_mode(False):
+        return torch.zeros(batch, dtype=torch.int32, device=device)
 
 
 def sink_key_mask(seq_kv: int, sink: int, padding: KeyPadding | None, batch: int, device: torch.device) -> Tensor:
