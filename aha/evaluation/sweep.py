@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch.utils.data import Subset
 
 import aha
 from aha._cache import write_text_atomically
 from aha.evaluation.perplexity import compare_routing_modes
 from aha.report.plots import WindowPoint, plot_global_fraction_vs_window
+from aha.train.config import load_config
 
 #: Routing modes each window's model is evaluated in: its learned routes, and the same weights forced global.
 SWEEP_MODES = ("full", "aha")
@@ -125,8 +125,7 @@ def compare_sweeps(folders: list[Path], out: Path) -> Path:
             raise ValueError(f"{folder} holds no sweep.json: finish that sweep first (re-run its aha sweep command)")
         result = json.loads((folder / "sweep.json").read_text())
         configs = sorted(folder.glob("w*/config.yaml"))
-        sink = int(yaml.safe_load(configs[0].read_text()).get("sink", 0)) if configs else 0
-        label = operator_label(sink)
+        label = operator_label(load_config(configs[0]).sink if configs else 0)
         if label in series:
             raise ValueError(f"two of the compared sweeps use the same operator ({label}); compare sweeps of different sinks")
         series[label] = [WindowPoint(p["window"], p["global_fraction"], p["perplexity"]) for p in result["points"]]
