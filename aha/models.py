@@ -27,6 +27,7 @@ from transformers import (
 from aha._cache import build_cached, cache_dir
 from aha._optional import require
 from aha.hf import from_pretrained
+from aha.hf.modeling import empty_model
 
 #: The name :func:`load_model` resolves to the offline SmolLM2-135M-Instruct.
 SMOLLM2 = "smollm2-135m"
@@ -100,7 +101,7 @@ def model_path(name_or_path: str | os.PathLike[str]) -> str | os.PathLike[str]:
 
 
 def load_model(
-    name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, weights: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -109,13 +110,16 @@ def load_model(
             Hugging Face model folder (plain, AHA, or the released AHA-OLMO2 layout), or a hub id
             where a hub is reachable.
         dtype: weight dtype.
+        weights: False builds the model without reading its weights: parameters on the meta
+            device (no memory), buffers real; for a process that receives its weights from
+            another (sharded training with ``cpu_ram_efficient_loading``). Needs accelerate.
 
     Returns:
         ``(model, tokenizer)``. AHA checkpoints come back routed; plain ones unconverted (call
         :func:`aha.convert`).
     """
     path = model_path(name_or_path)
-    model = from_pretrained(path, dtype=dtype)
+    model = from_pretrained(path, dtype=dtype) if weights else empty_model(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import aha
 from aha.hf import FusedRouterQueryProjection, routers
+from aha.hf.modeling import empty_model
 from aha.hf.testing import TINY, tiny_model
 
 WINDOW = 5
@@ -109,6 +110,31 @@ def test_the_released_aha_olmo2_layout_loads_and_routes(tmp_path):
     with aha.force_routing(model, "global"):
         torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=1e-5, atol=1e-5)
     assert (routed - logits(base, ids)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["plain", "tied", "aha-separate", "aha-fused", "released"])
+def test_a_model_built_without_weights_is_the_loaded_one_with_parameters_on_meta(tmp_path, kind):
+    """What FSDP processes other than the main one build (``aha.load_model(..., weights=False)``): same class,
+    parameter names, shapes and dtypes, no parameter memory; non-persistent buffers (rotary ``inv_freq``) real."""
+    if kind == "released":
+        base = tiny_model("olmo2")
+        write_released_aha_olmo2(tmp_path, base, [torch.randn(TINY["num_attention_heads"], TINY["hidden_size"])] * 2)
+    else:
+        model = tiny_model("olmo2" if kind == "aha-fused" else "llama", tie_word_embeddings=kind == "tied")
+        if kind.startswith("aha"):
+            aha.convert(model, window=WINDOW, router_init="random", router_layout=kind.removeprefix("aha-"))
+        model.save_pretrained(tmp_path)
+    loaded = aha.from_pretrained(tmp_path)
+    empty = empty_model(tmp_path)
+    assert type(empty) is type(loaded)
+    assert {name: (p.shape, p.dtype) for name, p in empty.named_parameters()} == {
+        name: (p.shape, p.dtype) for name, p in loaded.named_parameters()
+    }
+    assert all(p.is_meta for p in empty.parameters())
+    buffers = dict(loaded.named_buffers())
+    assert buffers and {name for name, _ in empty.named_buffers()} == set(buffers)
+    for name, buffer in empty.named_buffers():
+        torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["separate", "fused"])

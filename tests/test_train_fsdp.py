@@ -34,22 +34,34 @@ def _documents(folder):
     return folder
 
 
-def _launch(tmp_path, config: dict, name: str, port: int, fsdp: list[str] = FSDP_LAUNCH) -> subprocess.CompletedProcess:
+def _launch(tmp_path, config: dict, name: str, port: int, fsdp: list[str] = FSDP_LAUNCH, machines: int = 1) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``aha train`` with 2 processes in all, on ``machines`` simulated machines (one
+    launcher per machine rank, over loopback); returns the machine-rank-0 launcher's result (any other's
+    failure is reported in its stderr)."""
     env = {**os.environ, "AHA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     config_file = tmp_path / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-              "-m", "aha.cli", "train", "--config", str(config_file)]
-    # its own session: a hung run (mismatched collectives) is killed with every worker, not left behind
-    process = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the FSDP run hung for 300 s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(launch, process.returncode, stdout, stderr)
+    launches = [
+        [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "--num_processes", "2", "--num_machines", str(machines),
+         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aha.cli", "train", "--config", str(config_file)]
+        for rank in range(machines)
+    ]  # fmt: skip
+    # each its own session: a hung run (mismatched collectives) is killed with every worker, not left behind
+    processes = [subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                 for launch in launches]  # fmt: skip
+    outputs = []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=300))
+        except subprocess.TimeoutExpired:
+            for each in processes:
+                os.killpg(each.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"the FSDP run hung for 300 s:\n{stderr[-3000:]}")
+    returncode = next((p.returncode for p in processes if p.returncode), 0)
+    stderr = "\n".join(err for _, err in outputs)
+    return subprocess.CompletedProcess(launches[0], returncode, outputs[0][0], stderr)
 
 
 @pytest.mark.slow
@@ -58,7 +70,9 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, train
     """2 FSDP2 processes (parameters, gradients and optimizer state sharded) == 1 process, global batch of 4, with
     distillation (all: a sharded frozen teacher; routers and lora: the student with routes forced global, adapters
     off); the consolidated ``model/`` (lora: adapters merged on the main process) loads on one process and equals
-    the 1-process model."""
+    the 1-process model. Loaded with ``cpu_ram_efficient_loading``: process 1 builds the model empty and gets the main
+    process's weights as it is sharded (every process reads the checkpoint in the resume test). routers runs on two
+    simulated machines of one process each (machine 1's process is its machine's main but not the run's)."""
     if trainable == "all":  # router rows fused into q_proj (the released AHA-OLMO2 layout), random: they shard inside q_proj
         model_dir = tmp_path / "tiny"
         aha.convert(tiny_llama(), window=8, router_init="random", router_layout="fused").save_pretrained(model_dir)
@@ -71,9 +85,11 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path, train
                   target_global=0.5, lambda_init=1e-2, trainable=trainable, checkpoint_every=2, eval_every=2, eval_sequences=5,
                   heldout_fraction=0.3, distill=0.5, progress=False, precision="fp32", **routers)
     port = {"all": 29527, "routers": 29528, "lora": 29531}[trainable]
-    done = _launch(tmp_path, {**common, "grad_accum": 1, "out": str(tmp_path / "two")}, "two", port)
+    loading = ["--fsdp_cpu_ram_efficient_loading", "true"]
+    machines = 2 if trainable == "routers" else 1
+    done = _launch(tmp_path, {**common, "grad_accum": 1, "out": str(tmp_path / "two")}, "two", port, FSDP_LAUNCH + loading, machines)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es), FSDP" in done.stdout, done.stdout[-2000:]
+    assert "2 process(es), FSDP" in done.stdout and "the others build the model empty" in done.stdout, done.stdout[-2000:]
 
     os.environ["AHA_CACHE_DIR"] = str(tmp_path / "cache")
     try:

@@ -282,13 +282,44 @@ def released_aha_olmo2_config(config_dict: dict[str, Any]) -> AhaOlmo2Config:
     return AhaOlmo2Config(**olmo2_fields, aha=settings.to_dict())
 
 
+def _released_config(name_or_path: str | Path) -> PretrainedConfig | None:
+    """Our config for a checkpoint in the released AHA-OLMO2 layout; None for any other checkpoint."""
+    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
+    if config_dict.get("model_type") == RELEASED_AHA_OLMO2_MODEL_TYPE:
+        return released_aha_olmo2_config(config_dict)
+    return None
+
+
 def from_pretrained(name_or_path: str | Path, **kwargs: Any) -> PreTrainedModel:
     """Load a causal LM: an AHA checkpoint (ours or the released AHA-OLMO2 layout) or a plain one.
 
     Plain checkpoints come back unconverted (call :func:`convert`); AHA checkpoints come back
     routed. ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
     """
-    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
-    if config_dict.get("model_type") == RELEASED_AHA_OLMO2_MODEL_TYPE:
-        return AhaOlmo2ForCausalLM.from_pretrained(name_or_path, config=released_aha_olmo2_config(config_dict), **kwargs)
+    released = _released_config(name_or_path)
+    if released is not None:
+        return AhaOlmo2ForCausalLM.from_pretrained(name_or_path, config=released, **kwargs)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def empty_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model :func:`from_pretrained` would load, with its parameters on the meta device: no
+    memory, and the checkpoint's weights are not read (only its config).
+
+    Buffers are real: non-persistent ones (rotary ``inv_freq``) are computed from the config, as a
+    load would. For a process whose weights arrive from another, e.g. FSDP training with
+    ``cpu_ram_efficient_loading``, where accelerate broadcasts the main process's weights into
+    every process's shards.
+    """
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as error:
+        from aha._optional import reraise_missing
+
+        raise reraise_missing(error, "building a model without its weights") from error
+
+    config = _released_config(name_or_path) or AutoConfig.from_pretrained(name_or_path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_pretrained ties after loading; from_config leaves meta parameters untied
+    return model

@@ -83,6 +83,7 @@ from aha.train.sharding import (
     is_sharded,
     make_accelerator,
     merged_lora_model,
+    only_main_process_reads_weights,
     save_final_model,
 )
 from aha.train.step import Stepper
@@ -214,8 +215,11 @@ def train(
     out = Path(config.out)
     resume = check_resume(config, out, accelerator.num_processes)
     set_seed(config.seed)
+    empty = model is None and only_main_process_reads_weights(accelerator) and not accelerator.is_main_process
     if model is None:
-        model, tokenizer = aha.load_model(config.model, dtype=torch.float32)
+        model, tokenizer = aha.load_model(config.model, dtype=torch.float32, weights=not empty)
+        if only_main_process_reads_weights(accelerator):
+            accelerator.print("aha train: the main process reads the weights, the others build the model empty and receive theirs as it is sharded")
     data, train_set = _training_data(config, tokenizer, data, accelerator)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,8 @@ def train(
 
     # the model, what trains, the teacher, the optimizer
     aha_model = prepare_model(config, model)
-    if config.router_warm_start and not resume:  # a resumed run restores its routers from the checkpoint
+    # a resumed run restores its routers from the checkpoint; an empty model gets them from the main process
+    if config.router_warm_start and not resume and not empty:
         sequences = full_length_sequences(data.train, config.router_warm_start, seed=config.seed)
         fitted = warm_start_routers(aha_model, sequences, config.warm_start_fraction)
         fractions = ", ".join(f"{layer['fitted']:.2f}" for layer in fitted["layers"])

@@ -95,11 +95,13 @@ def teacher(config: TrainConfig, aha_model: nn.Module, student: nn.Module, accel
     if config.distill <= 0:
         return None
     if config.trainable == "all":
-        frozen = copy.deepcopy(aha_model).requires_grad_(False).eval().to(accelerator.device)
+        frozen = copy.deepcopy(aha_model).requires_grad_(False).eval()
         if accelerator.is_fsdp2:  # sharded like the student (its forwards are collectives too); not checkpointed: it never changes
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-            frozen = fsdp2_prepare_model(accelerator, frozen)
+            frozen = fsdp2_prepare_model(accelerator, frozen)  # placed on the device as it is sharded (and filled, if built empty)
+        else:
+            frozen = frozen.to(accelerator.device)
         teacher_model, routed_model = frozen, frozen
     else:
         teacher_model, routed_model = student, aha_model

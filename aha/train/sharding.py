@@ -25,8 +25,11 @@ mean of the gates, as under DDP; FSDP2 averages gradients over processes as DDP 
 The frozen distillation teacher of ``trainable='all'`` is sharded the same way (``routers`` and
 ``lora`` use the student under ``aha.force_routing``, adapters disabled, instead). LoRA adapters
 shard with their layers; at the end they are merged on the main process into an unsharded copy of
-the model (:func:`merged_lora_model`). Every process still loads the whole model before it is
-sharded (no ``cpu_ram_efficient_loading`` yet).
+the model (:func:`merged_lora_model`).
+**Loading**: with ``--fsdp_cpu_ram_efficient_loading true`` only the main process reads the
+checkpoint; the others build the model with its parameters on the meta device
+(:func:`only_main_process_reads_weights`), and accelerate broadcasts the main process's weights into their
+shards when it shards the model. Without it every process loads the whole model first.
 Checkpoints are accelerate's: with ``SHARDED_STATE_DICT`` (FSDP2's default) each process writes its
 shard through ``torch.distributed.checkpoint``, whose ``.metadata`` file is read back with
 ``pickle`` (the manifest still catches damaged files); ``FULL_STATE_DICT`` gathers everything on the
@@ -82,6 +85,16 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the model is sharded over the processes (FSDP2): its forwards are collectives."""
     return accelerator.is_fsdp2
+
+
+def only_main_process_reads_weights(accelerator: Accelerator) -> bool:
+    """Whether the other processes get their weights from the main process instead of reading the checkpoint.
+
+    True under FSDP2 with ``cpu_ram_efficient_loading``: accelerate's ``fsdp2_prepare_model``
+    broadcasts the main process's full state dict into every process's shards, so the others can
+    build the model empty (``aha.load_model(..., weights=False)``).
+    """
+    return is_sharded(accelerator) and bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
 
 
 def merged_lora_model(accelerator: Accelerator, student: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module | None:
