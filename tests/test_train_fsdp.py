@@ -57,7 +57,7 @@ def _launch(tmp_path, config: dict, name: str, port: int, fsdp: list[str] = FSDP
         except subprocess.TimeoutExpired:
             for each in processes:
                 os.killpg(each.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
+            _, stderr = process.communicate()
             pytest.fail(f"the FSDP run hung for 300 s:\n{stderr[-3000:]}")
     returncode = next((p.returncode for p in processes if p.returncode), 0)
     stderr = "\n".join(err for _, err in outputs)
