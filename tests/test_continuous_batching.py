@@ -166,3 +166,22 @@ def test_telemetry_credits_each_packed_request_its_own_routes(monkeypatch: pytes
         assert routes.pairs == pairs_per_token * (prompt + generated - 1)  # every token it fed, none of the others'
         assert routes.full_scores == pairs_per_token * sum(range(1, prompt + generated))
         assert 0 < routes.global_fraction < 1  # random routers
+
+
+def test_each_layer_makes_one_route_per_step_under_batching(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paged cache's K/V reads and the attention share the layer's route of the step (not one each)."""
+    model = _routed_tiny()
+    calls = {"routes": 0, "forwards": 0}
+    make_route = aha.hf.projection.route_from_logits
+
+    def counted(*args, **kwargs):
+        calls["routes"] += 1
+        return make_route(*args, **kwargs)
+
+    monkeypatch.setattr(aha.hf.projection, "route_from_logits", counted)
+    model.register_forward_hook(lambda *_: calls.__setitem__("forwards", calls["forwards"] + 1))
+    config = _greedy(6)
+    answers, reads = _answers_in_a_batch(model, _prompts(7, (12, 5)), config, ContinuousBatchingConfig())
+    assert reads is not None and reads.pairs_full > 0  # the K/V reads asked for routes too
+    assert calls["forwards"] > 0 and calls["routes"] == calls["forwards"] * len(aha.hf.routers(model))
+    assert answers == _generate_each(model, _prompts(7, (12, 5)), config)

@@ -59,6 +59,7 @@ class RoutedQueryProjection(nn.Linear):
         self.last_logits: Tensor | None = None
         self.forced_route: Tensor | None = None
         self.route_observers: list[RouteObserver] = []
+        self._bool_route: tuple[Tensor, Tensor | None, float, Tensor] | None = None
 
     def route(self, threshold: float, *, straight_through: bool) -> Tensor:
         """The route for :func:`aha.aha_attention` from :attr:`last_logits`, overrides applied.
@@ -69,7 +70,19 @@ class RoutedQueryProjection(nn.Linear):
         """
         if self.last_logits is None:
             raise RuntimeError("the router has not run yet: call the model's forward first")
-        route, _ = route_from_logits(self.last_logits, threshold, straight_through=straight_through)
+        if straight_through:  # carries the gate's gradient: made afresh for each caller
+            return self._make_route(self.last_logits, threshold, straight_through=True)
+        # one bool route per forward however many read it (under continuous batching, the paged
+        # cache's K/V reads and the attention): reused while the logits and overrides are the same objects
+        cached = self._bool_route
+        if cached is not None and cached[0] is self.last_logits and cached[1] is self.forced_route and cached[2] == threshold:
+            return cached[3]
+        route = self._make_route(self.last_logits, threshold, straight_through=False)
+        self._bool_route = (self.last_logits, self.forced_route, threshold, route)
+        return route
+
+    def _make_route(self, logits: Tensor, threshold: float, *, straight_through: bool) -> Tensor:
+        route, _ = route_from_logits(logits, threshold, straight_through=straight_through)
         if self.forced_route is None:
             return route
         forced = self.forced_route.to(route.device)[None, :, None]
