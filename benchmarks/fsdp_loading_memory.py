@@ -1,0 +1,69 @@
+"""Host memory of loading a model for sharded training, as ``aha train`` loads it: peak RSS of each
+process once the model is loaded and once accelerate has sharded it (FSDP2), with or without
+``--fsdp_cpu_ram_efficient_loading``.
+
+Run it under ``accelerate launch`` (on CPU with ``ACCELERATE_USE_CPU=1``), once per setting::
+
+    ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp --fsdp_version 2 \\
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_cpu_ram_efficient_loading true \\
+        --num_processes 2 benchmarks/fsdp_loading_memory.py MODEL
+
+Every process prints one JSON line: its rank, whether it built the model empty, its peak RSS and
+its peak private memory (USS, sampled) in MiB after loading and after sharding, the parameters it holds after sharding and the memory of the
+storages behind them (more than 4 B per parameter held when a shard is a view of a whole tensor).
+"""
+
+import json
+import resource
+import sys
+import threading
+import time
+
+import psutil
+import torch
+
+import aha
+from aha.train import TrainConfig
+from aha.train.model_setup import prepare_model
+from aha.train.sharding import make_accelerator, only_main_process_reads_weights
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class PeakPrivateMemory:
+    """Samples this process's private memory (USS: what no other process shares, e.g. not the page
+    cache of a memory-mapped checkpoint) every 20 ms in a thread; ``peak_mib`` is the largest seen."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0.0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.peak_mib = max(self.peak_mib, process.memory_full_info().uss / 2**20)
+            time.sleep(0.02)
+
+
+def main(model_name: str) -> None:
+    private = PeakPrivateMemory()
+    config = TrainConfig(model=model_name, window=256, sink=1, precision="fp32")
+    accelerator = make_accelerator(config)
+    empty = only_main_process_reads_weights(accelerator) and not accelerator.is_main_process
+    model, _ = aha.load_model(model_name, weights=not empty)
+    model = prepare_model(config, model)
+    after_load, private_after_load = peak_rss_mib(), private.peak_mib
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    shards = [p.to_local() for p in model.parameters()]
+    storages = {shard.untyped_storage().data_ptr(): shard.untyped_storage().nbytes() for shard in shards}
+    row = {"rank": accelerator.process_index, "built_empty": empty, "peak_rss_mib_loaded": round(after_load),
+           "peak_rss_mib_sharded": round(peak_rss_mib()), "peak_private_mib_loaded": round(private_after_load),
+           "peak_private_mib_sharded": round(private.peak_mib), "parameters_held": sum(shard.numel() for shard in shards),
+           "mib_behind_the_shards": round(sum(storages.values()) / 2**20)}  # fmt: skip
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m")
