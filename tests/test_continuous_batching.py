@@ -22,6 +22,12 @@ def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     return [torch.randint(3, 128, (length,), generator=generator).tolist() for length in lengths]
 
 
+def _small_cache(**settings) -> ContinuousBatchingConfig:
+    """A paged cache of 8 pages of 256 tokens: room for every test's requests, and a few MB instead of
+    a share of the machine's memory."""
+    return ContinuousBatchingConfig(num_blocks=8, **settings)
+
+
 def _greedy(max_new_tokens: int) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0)
 
@@ -43,13 +49,13 @@ def test_batched_generation_equals_generate_per_request() -> None:
     expected = _generate_each(model, prompts, config)
     with aha.track_routing(model) as stats:
         outputs = model.generate_batch(
-            prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(), progress_bar=False
+            prompts, generation_config=config, continuous_batching_config=_small_cache(), progress_bar=False
         )
     answers = _in_request_order(outputs)
     assert answers == expected
     assert 0.2 < stats.global_fraction < 0.8  # the routes were used, not forced one way
     with aha.force_routing(model, "local"):
-        local = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+        local = model.generate_batch(prompts, generation_config=config, continuous_batching_config=_small_cache(), progress_bar=False)
     assert _in_request_order(local) != answers
 
 
@@ -110,9 +116,9 @@ def _answers_in_a_batch(model, prompts, config, batching):
 @pytest.mark.parametrize(
     ("seed", "lengths", "new_tokens", "batching"),
     [
-        (3, (21, 6, 33), 10, ContinuousBatchingConfig()),
+        (3, (21, 6, 33), 10, _small_cache()),
         # 16 tokens per batch: the 40-token prompt is prefilled in chunks, new queries over a cached prefix
-        (5, (40, 23, 7), 8, ContinuousBatchingConfig(max_batch_tokens=16)),
+        (5, (40, 23, 7), 8, _small_cache(max_batch_tokens=16)),
     ],
 )
 def test_windowed_kv_reads_answer_as_generate(forced, seed, lengths, new_tokens, batching) -> None:
@@ -159,7 +165,7 @@ def test_telemetry_credits_each_packed_request_its_own_routes(monkeypatch: pytes
     finished = []
     monkeypatch.setattr(Telemetry, "finished", staticmethod(lambda prompt, generated, _seconds, routes: finished.append((prompt, generated, routes))))
     # 16 tokens per batch: prompts are prefilled in chunks, packed beside other requests' decode steps
-    _answers_in_a_batch(model, _prompts(7, (21, 6, 33)), _greedy(6), ContinuousBatchingConfig(max_batch_tokens=16))
+    _answers_in_a_batch(model, _prompts(7, (21, 6, 33)), _greedy(6), _small_cache(max_batch_tokens=16))
     assert sorted(prompt for prompt, _, _ in finished) == [6, 21, 33]
     pairs_per_token = model.config.num_hidden_layers * model.config.num_attention_heads
     for prompt, generated, routes in finished:
@@ -181,7 +187,20 @@ def test_each_layer_makes_one_route_per_step_under_batching(monkeypatch: pytest.
     monkeypatch.setattr(aha.hf.projection, "route_from_logits", counted)
     model.register_forward_hook(lambda *_: calls.__setitem__("forwards", calls["forwards"] + 1))
     config = _greedy(6)
-    answers, reads = _answers_in_a_batch(model, _prompts(7, (12, 5)), config, ContinuousBatchingConfig())
+    answers, reads = _answers_in_a_batch(model, _prompts(7, (12, 5)), config, _small_cache())
     assert reads is not None and reads.pairs_full > 0  # the K/V reads asked for routes too
     assert calls["forwards"] > 0 and calls["routes"] == calls["forwards"] * len(aha.hf.routers(model))
     assert answers == _generate_each(model, _prompts(7, (12, 5)), config)
+
+
+def test_an_unsized_cache_on_cpu_takes_at_most_half_the_available_memory() -> None:
+    import psutil
+
+    from aha.hf.continuous_batching import _cpu_cache_config
+
+    memory, rss = psutil.virtual_memory(), psutil.Process().memory_info().rss
+    share = _cpu_cache_config(ContinuousBatchingConfig()).max_memory_percent
+    assert share * (memory.total - rss) <= 0.5 * memory.available * 1.05  # transformers takes share x (total - rss)
+    assert share * (memory.total - rss) >= 0.5 * memory.available * 0.95 or share == 0.9
+    assert _cpu_cache_config(ContinuousBatchingConfig(num_blocks=8)).max_memory_percent is None  # sized by the caller
+    assert _cpu_cache_config(ContinuousBatchingConfig(max_memory_percent=0.2)).max_memory_percent == 0.2

@@ -71,7 +71,7 @@ def sequential_server(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def batching_server(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "serve-cb.log"
-    with running_server(str(tiny_folder), "--continuous-batching", log=log) as server:
+    with running_server(str(tiny_folder), "--continuous-batching", "--kv-cache-tokens", "4096", log=log) as server:
         yield server
 
 
@@ -214,6 +214,10 @@ def test_serve_settings_refuse_bad_flags() -> None:
         ServeSettings(window=64, dense=True)
     with pytest.raises(ValueError, match="--port"):
         ServeSettings(port=70000)
+    with pytest.raises(ValueError, match="--kv-cache-tokens sizes the cache of --continuous-batching"):
+        ServeSettings(kv_cache_tokens=4096)
+    with pytest.raises(ValueError, match="--kv-cache-tokens"):
+        ServeSettings(kv_cache_tokens=0, continuous_batching=True)
 
 
 @pytest.mark.slow

@@ -74,7 +74,10 @@ def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
     config = json.loads((folder / "config.json").read_text())
     context = config.get("max_position_embeddings") or 1 << 62
     limit = context - cfg.serve_max_tokens - 16  # room to generate, and a margin for re-tokenizing the text
-    flags = ("--continuous-batching",) if cfg.serve_continuous_batching else ()
+    flags: tuple[str, ...] = ()
+    if cfg.serve_continuous_batching:  # both servers get the same cache, sized for the largest load point
+        cache_tokens = max(cfg.serve_clients) * (min(max(cfg.serve_prompt_lens), limit) + cfg.serve_max_tokens + 16)
+        flags = ("--continuous-batching", "--kv-cache-tokens", str(cache_tokens))
     routing = () if _is_aha_config(config) else ("--window", str(cfg.windows[0]), "--sink", str(cfg.sink))
     rows = []
     with (

@@ -15,6 +15,12 @@ attention of a local head stops at its window). KV heads with a global query hea
 prefix; under grouped-query attention a KV head is read whole as soon as one of its query heads
 is global.
 
+**The cache's size on CPU.** transformers sizes the paged cache from a share of the device's
+memory (90% when nothing is set), which on CPU is the machine's whole RAM less this process's,
+however much other processes use, and fills it with zeros up front. For a model on the CPU whose
+config sets neither ``num_blocks`` nor ``max_memory_percent``, :func:`init_continuous_batching`
+asks for at most :data:`CPU_CACHE_SHARE_OF_AVAILABLE` of the memory available when it is called.
+
 Not covered: the decode fast path on block tables (CUDA flash kernels) and prefix sharing are
 left as transformers runs them (the fast path reads through the block table; prefix sharing is
 untested with AHA).
@@ -22,6 +28,7 @@ untested with AHA).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -101,21 +108,41 @@ class AhaContinuousBatchingManager(ContinuousBatchingManager):
         return output
 
 
+#: On CPU, the share of the memory available at start-up that the paged cache may take by default.
+CPU_CACHE_SHARE_OF_AVAILABLE = 0.5
+
+
+def _cpu_cache_config(config: ContinuousBatchingConfig) -> ContinuousBatchingConfig:
+    """``config`` with ``max_memory_percent`` set so that the cache takes at most
+    :data:`CPU_CACHE_SHARE_OF_AVAILABLE` of the available memory, unless the caller sized it."""
+    if config.num_blocks is not None or config.max_memory_percent is not None:
+        return config
+    import psutil  # transformers needs it to size a CPU cache at all; accelerate depends on it
+
+    memory = psutil.virtual_memory()
+    sized_from = memory.total - psutil.Process().memory_info().rss  # what transformers takes a share of
+    share = min(0.9, CPU_CACHE_SHARE_OF_AVAILABLE * memory.available / sized_from)
+    return dataclasses.replace(config, max_memory_percent=share)
+
+
 def init_continuous_batching(
     model: PreTrainedModel,
     generation_config: GenerationConfig | None = None,
     continuous_batching_config: ContinuousBatchingConfig | None = None,
     workload_hints: Any = None,
 ) -> AhaContinuousBatchingManager:
-    """An :class:`AhaContinuousBatchingManager` for ``model`` (``init_continuous_batching`` of AHA models)."""
+    """An :class:`AhaContinuousBatchingManager` for ``model`` (``init_continuous_batching`` of AHA models).
+
+    On CPU, a cache left unsized gets at most half the memory available now (see the module docstring).
+    """
     generation_config = generation_config if generation_config is not None else model.generation_config
     if generation_config.eos_token_id is None:
         generation_config.eos_token_id = -1  # as transformers does: no end-of-sequence token
+    config = continuous_batching_config or ContinuousBatchingConfig()
+    if model.device.type == "cpu":
+        config = _cpu_cache_config(config)
     return AhaContinuousBatchingManager(
-        model=model,
-        generation_config=generation_config,
-        continuous_batching_config=continuous_batching_config or ContinuousBatchingConfig(),
-        workload_hints=workload_hints,
+        model=model, generation_config=generation_config, continuous_batching_config=config, workload_hints=workload_hints
     )
 
 

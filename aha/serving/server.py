@@ -15,8 +15,12 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aha._fields import option
+
+if TYPE_CHECKING:
+    from transformers import ContinuousBatchingConfig
 
 _log = logging.getLogger("aha.serve")
 
@@ -35,6 +39,11 @@ class ServeSettings:
     port: int = option("Port to listen on.", default=8000)
     continuous_batching: bool = option("Batch concurrent requests together (paged KV cache, AHA attention per request).", default=False)
     max_model_len: int | None = option("Longest request, prompt and answer, in tokens (default: the model's context).", default=None)
+    kv_cache_tokens: int | None = option(
+        "With --continuous-batching: tokens the paged KV cache holds, all requests together (default: sized from "
+        "memory; for a routed model on CPU at most half the memory available at start).",
+        default=None,
+    )
     dtype: str = option("Weight dtype: float32, bfloat16 or auto (the checkpoint's).", default="float32")
     device: str = option("Device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...", default="auto")
     log_level: str = option("Log level: debug, info, warning, error.", default="info")
@@ -52,6 +61,8 @@ class ServeSettings:
             problems.append(f"--port must be in 1..65535, got {self.port}")
         if self.max_model_len is not None and self.max_model_len < 2:
             problems.append(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_tokens is not None and (self.kv_cache_tokens < 1 or not self.continuous_batching):
+            problems.append(f"--kv-cache-tokens sizes the cache of --continuous-batching: pass both, with a count >= 1 (got {self.kv_cache_tokens})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -65,6 +76,16 @@ def configure_logging(level: str | int) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s aha.serve %(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def _cache_config(settings: ServeSettings) -> ContinuousBatchingConfig | None:
+    """The paged cache of ``--kv-cache-tokens`` (None: transformers', or for AHA models on CPU our, default sizing)."""
+    from transformers import ContinuousBatchingConfig
+
+    if settings.kv_cache_tokens is None:
+        return None
+    pages = -(-settings.kv_cache_tokens // ContinuousBatchingConfig().page_size)
+    return ContinuousBatchingConfig(num_blocks=pages)
 
 
 def serve(model: str, settings: ServeSettings) -> None:
@@ -108,7 +129,9 @@ def _run(model: str, settings: ServeSettings) -> None:
         window=settings.window, sink=settings.sink, dense=settings.dense, dtype=settings.dtype, device=settings.device,
         log_level=settings.log_level,
     )
-    state = GenerationState(continuous_batching=settings.continuous_batching, max_model_len=settings.max_model_len)
+    state = GenerationState(
+        continuous_batching=settings.continuous_batching, max_model_len=settings.max_model_len, cb_config=_cache_config(settings)
+    )
     manager = ModelManager(loader, state, model_timeout=-1, force_model=model)
     app = build_server(
         manager,
