@@ -215,10 +215,11 @@ def train(
     out = Path(config.out)
     resume = check_resume(config, out, accelerator.num_processes)
     set_seed(config.seed)
-    empty = model is None and only_main_process_reads_weights(accelerator) and not accelerator.is_main_process
+    main_reads_weights = only_main_process_reads_weights(accelerator)
+    empty = model is None and main_reads_weights and not accelerator.is_main_process
     if model is None:
         model, tokenizer = aha.load_model(config.model, dtype=torch.float32, weights=not empty)
-        if only_main_process_reads_weights(accelerator):
+        if main_reads_weights:
             accelerator.print("aha train: the main process reads the weights, the others build the model empty and receive theirs as it is sharded")
     data, train_set = _training_data(config, tokenizer, data, accelerator)
     if accelerator.is_main_process:
