@@ -6,11 +6,14 @@ Run it under ``accelerate launch`` (on CPU with ``ACCELERATE_USE_CPU=1``), once 
 
     ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp --fsdp_version 2 \\
         --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_cpu_ram_efficient_loading true \\
-        --num_processes 2 benchmarks/fsdp_loading_memory.py MODEL
+        --num_processes 2 benchmarks/fsdp_loading_memory.py MODEL [REPORT.json]
 
 Every process prints one JSON line: its rank, whether it built the model empty, its peak RSS and
 its peak private memory (USS, sampled) in MiB after loading and after sharding, the parameters it holds after sharding and the memory of the
 storages behind them (more than 4 B per parameter held when a shard is a view of a whole tensor).
+With ``REPORT.json`` the main process also writes every process's row into one report (``meta``:
+commit, command, machine, versions; see :mod:`aha.report.provenance`), e.g.
+``benchmarks/results/fsdp-loading-memory-true.json``.
 """
 
 import json
@@ -21,8 +24,10 @@ import time
 
 import psutil
 import torch
+from accelerate.utils import gather_object
 
 import aha
+from aha.report.provenance import run_meta, write_json_report
 from aha.train import TrainConfig
 from aha.train.model_setup import prepare_model
 from aha.train.sharding import make_accelerator, only_main_process_reads_weights
@@ -47,7 +52,7 @@ class PeakPrivateMemory:
             time.sleep(0.02)
 
 
-def main(model_name: str) -> None:
+def main(model_name: str, report: str | None = None) -> None:
     private = PeakPrivateMemory()
     config = TrainConfig(model=model_name, window=256, sink=1, precision="fp32")
     accelerator = make_accelerator(config)
@@ -63,7 +68,16 @@ def main(model_name: str) -> None:
            "peak_private_mib_sharded": round(private.peak_mib), "parameters_held": sum(shard.numel() for shard in shards),
            "mib_behind_the_shards": round(sum(storages.values()) / 2**20)}  # fmt: skip
     print(json.dumps(row), flush=True)
+    rows = gather_object([row])
+    if report is not None and accelerator.is_main_process:
+        plugin = accelerator.state.fsdp_plugin
+        write_json_report(report, {
+            "schema": "aha-fsdp-loading-memory/1", "meta": run_meta(), "model": model_name,
+            "processes": accelerator.num_processes,
+            "cpu_ram_efficient_loading": bool(plugin and plugin.cpu_ram_efficient_loading),
+            "parameters": sum(p.numel() for p in model.parameters()), "rows": sorted(rows, key=lambda r: r["rank"]),
+        })  # fmt: skip
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m")
+    main(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m", sys.argv[2] if len(sys.argv) > 2 else None)

@@ -55,7 +55,8 @@ def test_cpu_clock_is_single_threaded_only():
 ROW_KEYS = {
     "prefill": {"n", "rho", "window", "dtype", "impl", "microkernel", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
     "train": {"n", "rho", "window", "dtype", "impl", "microkernel", "ms", "sdpa_ms", "cost_ratio", "ideal_cost_ratio", "speedup"},
-    "decode": {"n", "dtype", "impl", "microkernel", "us", "global_head_us", "full_us", "vs_global_head", "cost_ratio"},
+    "decode": {"n", "heads", "rho", "dtype", "impl", "microkernel", "us", "roofline_us", "vs_roofline", "must_read_mib",
+               "kernel_read_mib", "all_global_us", "vs_all_global", "ideal_vs_all_global", "sdpa_us", "read_gb_s"},
     "memory": {"n", "aha_peak_mib", "sdpa_peak_mib", "output_mib", "dense_scores_mib"},
 }
 
@@ -67,7 +68,9 @@ def test_quick_bench_cli_writes_a_complete_report(tmp_path):
     (path,) = tmp_path.glob("bench-*.json")
     report = json.loads(path.read_text())
     assert report["schema"] == SCHEMA
-    assert set(report["meta"]) >= {"date", "cpu", "isa", "threads", "torch", "command", "cpp_kernel"}
+    assert set(report["meta"]) >= {"date", "cpu", "isa", "isa_flags", "threads", "torch", "transformers", "accelerate",
+                                   "command", "seed", "git_commit", "git_dirty", "kernel_sources_sha256", "cpp_kernel"}
+    assert "NaN" not in path.read_text()  # strict JSON
     assert report["meta"]["isa"] in ("amx", "avx512_bf16", "avx512", "avx2", "scalar")
     assert set(GROUPS) >= set(report["groups"]) == {"kernels"}
     sections = {s["name"]: s for s in report["groups"]["kernels"]}
@@ -82,6 +85,33 @@ def test_quick_bench_cli_writes_a_complete_report(tmp_path):
         assert row["ideal_cost_ratio"] == pytest.approx(ideal_cost_ratio(row["global_fraction"], row["window"], row["n"]))
         assert row["speedup"] == pytest.approx(1 / row["cost_ratio"])
     assert {r["rho"] for r in sections["prefill"]["rows"]} == {0.07, 1.0}
+
+
+def _serve_point(tokens_per_s: float, requests: list[tuple[float, int]]) -> dict:
+    generated = sum(tokens for _, tokens in requests)
+    return {"wall_s": generated / tokens_per_s, "tokens_per_s": tokens_per_s, "generated": generated,
+            "requests": [{"latency_s": latency, "tokens": tokens, "prompt_tokens": 100} for latency, tokens in requests]}
+
+
+def test_a_serve_row_is_one_round_its_speedup_its_tokens_per_s_ratio_and_latency_fair():
+    """The serve table's columns agree: the row is the round of the median speedup (the old rows put
+    medians of each column beside the median of the per-round ratios: 18.24 vs 19.40 tok/s beside
+    1.02), and latency counts only the requests that generated as many tokens on both servers."""
+    from aha.benchmarking.serve import _summarise
+
+    rounds = [
+        {"aha": _serve_point(10.0, [(1.0, 8), (2.0, 8)]), "sdpa": _serve_point(9.0, [(1.5, 8), (3.0, 8)])},
+        {"aha": _serve_point(11.0, [(1.0, 8), (1.2, 3)]), "sdpa": _serve_point(8.0, [(1.6, 8), (3.2, 8)])},  # early stop
+        {"aha": _serve_point(9.0, [(1.1, 8), (2.2, 8)]), "sdpa": _serve_point(9.5, [(1.4, 8), (2.9, 8)])},
+    ]
+    row = _summarise(rounds)
+    assert row["speedup"] == pytest.approx(10.0 / 9.0)  # the median of 1.11, 1.375, 0.947: round 1
+    assert row["speedup"] == pytest.approx(row["aha_tokens_per_s"] / row["sdpa_tokens_per_s"])
+    assert (row["speedup_min"], row["speedup_max"]) == (pytest.approx(9.0 / 9.5), pytest.approx(11.0 / 8.0))
+    assert row["latency_requests"] == 2 and row["aha_p99_s"] == 2.0 and row["sdpa_p50_s"] == 1.5
+    unfair = _summarise([rounds[1]])
+    assert unfair["latency_requests"] == 1 and unfair["aha_p99_s"] == 1.0 and unfair["sdpa_p99_s"] == 1.6
+    assert (unfair["aha_generated"], unfair["sdpa_generated"]) == (11, 16)
 
 
 def test_sink_option_reaches_every_timed_call(tmp_path, monkeypatch):
@@ -124,7 +154,7 @@ def test_calibrate_cli_prints_and_caches_the_choice(monkeypatch, tmp_path):
 
     monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path))
     choice = KernelChoice(microkernel="vector", forward=CostModel((4096,), (1.5,), (0.24,), (1.05,)))
-    monkeypatch.setattr(cpu_tuning, "calibrate", lambda dtype: choice)
+    monkeypatch.setattr(cpu_tuning, "calibrate", lambda dtype, lengths: choice)
     monkeypatch.setattr(cpu_tuning, "_choices", {})
     result = CliRunner().invoke(app, ["calibrate", "--dtype", "bfloat16"])
     if not cpu_tuning.load_cpp_kernel():

@@ -11,9 +11,6 @@ of this file. :func:`run_benchmarks` runs the selected groups into one report th
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import platform
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -71,7 +68,13 @@ class BenchConfig:
     impls: list[str] = option("AHA implementations to time, e.g. auto,cpp,split.", "--impl", default_factory=lambda: ["auto"])
     train_seq_lens: list[int] = option("Sequence lengths of the forward+backward section.", "--train-n", default_factory=lambda: [1024, 4096])
     train_rhos: list[float] = field(default_factory=lambda: [0.0, 0.07, 0.3, 1.0])
-    decode_lens: list[int] = option("Cache lengths of the decode section.", "--decode-n", default_factory=lambda: [4096, 16384, 65536])
+    decode_lens: list[int] = option("Cache lengths of the decode section.", "--decode-n", default_factory=lambda: [16384, 65536])
+    decode_rhos: list[float] = option("Global fractions of the decode section's rows.", "--decode-rho", default_factory=lambda: [0.07, 1.0])
+    decode_batch: int = option("Sequences per decode step.", default=4)
+    decode_head_shapes: list[str] = option(
+        "Query/KV heads of the decode section, e.g. 8/8,9/3 (9/3: SmolLM2's GQA).", "--decode-heads",
+        default_factory=lambda: ["8/8", "9/3"],
+    )
     memory_len: int = option("Sequence length of the memory section.", "--memory-n", default=16384)
     parts: list[str] = option("Kernel sections: prefill,train,decode,memory.", default_factory=lambda: ["prefill", "train", "decode", "memory"])
     seed: int = 0
@@ -103,6 +106,8 @@ class BenchConfig:
             train_seq_lens=[512],
             train_rhos=[0.07],
             decode_lens=[4096],
+            decode_batch=2,
+            decode_head_shapes=["4/2"],
             memory_len=2048,
             model_seq_lens=[256],
             serve_clients=[1, 2],
@@ -125,26 +130,16 @@ def register_group(name: str) -> Callable[[BenchGroup], BenchGroup]:
     return add
 
 
-def machine_info(threads: int, clock: str) -> dict[str, Any]:
-    """Where and with what the numbers were measured."""
-    import aha
+def machine_info(threads: int, clock: str, seed: int | None = None) -> dict[str, Any]:
+    """Where, when and with what code the numbers were measured: :func:`aha.report.provenance.run_meta`
+    plus the timing clock and whether the C++ kernel loaded."""
     from aha.kernels._cpp_build import cpp_kernel_error, load_cpp_kernel
-    from aha.kernels.cpu_tuning import cpu_isa, cpu_model
+    from aha.report.provenance import run_meta
 
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "isa": cpu_isa(),
-        "logical_cpus": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "threads": threads,
+    return run_meta(seed=seed, threads=threads) | {
         "clock": clock,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "aha": aha.__version__,
         "cpp_kernel": load_cpp_kernel(),
         "cpp_kernel_error": cpp_kernel_error(),
-        "command": " ".join(sys.argv),
     }
 
 
@@ -163,7 +158,8 @@ def run_benchmarks(config: BenchConfig, groups: list[str]) -> dict[str, Any]:
         results = {name: [asdict(section) for section in GROUPS[name](config)] for name in groups}
     finally:
         torch.set_num_threads(previous_threads)
-    return {"schema": SCHEMA, "meta": machine_info(config.threads, config.timing.clock), "config": asdict(config), "groups": results}
+    meta = machine_info(config.threads, config.timing.clock, config.seed)
+    return {"schema": SCHEMA, "meta": meta, "config": asdict(config), "groups": results}
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -181,10 +177,12 @@ def print_report(report: dict[str, Any]) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     meta = report["meta"]
+    commit = meta.get("git_commit")
     console.print(
         f"[bold]aha bench[/bold]  {meta['date']}  {meta['cpu']} ({meta.get('isa', '?')})  threads={meta['threads']}  "
-        f"clock={meta['clock']}  "
-        f"torch {meta['torch']}  C++ kernel: {'yes' if meta['cpp_kernel'] else 'no'}  GPU: {meta.get('cuda') or 'none'}"
+        f"clock={meta['clock']}  torch {meta['torch']}  C++ kernel: {'yes' if meta['cpp_kernel'] else 'no'}  "
+        f"GPU: {meta.get('gpu') or meta.get('cuda') or 'none'}  "
+        f"commit {commit[:12] + ('+dirty' if meta.get('git_dirty') else '') if commit else 'unknown'}"
     )
     for group, sections in report["groups"].items():
         for section in sections:
@@ -199,12 +197,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
-    """Save the report as ``out_dir/bench-<UTC timestamp>.json`` and return the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Save the report as strict JSON (a NaN becomes null), ``out_dir/bench-<UTC timestamp>.json``, and return the path."""
+    from aha.report.provenance import write_json_report
+
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"bench-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2))
-    return path
+    return write_json_report(out_dir / f"bench-{stamp}.json", report)
 
 
 from aha.benchmarking import kernels as _kernels  # registers the "kernels" group

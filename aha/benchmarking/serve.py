@@ -4,10 +4,22 @@ Two servers of the same weights run side by side, the routed model (``aha``) and
 baseline (``--dense``: PyTorch SDPA), and each load point -- N concurrent clients, each sending
 one prompt of P tokens and asking for ``serve_max_tokens`` tokens -- runs on one, then on the
 other, after one short warm-up request to each (``--serve-rounds R``: R times on each, alternating
-which goes first; the row holds medians and the spread of the rounds' speedups). A prompt longer than the model's context leaves
-room for is cut to fit (8192 tokens of
-context and 64 to generate: an "8K" prompt has 8112 tokens). Throughput is generated tokens over the point's wall time; latency is each request's end to
-end time. The servers idle while the other is measured (nothing else should run meanwhile).
+which goes first). A prompt longer than the model's context leaves room for is cut to fit (8192
+tokens of context and 64 to generate: an "8K" prompt has 8112 tokens). The servers idle while the
+other is measured (nothing else should run meanwhile).
+
+What a row reports, so that its columns agree with each other:
+
+* throughput: generated tokens over the point's wall time, per server and round; a round's
+  speedup is its aha tokens/s over its sdpa tokens/s (the two servers run back to back, so drift
+  hits both alike). The row shows the round of the median speedup (the lower middle one for an
+  even count): its two tokens/s, their ratio as ``speedup``, and the smallest and largest
+  speedup of all rounds;
+* latency: each request's end-to-end time, in the same round, over the requests that generated
+  the same number of tokens on both servers (``latency_requests`` of them). A model that ends an
+  answer early finishes that request sooner, which would bias its latency; with several clients
+  a request also waits for the others, whose lengths may still differ (sequential generation);
+* ``aha_generated`` / ``sdpa_generated``: the tokens each server generated in that round.
 A plain model is served converted at the first ``--window`` with ``--sink``: open routers, so
 every head is global until trained; serve a trained AHA model folder to measure the gain.
 """
@@ -34,30 +46,49 @@ def _prompts(tokenizer: Any, clients: int, tokens: int) -> list[str]:
 
 
 def _load_point(url: str, model: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
-    """All ``prompts`` at once, one client each; returns throughput and latency percentiles."""
+    """All ``prompts`` at once, one client each; returns the throughput and, in the order of ``prompts``,
+    each request's latency and token counts."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
 
-    def one(prompt: str) -> tuple[float, int, int]:
+    def one(prompt: str) -> dict[str, Any]:
         start = time.perf_counter()
         response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
-        return time.perf_counter() - start, response.usage.completion_tokens, response.usage.prompt_tokens
+        return {"latency_s": time.perf_counter() - start, "tokens": response.usage.completion_tokens,
+                "prompt_tokens": response.usage.prompt_tokens}  # fmt: skip
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        results = list(pool.map(one, prompts))
+        requests = list(pool.map(one, prompts))
     wall = time.perf_counter() - start
-    latencies = sorted(latency for latency, _, _ in results)
-    generated = sum(tokens for _, tokens, _ in results)
-    return {
-        "wall_s": wall,
-        "tokens_per_s": generated / wall,
-        "generated": generated,
-        "prompt_tokens": statistics.mean(prompt for _, _, prompt in results),
-        "p50_s": statistics.median(latencies),
-        "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-    }
+    generated = sum(request["tokens"] for request in requests)
+    return {"wall_s": wall, "tokens_per_s": generated / wall, "generated": generated, "requests": requests}
+
+
+def _percentile(values: list[float], share: float) -> float | None:
+    """The nearest-rank ``share`` percentile of ``values`` (None when empty)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else None
+
+
+def _summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One row's numbers from its rounds (``{"aha": point, "sdpa": point}`` each; see the module docstring)."""
+    speedups = [r["aha"]["tokens_per_s"] / r["sdpa"]["tokens_per_s"] for r in rounds]
+    chosen = rounds[speedups.index(statistics.median_low(speedups))]
+    aha, sdpa = chosen["aha"], chosen["sdpa"]
+    equal = [(a["latency_s"], s["latency_s"]) for a, s in zip(aha["requests"], sdpa["requests"], strict=True) if a["tokens"] == s["tokens"]]
+    row: dict[str, Any] = {
+        "aha_tokens_per_s": aha["tokens_per_s"], "sdpa_tokens_per_s": sdpa["tokens_per_s"],
+        "speedup": aha["tokens_per_s"] / sdpa["tokens_per_s"], "speedup_min": min(speedups), "speedup_max": max(speedups),
+        "aha_generated": aha["generated"], "sdpa_generated": sdpa["generated"],
+        "prompt_tokens": statistics.mean(request["prompt_tokens"] for request in aha["requests"]),
+        "latency_requests": len(equal),
+    }  # fmt: skip
+    for index, name in enumerate(("aha", "sdpa")):
+        row[f"{name}_p50_s"] = _percentile([pair[index] for pair in equal], 0.5)
+        row[f"{name}_p99_s"] = _percentile([pair[index] for pair in equal], 0.99)
+    return row
 
 
 @register_group("serve")
@@ -92,21 +123,16 @@ def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
                 prompts = _prompts(tokenizer, clients, prompt_tokens)
                 before = routed.metrics()
                 row: dict[str, Any] = {"clients": clients, "prompt_len": prompt_tokens}
-                measured: dict[str, list[dict[str, Any]]] = {"aha": [], "sdpa": []}
+                rounds: list[dict[str, dict[str, Any]]] = []
                 try:
                     for round_index in range(cfg.serve_rounds):  # alternate who goes first: drift hits both alike
                         order = (("aha", routed), ("sdpa", dense))[:: 1 if round_index % 2 == 0 else -1]
-                        for name, server in order:
-                            measured[name].append(_load_point(server.url, cfg.model, prompts, cfg.serve_max_tokens))
+                        rounds.append({name: _load_point(server.url, cfg.model, prompts, cfg.serve_max_tokens) for name, server in order})
                 except openai.APIError as error:  # the other points still run
                     rows.append({**row, "error": f"{type(error).__name__}: {error}"})
                     continue
                 after = routed.metrics()
-                for name, points in measured.items():
-                    row.update({f"{name}_{key}": statistics.median(point[key] for point in points) for key in points[0]})
-                speedups = [a["tokens_per_s"] / s["tokens_per_s"] for a, s in zip(measured["aha"], measured["sdpa"], strict=True)]
-                row.update(speedup=statistics.median(speedups), speedup_min=min(speedups), speedup_max=max(speedups),
-                           rounds=cfg.serve_rounds)  # fmt: skip
+                row.update(_summarise(rounds), rounds=cfg.serve_rounds, round_points=rounds)
                 row["global_fraction"] = _delta_ratio(before, after, 'aha_route_decisions_total{route="global"}',
                                                       'aha_route_decisions_total{route="local"}')  # fmt: skip
                 rows.append(row)
@@ -116,14 +142,17 @@ def serve_benchmarks(cfg: BenchConfig) -> list[Section]:
         Column("aha_tokens_per_s", "aha tok/s", ".2f"), Column("sdpa_tokens_per_s", "sdpa tok/s", ".2f"),
         Column("speedup", "speedup", ".2f"),
         *((Column("speedup_min", "min", ".2f"), Column("speedup_max", "max", ".2f")) if cfg.serve_rounds > 1 else ()),
+        Column("aha_generated", "aha tokens"), Column("sdpa_generated", "sdpa tokens"), Column("latency_requests", "latency n"),
         Column("aha_p50_s", "aha p50 s", ".1f"), Column("sdpa_p50_s", "sdpa p50 s", ".1f"),
         Column("aha_p99_s", "aha p99 s", ".1f"), Column("sdpa_p99_s", "sdpa p99 s", ".1f"),
     ]  # fmt: skip
     notes = [
         (f"model {cfg.model}, {cfg.serve_max_tokens} generated tokens per request, {mode}; each client sends one "
          "request; aha and sdpa serve the same weights in two servers, measured one after the other per point"
-         + (f", {cfg.serve_rounds} rounds alternating which goes first (medians; min / max of the rounds' speedups)"
-            if cfg.serve_rounds > 1 else "")),
+         + (f", {cfg.serve_rounds} rounds alternating which goes first; the row is the round of the median speedup "
+            "(min / max: all rounds' speedups)" if cfg.serve_rounds > 1 else "")),
+        "speedup = aha tok/s / sdpa tok/s of the row's round; tokens = tokens generated; latency: over the latency n "
+        "requests that generated as many tokens on both servers (an answer that ends early would bias it)",
         "global = share of (token, head) pairs routed global during the aha point (prompt and generated tokens)",
         *(f"failed: {row['clients']} clients x {row['prompt_len']} tokens: {row['error']}" for row in rows if "error" in row),
     ]

@@ -1,0 +1,139 @@
+"""Where a published number comes from: the ``meta`` block of every JSON report, and strict JSON.
+
+Every run whose numbers the project publishes (``aha demo``, ``aha eval``, ``aha sweep``,
+``aha train``'s ``summary.json``, ``aha report compare``, ``aha bench`` with its ``model`` and
+``serve`` groups, ``benchmarks/fsdp_loading_memory.py``) writes a JSON report of metrics only (no
+weights) whose ``meta`` is :func:`run_meta`, through :func:`write_json_report`. ``aha report
+check`` (:mod:`aha.report.published`) then ties each table of README.md and benchmarks/RESULTS.md
+to the committed report it was rendered from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import aha
+from aha._cache import write_text_atomically
+
+#: The folder holding the ``aha`` package: a git checkout's root when aha runs from one.
+SOURCE_ROOT = Path(aha.__file__).resolve().parent.parent
+KERNEL_SOURCES = Path(aha.__file__).resolve().parent / "kernels"
+
+
+def git_state(root: Path = SOURCE_ROOT) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout whose root is ``root``; ``(None, None)`` when ``root``
+    is not the root of a checkout (an installed wheel) or git is missing.
+
+    ``dirty`` is True when tracked files differ from the commit (untracked files are not counted, so
+    reports written by the same session do not mark the next one).
+    """
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root.resolve():
+            return None, None  # aha is installed inside some other repository
+        commit = git("rev-parse", "--verify", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
+
+
+def kernel_sources_sha256(folder: Path = KERNEL_SOURCES) -> str:
+    """SHA-256 over the kernel sources (``aha/kernels``: Python, C++ and Triton), names included:
+    the version of the kernels a timing measured, also outside a git checkout."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".py", ".cpp") and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_meta(*, seed: int | None = None, threads: int | None = None, command: str | None = None) -> dict[str, Any]:
+    """The ``meta`` block of a report: code, command, seed, date, machine and library versions.
+
+    Args:
+        seed: the run's seed (``None`` where the run has none).
+        threads: torch threads the run used (default: ``torch.get_num_threads()`` now).
+        command: the command line (default: this process's ``sys.argv``).
+
+    Returns:
+        ``{"git_commit", "git_dirty", "kernel_sources_sha256", "command", "seed", "date", "cpu",
+        "isa", "isa_flags", "logical_cpus", "gpu", "threads", "python", "torch", "transformers",
+        "accelerate", "aha"}``; ``git_commit`` / ``git_dirty`` are None outside a git checkout,
+        ``gpu`` is None without CUDA, ``accelerate`` None when it is not installed.
+    """
+    from aha.kernels.cpu_tuning import cpu_isa, cpu_model
+
+    commit, dirty = git_state()
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "kernel_sources_sha256": kernel_sources_sha256(),
+        "command": command if command is not None else shlex.join(sys.argv),
+        "seed": seed,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "isa": cpu_isa(),
+        "isa_flags": sorted(name for name, present in capabilities.items() if present is True),
+        "logical_cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "accelerate": _version("accelerate"),
+        "aha": aha.__version__,
+    }
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, tuples by lists and paths by
+    strings, so that ``json.dumps(..., allow_nan=False)`` accepts it (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def dumps_report(report: Mapping[str, Any]) -> str:
+    """A report as strict, indented JSON (see :func:`strict_json`)."""
+    return json.dumps(strict_json(report), indent=2, allow_nan=False)
+
+
+def write_json_report(path: str | Path, report: Mapping[str, Any]) -> Path:
+    """Write ``report`` to ``path`` as strict JSON, atomically (readers never see half a report)."""
+    path = Path(path)
+    write_text_atomically(path, dumps_report(report) + "\n")
+    return path
+
+
+__all__ = ["dumps_report", "git_state", "kernel_sources_sha256", "run_meta", "strict_json", "write_json_report"]
