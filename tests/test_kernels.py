@@ -287,8 +287,18 @@ def test_bad_inputs_raise_clear_errors(change, message):
 def test_a_microkernel_that_cannot_run_here_says_so():
     q, k, v = make_qkv(1, 2, 2, 10, 10, 16)
     # oneDNN switched off: its micro-GEMMs are unavailable
-    with torch.backends.mkldnn.flags(enabled=False), pytest.raises(AhaInputError, match="does not run torch.float32"):
+    with torch.backends.mkldnn.flags(enabled=False), pytest.raises(AhaInputError, match="cannot run torch.float32 here"):
         aha_attention(q, k, v, torch.ones(1, 2, 10, dtype=torch.bool), 4, impl="cpp:onednn")
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto", "decode", *FAST_IMPLS])
+@pytest.mark.parametrize("seq_kv", [0, 7])
+def test_no_queries_give_the_empty_output(impl, seq_kv):
+    q, k, v = make_qkv(1, 4, 2, 0, seq_kv, 16, requires_grad=True)
+    out = aha_attention(q, k, v, torch.zeros(1, 4, 0, dtype=torch.bool), 3, impl=impl)
+    assert out.shape == (1, 4, 0, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
 
 
 @pytest.mark.parametrize("impl", ["reference", "auto", *FAST_IMPLS])

@@ -51,6 +51,10 @@ class CalibrateSettings:
         "Comma-separated dtypes to measure (float32, bfloat16, float16).", "--dtype", default=("float32", "bfloat16")
     )
     threads: int | None = option("torch threads (default: torch's default here; the choice is kept per thread count).", default=None)
+    lengths: Sequence[int] = option(
+        "Comma-separated sequence lengths to time at (small ones only check the path; the cost model is "
+        "extrapolated past the longest).", default=(1024, 4096)
+    )
 
 
 @app.command()
@@ -85,15 +89,28 @@ def calibrate(**given: Any) -> None:
         raise typer.BadParameter("the C++ kernel is unavailable, so there is nothing to calibrate (see `aha bench`)")
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
+    if not settings.lengths or min(settings.lengths) < 16:
+        raise typer.BadParameter(f"--lengths must be sequence lengths >= 16, got {list(settings.lengths)}")
     table = Table(title=f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads", title_justify="left")
-    for column in ("dtype", "microkernel", "forward: split from fraction (4K / 16K / 64K)", "forward+backward", "cache"):
+    for column in ("dtype", "microkernel", "forward: split from fraction (4K / 16K / 64K)", "forward+backward", "skipped", "cache"):
         table.add_column(column)
     def crossovers(choice: KernelChoice, training: bool) -> str:
         values = [choice.crossover(n, training) for n in (4096, 16384, 65536)]
         return " / ".join("never" if x > 1 else f"{x:.2f}" for x in values)
 
-    for name, choice in recalibrate([dtypes[n] for n in names]).items():
-        label = microkernel_name(name, choice.microkernel) or choice.microkernel
-        row = [label, crossovers(choice, False), crossovers(choice, True), str(tuning_path(name))]
-        table.add_row(str(name).removeprefix("torch."), *row)
+    failed = []
+    for name in names:
+        dtype = dtypes[name]
+        try:
+            choice = recalibrate([dtype], tuple(sorted(set(settings.lengths))))[dtype]
+        except RuntimeError as exc:  # no microkernel runs here: auto uses the PyTorch paths for this dtype
+            failed.append(f"{name}: {exc}")
+            table.add_row(name, "-", "-", "-", str(exc), "-")
+            continue
+        label = microkernel_name(dtype, choice.microkernel) or choice.microkernel
+        skipped = "; ".join(f"{m}: {why}" for m, why in choice.measured.get("skipped", {}).items()) or "-"
+        table.add_row(name, label, crossovers(choice, False), crossovers(choice, True), skipped, str(tuning_path(dtype)))
     Console(width=200).print(table)
+    if failed:
+        typer.echo("aha calibrate failed for " + "; ".join(failed), err=True)
+        raise typer.Exit(1)

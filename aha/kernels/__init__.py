@@ -152,6 +152,8 @@ def aha_attention(
     (see :mod:`aha.kernels.ops`).
     """
     check_inputs(q, k, v, route, window, key_padding_mask, sink, scale)
+    if q.shape[2] == 0:  # no queries: the empty output, whatever the implementation
+        return q.clone()
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     # a window or sink past the last key means every key: clamped, no index arithmetic can overflow

@@ -2,15 +2,23 @@
 
 The C++ kernel has two microkernels: hand-written AVX-512/AVX2 GEMMs (``vector``) and the
 oneDNN micro-GEMMs PyTorch's own CPU flash attention uses (``onednn``: AMX tiles for bf16 where
-the CPU has them, JIT-compiled AVX-512/AVX2 elsewhere). Which one is faster, and whether the
-kernel beats SDPA causal at a high global fraction, depends on the CPU, the torch build and the
-dtype: on an Intel Xeon with AMX, oneDNN is 3-4x faster than the hand-written kernels in bf16,
-which were the faster choice on AMD Zen 4 (``benchmarks/RESULTS.md``).
+the CPU has them, JIT-compiled AVX-512/AVX2 elsewhere; bf16 widened to fp32 where oneDNN has no
+bf16 micro-GEMMs). Which one is faster, and whether the kernel beats SDPA causal at a high
+global fraction, depends on the CPU, the torch build and the dtype: on an Intel Xeon with AMX,
+oneDNN is 3-4x faster than the hand-written kernels in bf16, which were the faster choice on AMD
+Zen 4 (``benchmarks/RESULTS.md``).
 
-So each (CPU model, ISA flags, torch version, kernel source, threads, dtype) is measured once
-(several seconds: forward and forward + backward against SDPA at two lengths) and the result is
-cached as JSON under ``~/.cache/aha/cpu-tuning/`` (atomic write; ``AHA_CACHE_DIR`` moves it).
-:func:`kernel_choice` reads it; ``make install`` and ``aha calibrate`` measure ahead.
+A microkernel counts as available for a dtype only once it has run here: :func:`microkernel_problem`
+runs a small forward and backward on it once per process and compares them with the dense
+reference (oneDNN decides at run time what it can generate, from the CPU and
+``ONEDNN_MAX_CPU_ISA``, so CPU flags cannot tell). Calibration skips a microkernel that fails,
+and ``auto`` never lands on one.
+
+Each (CPU model, ISA flags, oneDNN ISA cap, torch version, kernel source, threads, dtype) is
+measured once (forward and forward + backward against SDPA at two lengths) and the result is
+cached as JSON under ``~/.cache/aha/cpu-tuning/`` (atomic write, validated on load, measured again
+when invalid; ``AHA_CACHE_DIR`` moves it). :func:`kernel_choice` reads it; ``make install`` and
+``aha calibrate`` measure ahead; concurrent first uses wait for one measurement (a file lock).
 
 Overrides:
 
@@ -21,6 +29,7 @@ Overrides:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +37,9 @@ import math
 import os
 import platform
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +48,7 @@ import torch.nn.functional as F
 
 from aha._cache import write_text_atomically
 from aha.kernels._cpp_build import SOURCE, cache_dir, load_cpp_kernel
+from aha.kernels.reference import reference_attention
 
 _log = logging.getLogger(__name__)
 
@@ -99,6 +111,17 @@ class CostModel:
     full: tuple[float, ...]
     low: tuple[float, ...]
     split: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        lengths = self.lengths
+        if not lengths or not all(type(n) is int and n > 0 for n in lengths) or list(lengths) != sorted(set(lengths)):
+            raise ValueError(f"lengths must be increasing positive ints, got {lengths!r}")
+        for name in ("full", "low", "split"):
+            values = getattr(self, name)
+            if len(values) != len(lengths) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in values
+            ):
+                raise ValueError(f"{name} must hold {len(lengths)} finite positive ratios, got {values!r}")
 
     def _at(self, values: tuple[float, ...], n: int) -> float:
         logs = [math.log2(length) for length in self.lengths]
@@ -177,31 +200,84 @@ class KernelChoice:
 
     @classmethod
     def from_json(cls, text: str) -> KernelChoice:
+        """Parse and validate :meth:`to_json`'s output (ValueError, naming what is wrong, when invalid)."""
         data = json.loads(text)
-        models = {
-            mode: None if data.get(mode) is None else CostModel(**{key: tuple(v) for key, v in data[mode].items()})
-            for mode in ("forward", "train")
-        }
+        if not isinstance(data, dict) or not isinstance(data.get("measured", {}), dict):
+            raise ValueError("a kernel choice is a JSON object with a 'microkernel' and an optional 'measured' object")
+        models = {}
+        for mode in ("forward", "train"):
+            model = data.get(mode)
+            if model is not None and (not isinstance(model, dict) or set(model) != {"lengths", "full", "low", "split"}):
+                raise ValueError(f"{mode!r} must be null or an object with lengths, full, low and split")
+            if model is not None and not all(isinstance(v, list) for v in model.values()):
+                raise ValueError(f"{mode!r}: lengths, full, low and split must be lists")
+            models[mode] = None if model is None else CostModel(**{key: tuple(v) for key, v in model.items()})
+        if data.get("microkernel") not in MICROKERNELS:
+            raise ValueError(f"unknown microkernel {data.get('microkernel')!r}; choose one of {sorted(MICROKERNELS)}")
         return cls(microkernel=data["microkernel"], measured=data.get("measured", {}), **models)
+
+
+_problems: dict[tuple[torch.dtype, str, bool], str | None] = {}
+
+
+def microkernel_problem(dtype: torch.dtype, microkernel: str) -> str | None:
+    """Why the C++ kernel's ``microkernel`` cannot run ``dtype`` in this process, or None once it has.
+
+    It counts as able once a small forward and backward on it (GQA, a sink key, mixed routes, one
+    partial key block) matched the dense reference: built and run, not inferred from CPU flags.
+    Checked once per process (and oneDNN on/off switch); a failure is logged with its reason.
+    """
+    key = (dtype, microkernel, torch.backends.mkldnn.enabled)
+    if key not in _problems:
+        _problems[key] = _run_check(dtype, microkernel) if load_cpp_kernel() else "the C++ kernel is unavailable"
+        if _problems[key] is not None:
+            _log.warning("aha: the %s microkernel cannot run %s here: %s", microkernel, dtype, _problems[key])
+    return _problems[key]
+
+
+def _run_check(dtype: torch.dtype, microkernel: str) -> str | None:
+    """Run ``microkernel`` on a small problem; the error or mismatch it shows, or None."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 48, 32, generator=generator).to(dtype)
+    k, v = (torch.randn(1, 1, 48, 32, generator=generator).to(dtype) for _ in range(2))
+    route = torch.rand(1, 2, 48, generator=generator) < 0.5
+    out_grad = torch.randn(1, 2, 48, 32, generator=generator).to(dtype)
+    window, sink, scale = 8, 1, 32**-0.5
+    settings = (window, sink, scale, *TILE_ROWS[microkernel], MICROKERNELS[microkernel])
+    starts = torch.zeros(1, dtype=torch.int32)
+    try:
+        with torch.no_grad():
+            out, lse, _ = torch.ops.aha.forward(q, k, v, route, starts, *settings)
+            grads = torch.ops.aha.backward(out_grad, q, k, v, out, lse, route, starts, *settings)
+    except RuntimeError as exc:
+        return str(exc).strip().splitlines()[0]
+    with torch.enable_grad():  # callers may be inside no_grad (a benchmark's labels, say)
+        wide = [t.float().requires_grad_(True) for t in (q, k, v)]
+        want_out = reference_attention(*wide, route, window, scale, sink=sink)
+        want = [want_out, *torch.autograd.grad(want_out, wide, out_grad.float())]
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1
+    for name, got, expected in zip(("output", "dq", "dk", "dv"), (out, *grads), want):
+        error = (got.float() - expected.detach()).abs().max().item()
+        if not error <= tolerance:  # also catches NaN
+            return f"its {name} differs from the reference by {error:.3g} (tolerance {tolerance})"
+    return None
 
 
 @torch.compiler.assume_constant_result
 def microkernel_name(dtype: torch.dtype, microkernel: str) -> str | None:
-    """What ``microkernel`` runs for ``dtype`` on this CPU (e.g. ``onednn-amx-bf16``), None if unsupported."""
-    if not load_cpp_kernel():
+    """What ``microkernel`` runs for ``dtype`` on this CPU (e.g. ``onednn-amx-bf16``), None where it
+    cannot run (see :func:`microkernel_problem`)."""
+    if microkernel_problem(dtype, microkernel) is not None:
         return None
-    try:
-        return torch.ops.aha.microkernel(dtype, MICROKERNELS[microkernel])
-    except RuntimeError:
-        return None
+    return torch.ops.aha.microkernel(dtype, MICROKERNELS[microkernel])
 
 
 def tuning_path(dtype: torch.dtype) -> Path:
     """Where the calibration of ``dtype`` on this machine is cached."""
     flags = sorted(name for name, on in _capabilities().items() if on is True)
+    machine = [cpu_model(), ",".join(flags), os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))]
     key = hashlib.sha256(
-        "|".join([cpu_model(), ",".join(flags), torch.__version__, str(torch.get_num_threads())]).encode()
-        + SOURCE.read_bytes()
+        "|".join([*machine, torch.__version__, str(torch.get_num_threads())]).encode() + SOURCE.read_bytes()
     ).hexdigest()[:16]
     return cache_dir() / "cpu-tuning" / f"{str(dtype).removeprefix('torch.')}-{key}.json"
 
@@ -232,7 +308,10 @@ def calibrate(
     from aha.kernels.split import split_attention
 
     forced = os.environ.get("AHA_CPU_MICROKERNEL")
-    names = [forced] if forced else [m for m in ("vector", "onednn") if microkernel_name(dtype, m)]
+    problems = {m: microkernel_problem(dtype, m) for m in ([forced] if forced else ["vector", "onednn"])}
+    names = [m for m, problem in problems.items() if problem is None]
+    if not names:
+        raise RuntimeError(f"no microkernel of the C++ kernel runs {dtype} here: {problems}")
     generator = torch.Generator().manual_seed(0)
     timings: dict[str, dict[str, float]] = {}
     scale = 64**-0.5
@@ -277,6 +356,7 @@ def calibrate(
             split=tuple(p["split"] for p in points),
         )
     measured = {
+        "skipped": {m: problem for m, problem in problems.items() if problem is not None},
         "seconds": timings,
         "window": CALIBRATION_WINDOW,
         "cpu": cpu_model(),
@@ -287,16 +367,46 @@ def calibrate(
     return KernelChoice(microkernel=best, measured=measured, **models)
 
 
-def _calibrate_and_cache(dtype: torch.dtype) -> KernelChoice:
-    choice = calibrate(dtype)
-    write_text_atomically(tuning_path(dtype), choice.to_json())
+@contextmanager
+def _calibration_lock(path: Path) -> Iterator[None]:
+    """Hold the machine-wide calibration lock of ``path``'s folder: a second process that needs a
+    measurement waits for the first one's (two at once would also time each other)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.parent / ".calibration.lock", "a")  # noqa: SIM115 -- held across the yield
+    except OSError:  # an unwritable cache: measure without the lock
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _calibrate_and_cache(dtype: torch.dtype, lengths: tuple[int, ...] = CALIBRATION_LENGTHS) -> KernelChoice:
+    path = tuning_path(dtype)
+    _log.warning(
+        "aha: measuring the C++ CPU kernel for %s once on this machine (a minute or two on 2 cores; "
+        "`aha calibrate` does it ahead)", dtype,
+    )
+    started = time.monotonic()
+    choice = calibrate(dtype, lengths=lengths)
+    try:
+        write_text_atomically(path, choice.to_json())
+    except OSError as exc:
+        fix = f"remove the directory {path}" if path.is_dir() else f"make {path.parent} writable or set AHA_CACHE_DIR"
+        _log.warning("aha: cannot cache the measurement (%s); it holds for this process only: %s", exc, fix)
+    _log.warning("aha: measured %s in %.0f s: microkernel %s", dtype, time.monotonic() - started, choice.microkernel)
     return choice
 
 
 def _load(path: Path) -> KernelChoice | None:
+    """The cached choice at ``path``; None (logged) when it is missing or invalid."""
     try:
         return KernelChoice.from_json(path.read_text())
-    except (OSError, ValueError, TypeError, KeyError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        _log.warning("aha: ignoring the invalid CPU tuning file %s (%s: %s)", path, type(exc).__name__, exc)
         return None
 
 
@@ -318,31 +428,43 @@ def kernel_choice(dtype: torch.dtype) -> KernelChoice:
         if os.environ.get("AHA_CPU_TUNING", "").lower() in ("off", "0", "false") or not load_cpp_kernel():
             choice = KernelChoice(microkernel=forced or "default")
         else:
-            choice = _load(tuning_path(dtype))
+            path = tuning_path(dtype)
+            choice = _load(path)
             if choice is None or (forced and choice.microkernel != forced):
-                _log.warning("aha: measuring the CPU kernels for %s once on this machine (about 10 s)", dtype)
-                choice = _calibrate_and_cache(dtype)
+                with _calibration_lock(path):
+                    choice = _load(path)  # another process may have measured it while this one waited
+                    if choice is None or (forced and choice.microkernel != forced):
+                        choice = _calibrate_and_cache(dtype)
         _choices[dtype] = choice
         return choice
+
+
+def usable_microkernel(dtype: torch.dtype, preferred: str) -> str | None:
+    """``preferred`` when it runs ``dtype`` here, else the first microkernel that does (None: none)."""
+    return next((m for m in dict.fromkeys([preferred, "vector", "onednn"]) if microkernel_problem(dtype, m) is None), None)
 
 
 @torch.compiler.assume_constant_result  # a compiled graph bakes the settings in instead of tracing the cache
 def kernel_settings(dtype: torch.dtype, microkernel: str | None = None) -> tuple[int, int, int]:
     """``(local_rows, global_rows, microkernel code)``: the C++ ops' tiling arguments for ``dtype``,
-    from :func:`kernel_choice` or for a forced ``microkernel``."""
-    choice = kernel_choice(dtype) if microkernel is None else KernelChoice(microkernel=microkernel)
-    if choice.microkernel == "onednn" and not torch.backends.mkldnn.enabled:
-        choice = KernelChoice()  # oneDNN switched off since the choice was measured: the built-in rule
-    return (*choice.tile_rows, choice.code)
+    for a forced ``microkernel``, else from :func:`kernel_choice`, falling back to a microkernel that
+    runs here when the chosen one does not (oneDNN switched off since, say)."""
+    if microkernel is None:
+        microkernel = usable_microkernel(dtype, kernel_choice(dtype).microkernel)
+        if microkernel is None:
+            raise RuntimeError(f"no microkernel of the C++ kernel runs {dtype} here; use impl='split'")
+    return (*TILE_ROWS[microkernel], MICROKERNELS[microkernel])
 
 
-def recalibrate(dtypes: list[torch.dtype]) -> dict[torch.dtype, KernelChoice]:
-    """Measure ``dtypes`` again (ignoring the cache), cache and return the results."""
+def recalibrate(
+    dtypes: list[torch.dtype], lengths: tuple[int, ...] = CALIBRATION_LENGTHS
+) -> dict[torch.dtype, KernelChoice]:
+    """Measure ``dtypes`` again at ``lengths`` (ignoring the cache), cache and return the results."""
     results = {}
     for dtype in dtypes:
-        choice = _calibrate_and_cache(dtype)
+        with _calibration_lock(tuning_path(dtype)):
+            choice = _calibrate_and_cache(dtype, lengths)
         with _lock:
             _choices[dtype] = choice
         results[dtype] = choice
     return results
-

@@ -20,7 +20,13 @@ from torch import Tensor
 from aha.kernels._checks import AhaInputError
 from aha.kernels._cpp_build import cpp_kernel_error
 from aha.kernels.cpp import KERNEL_DTYPES, cpp_attention, cpp_available
-from aha.kernels.cpu_tuning import MICROKERNELS, kernel_choice, microkernel_name
+from aha.kernels.cpu_tuning import (
+    MICROKERNELS,
+    kernel_choice,
+    microkernel_name,
+    microkernel_problem,
+    usable_microkernel,
+)
 from aha.kernels.decode import decode_attention
 from aha.kernels.masks import KeyPadding
 from aha.kernels.reference import reference_attention
@@ -144,8 +150,11 @@ class Cpp(Implementation):
         reasons = []
         if inputs.padding is not None and inputs.padding.start is None:
             reasons.append("takes left and/or right key padding only; this key_padding_mask has holes")
-        if self.microkernel is not None and microkernel_name(inputs.q.dtype, self.microkernel) is None:
-            reasons.append(f"the {self.microkernel} microkernel does not run {inputs.q.dtype} on this CPU")
+        dtype = inputs.q.dtype
+        if self.microkernel is not None and microkernel_name(dtype, self.microkernel) is None:
+            reasons.append(f"the {self.microkernel} microkernel cannot run {dtype} here: {microkernel_problem(dtype, self.microkernel)}")
+        if self.microkernel is None and usable_microkernel(dtype, "vector") is None:
+            reasons.append(f"none of its microkernels runs {dtype} here (the log says why)")
         return reasons
 
     def __call__(self, inputs: Inputs) -> Tensor:

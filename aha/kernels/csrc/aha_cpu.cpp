@@ -10,10 +10,10 @@
 // tensor is read and nothing of size seq x seq exists anywhere).
 //
 // Layout: scores are computed transposed, S^T[key, row] = K[key] . Q[row], so the softmax
-// statistics of 16 query rows live in one vector. Accumulation is fp32. One tile loop (mask,
-// online softmax) serves two microkernels, which supply the GEMMs:
-//   vector -- hand-written GEMMs on GCC vector extensions (AVX-512 zmm with -march=native there,
-//             AVX2 pairs elsewhere); K and V are read in place, bf16/fp16 rows widened block by
+// statistics of 16 (AVX-512) or 8 (AVX2) query rows live in one vector. Accumulation is fp32. One
+// tile loop (mask, online softmax) serves two microkernels, which supply the GEMMs:
+//   vector -- hand-written GEMMs on GCC vector extensions of the target's width (zmm with
+//             AVX-512, ymm elsewhere); K and V are read in place, bf16/fp16 rows widened block by
 //             block, except bf16 on CPUs with AVX512-BF16, multiplied as bf16 pairs (vdpbf16ps);
 //   onednn -- at::native::cpublas::brgemm, the oneDNN micro-GEMMs of PyTorch's CPU flash
 //             attention: AMX tiles for bf16 where present (VNNI operands), AVX-512/AVX2 for fp32;
@@ -39,7 +39,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -57,21 +57,38 @@
 
 namespace {
 
+// Vectors are the machine's own width: 16 floats (zmm) with AVX-512, else 8 (ymm). GCC lowers a
+// vector wider than the target's registers to memory round trips: 64-byte vectors compiled for
+// AVX2 made the hand-written kernels 15x slower than SDPA on a Zen 3.
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+// oneDNN micro-GEMM covers start and end on multiples of 16 keys on every ISA (few JIT shapes).
+constexpr int64_t kCoverAlign = 16;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kMaxKeyBlock = 512;
 
-typedef float vfloat __attribute__((vector_size(64)));
-typedef float vfloat_u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef int32_t vint_u __attribute__((vector_size(64), aligned(4)));
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef float vfloat_u __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vint_u __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 inline vfloat vload(const float* p) { return *reinterpret_cast<const vfloat_u*>(p); }
 inline void vstore(float* p, vfloat x) { *reinterpret_cast<vfloat_u*>(p) = x; }
 inline vint vloadi(const int32_t* p) { return *reinterpret_cast<const vint_u*>(p); }
-inline vfloat vsplat(float x) { return vfloat{} + x; }
+inline vfloat vsplat(float x) {  // one broadcast (vfloat{} + x would add a zero first)
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (vfloat)_mm256_set1_ps(x);
+#else
+  return vfloat{} + x;
+#endif
+}
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
 // 2^x with ~1 ulp relative error (Cephes exp2f polynomial on x - round(x)); exactly 0 for
@@ -120,7 +137,7 @@ inline vfloat vexp2(vfloat x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM micro-kernels: C[M x 16*NV] (+)= A . B, A(m, k) = a[m * a_row + k * a_k], B row k at b + k * ldb.
+// GEMM micro-kernels: C[M x kLanes*NV] (+)= A . B, A(m, k) = a[m * a_row + k * a_k], B row k at b + k * ldb.
 // The Dot policy says what one step k is. Fp32Dot: floats, c += a * b. Bf16PairDot (AVX512-BF16):
 // A and B hold pairs of bf16 in 32-bit words and a step adds a two-term dot product per lane
 // (vdpbf16ps), so K counts pairs and each instruction does twice the work.
@@ -186,26 +203,36 @@ inline void gemm_tail(int64_t rows, int64_t K, const typename Dot::Elem* a, int6
   }
 }
 
+// Rows per register block for NV vectors: R * NV accumulators, NV B vectors and the broadcast A
+// value fit the vector registers (AVX-512: 32 zmm, panels of up to 4 vectors; AVX2: 16 ymm, up
+// to 2, the classic 6 x 16 FMA block).
+#if defined(__AVX512F__)
+constexpr int kMaxPanelVectors = 4;
+#else
+constexpr int kMaxPanelVectors = 2;
+#endif
+template <int NV>
+constexpr int kBlockRows = NV >= kMaxPanelVectors ? 6 : 12;
+
 template <class Dot, int NV, bool ACCUM>
 void gemm_panel(int64_t M, int64_t K, const typename Dot::Elem* a, int64_t a_row, int64_t a_k,
                 const typename Dot::Elem* b, int64_t ldb, float* c, int64_t ldc) {
-  constexpr int R = NV >= 4 ? 6 : 12;  // R * NV accumulators + NV B vectors fit the 32 vector registers
+  constexpr int R = kBlockRows<NV>;
   int64_t m = 0;
   for (; m + R <= M; m += R) gemm_rows<Dot, NV, R, ACCUM>(K, a + m * a_row, a_row, a_k, b, ldb, c + m * ldc, ldc);
   gemm_tail<Dot, NV, R - 1, ACCUM>(M - m, K, a + m * a_row, a_row, a_k, b, ldb, c + m * ldc, ldc);
 }
 
-// C[M x N] (+)= A[M x K] . B[K x N] for N a multiple of 16, in column panels of 64, 32 and 16.
+// C[M x N] (+)= A[M x K] . B[K x N] for N a multiple of kLanes, in column panels of 4, 2 and 1
+// vectors (AVX-512: 64, 32, 16 columns), or of 2 and 1 (AVX2: 16, 8).
 template <bool ACCUM, class Dot = Fp32Dot>
 void gemm(int64_t M, int64_t N, int64_t K, const typename Dot::Elem* a, int64_t a_row, int64_t a_k,
           const typename Dot::Elem* b, int64_t ldb, float* c, int64_t ldc) {
   if (M <= 0) return;
   int64_t n = 0;
-  for (; n + 64 <= N; n += 64) gemm_panel<Dot, 4, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
-  if (n + 32 <= N) {
-    gemm_panel<Dot, 2, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
-    n += 32;
-  }
+  if constexpr (kMaxPanelVectors >= 4)
+    for (; n + 4 * kLanes <= N; n += 4 * kLanes) gemm_panel<Dot, 4, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
+  for (; n + 2 * kLanes <= N; n += 2 * kLanes) gemm_panel<Dot, 2, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
   if (n < N) gemm_panel<Dot, 1, ACCUM>(M, K, a, a_row, a_k, b + n, ldb, c + n, ldc);
 }
 
@@ -355,8 +382,8 @@ struct PanelBlocks {
   static void split(int64_t lo, int64_t hi, Fn&& fn) {
     for (int64_t j0 = lo; j0 <= hi;) {
       const int64_t j1 = std::min(hi + 1, (j0 / kPanel + 1) * kPanel);
-      const int64_t a0 = j0 / kLanes * kLanes;
-      fn(KeyBlock{a0, round_up(j1, kLanes) - a0, j0, j1});
+      const int64_t a0 = j0 / kCoverAlign * kCoverAlign;
+      fn(KeyBlock{a0, round_up(j1, kCoverAlign) - a0, j0, j1});
       j0 = j1;
     }
   }
@@ -616,8 +643,9 @@ inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, 
                                ld_dst);
 }
 
-// The type the oneDNN micro-GEMMs compute T in: fp16 is widened to fp32 (oneDNN's fp16 micro-GEMMs
-// without AMX-FP16 ran at half the fp32 rate on the AMX Xeon).
+// The type the oneDNN micro-GEMMs compute T in by default: fp16 is widened to fp32 (oneDNN's fp16
+// micro-GEMMs without AMX-FP16 ran at half the fp32 rate on the AMX Xeon). bf16 is computed in
+// bf16 where oneDNN can run its bf16 micro-GEMMs (brgemm_bf16_native), else widened to fp32 too.
 template <typename T>
 using ComputeType = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
 
@@ -808,9 +836,9 @@ struct Bf16PairKernel {
 // P^T, in VNNI pairs for bf16.
 // What the forward and backward oneDNN microkernels share: the compute type, whether operands are
 // VNNI pairs (bf16), the blocking, and the bookkeeping of the per-thread AMX state.
-template <typename T>
+template <typename T, typename Compute>
 struct BrgemmTraits {
-  using C = ComputeType<T>;
+  using C = Compute;
   static constexpr bool kVnni = std::is_same_v<C, c10::BFloat16>;
   static constexpr bool kPrescaled = !kVnni;  // bf16 queries are not rescaled before rounding
   static constexpr bool kOutputRows = false;
@@ -821,9 +849,9 @@ struct BrgemmTraits {
   }
 };
 
-template <typename T>
-struct BrgemmKernel : BrgemmTraits<T> {
-  using Traits = BrgemmTraits<T>;
+template <typename T, typename Compute = ComputeType<T>>
+struct BrgemmKernel : BrgemmTraits<T, Compute> {
+  using Traits = BrgemmTraits<T, Compute>;
   using typename Traits::C;
   using Traits::kVnni;
   using Traits::mark_used;
@@ -1037,9 +1065,9 @@ inline void round_to_bf16(const float* x, int64_t count, c10::BFloat16* out) {
 // oneDNN micro-GEMMs (AMX for bf16 where present). A operands: K and V rows in place, P^T and
 // dS^T (bf16 copies for bf16), K^T in panels; B operands: Q^T, dO^T, dO, Q and dS^T (VNNI pairs
 // for bf16). dQ accumulates transposed, [D x padded].
-template <typename T>
-struct BrgemmBackward : BrgemmTraits<T> {
-  using Traits = BrgemmTraits<T>;
+template <typename T, typename Compute = ComputeType<T>>
+struct BrgemmBackward : BrgemmTraits<T, Compute> {
+  using Traits = BrgemmTraits<T, Compute>;
   using typename Traits::C;
   using Traits::kVnni;
   using Traits::mark_used;
@@ -1241,8 +1269,12 @@ typedef float vfloat4 __attribute__((vector_size(16)));
 
 // Horizontal sum as a tree of vector adds (a lane-by-lane loop is one long dependency chain).
 inline float hsum(vfloat x) {
+#if defined(__AVX512F__)
   const vfloat8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
                     __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const vfloat8 h = x;
+#endif
   const vfloat4 f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   return (f[0] + f[2]) + (f[1] + f[3]);
 }
@@ -1433,14 +1465,30 @@ Tiling tiles_for(const Problem& pb, const at::Tensor& route, const at::Tensor& k
 // Microkernels: the GEMMs a forward or backward runs on (the `microkernel` argument of the ops).
 enum MicrokernelChoice : int64_t { kDefaultKernel = 0, kVectorKernel = 1, kBrgemmKernel = 2 };
 
+// Whether oneDNN's bf16 micro-GEMMs (VNNI operands) run here. oneDNN decides at run time from the
+// CPU and the ISA it may use (ONEDNN_MAX_CPU_ISA), and PyTorch raises where they cannot ("could not
+// generate a kernel" on AVX-512 without AVX512-BF16), so this runs one, once per process, and
+// checks its result: CPU flags alone are not enough.
+bool brgemm_bf16_native() {
+  static const bool works = [] {
+    constexpr int64_t M = 16, N = 16, K = 32;
+    const std::vector<c10::BFloat16> a(M * K, c10::BFloat16(1.0f)), b(K * N, c10::BFloat16(0.5f));
+    std::vector<float> c(M * N, 0.0f);
+    try {
+      at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), b.data(), c.data(), true);
+      at::native::cpublas::brgemm_release(true);
+    } catch (const std::exception&) {
+      return false;
+    }
+    return std::all_of(c.begin(), c.end(), [](float x) { return x == 0.5f * K; });
+  }();
+  return works;
+}
+
+// fp32, and fp16 and bf16 computed in fp32 where oneDNN has no bf16 micro-GEMMs.
 bool brgemm_supports(at::ScalarType dtype) {
-  if (!at::globalContext().userEnabledMkldnn()) return false;
-  if (dtype == at::kFloat || dtype == at::kHalf) return true;  // fp16 is computed in fp32
-#if defined(__AVX512F__)
-  return dtype == at::kBFloat16;  // oneDNN's bf16 micro-GEMMs need AVX-512 (AMX where present)
-#else
-  return false;
-#endif
+  return at::globalContext().userEnabledMkldnn() &&
+         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
 }
 
 bool has_amx_bf16() { return at::native::cpublas::could_pack(at::kBFloat16); }
@@ -1469,7 +1517,8 @@ std::string microkernel_name(at::ScalarType dtype, int64_t choice) {
   const int64_t resolved = resolve_microkernel(dtype, choice);
   const std::string type = dtype == at::kFloat ? "fp32" : dtype == at::kBFloat16 ? "bf16" : dtype == at::kHalf ? "fp16" : "?";
   if (resolved == kBrgemmKernel) {
-    if (dtype == at::kHalf) return "onednn-fp32 (fp16 widened)";
+    if (dtype == at::kHalf || (dtype == at::kBFloat16 && !brgemm_bf16_native()))
+      return "onednn-fp32 (" + type + " widened)";
     return std::string("onednn-") + (dtype == at::kBFloat16 && has_amx_bf16() ? "amx-" : "") + type;
   }
   if (dtype == at::kFloat || (dtype == at::kBFloat16 && kHasBf16Dot)) return std::string(kVectorIsa) + "-" + type;
@@ -1480,6 +1529,12 @@ template <typename T>
 bool run_forward(const Problem& pb, int64_t microkernel, const T* q, const T* k, const T* v, const Tiling& tl, T* out,
                  float* lse) {
   if (microkernel == kBrgemmKernel) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (!brgemm_bf16_native()) {
+        const BrgemmKernel<T, float> kernel(pb, k, v);
+        return forward_impl(pb, kernel, q, k, v, tl, out, lse);
+      }
+    }
     const BrgemmKernel<T> kernel(pb, k, v);
     return forward_impl(pb, kernel, q, k, v, tl, out, lse);
   }
@@ -1524,6 +1579,12 @@ void run_backward(const Problem& pb, int64_t microkernel, const T* q, const T* k
                   const T* dout, const float* lse, const Tiling& tl, int64_t parts, int64_t acc_rows, T* dq,
                   float* dk_parts, float* dv_parts) {
   if (microkernel == kBrgemmKernel) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (!brgemm_bf16_native()) {
+        const BrgemmBackward<T, float> kernel(pb, k, v);
+        return backward_impl(pb, kernel, q, k, v, out, dout, lse, tl, parts, acc_rows, dq, dk_parts, dv_parts);
+      }
+    }
     const BrgemmBackward<T> kernel(pb, k, v);
     return backward_impl(pb, kernel, q, k, v, out, dout, lse, tl, parts, acc_rows, dq, dk_parts, dv_parts);
   }
@@ -1545,7 +1606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_backward(const at::Tensor& do
   const int64_t heads = pb.batch * pb.kv_heads;
   const int64_t threads = at::get_num_threads();
   const int64_t parts = heads >= 2 * threads ? 1 : (2 * threads + heads - 1) / heads;
-  const int64_t acc_rows = round_up(pb.seq_kv, kLanes);  // covers of the oneDNN blocks end on a multiple of 16
+  const int64_t acc_rows = round_up(pb.seq_kv, kCoverAlign);  // covers of the oneDNN blocks end on a multiple of 16
   at::Tensor dq = at::empty({pb.batch, pb.q_heads, pb.seq_q, pb.dim}, q.options());
   at::Tensor dk_parts = at::zeros({pb.batch, pb.kv_heads, parts, acc_rows, pb.dim}, q.options().dtype(at::kFloat));
   at::Tensor dv_parts = at::zeros({pb.batch, pb.kv_heads, parts, acc_rows, pb.dim}, q.options().dtype(at::kFloat));
