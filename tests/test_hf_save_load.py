@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import aha
@@ -201,3 +201,56 @@ def test_settings_are_parsed_once_per_block_and_checked_against_requests():
     settings.check_matches("m", window=WINDOW, sink=None)  # None: not requested
     with pytest.raises(ValueError, match="m is already an AHA model with window=5, sink=1; omit --sink or pass 1"):
         settings.check_matches("m", window=WINDOW, sink=0)
+
+
+def _edit_weights(folder, change):
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+ROUTER = "model.layers.{}.self_attn.q_proj.router.proj.{}"
+
+
+def _nan(state, key):
+    state[key] = torch.full_like(state[key], float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("layout", "change", "message"),
+    [
+        ("separate", lambda s: s.pop(ROUTER.format(1, "bias")), r"missing from the checkpoint: model.layers.1.self_attn.q_proj.router.proj.bias\. Its routers"),
+        (
+            "separate",
+            lambda s: [s.pop(ROUTER.format(i, name)) for i in range(2) for name in ("weight", "bias")],
+            r"missing from the checkpoint: model.layers.0.self_attn.q_proj.router.proj.bias, .*layers.1.self_attn.q_proj.router.proj.weight\. Its routers",
+        ),
+        ("separate", lambda s: _nan(s, ROUTER.format(0, "weight")), r"NaN or infinite values: model.layers.0.self_attn.q_proj.router.proj.weight\. Its routers"),
+        ("fused", lambda s: s["model.layers.1.self_attn.q_proj.weight"][-1, 3].fill_(float("inf")), r"NaN or infinite values: model.layers.1.self_attn.q_proj.weight\. Its routers"),
+        ("separate", {"layers": [0]}, r"aha.layers \(\[0\]\) does not route: model.layers.1.self_attn.q_proj.router.proj.bias, .*proj.weight\. Its routers"),
+    ],
+    ids=["one-missing", "all-missing", "nan", "fused-inf", "stray"],
+)
+def test_a_checkpoint_with_missing_stray_or_non_finite_routers_is_refused_naming_them(tmp_path, layout, change, message):
+    """transformers loads these with a logged report only (a missing router re-initialised, a stray one dropped, a NaN
+    one routing every head local); both loaders refuse them and name the tensors."""
+    aha.convert(tiny_model("llama"), window=WINDOW, router_init="random", router_layout=layout).save_pretrained(tmp_path)
+    if isinstance(change, dict):
+        _edit_aha_block(tmp_path, lambda block: block.update(change))
+    else:
+        _edit_weights(tmp_path, change)
+    for loader in (aha.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=f"is not a usable AHA checkpoint: router tensors .*{message}") as refused:
+            loader(tmp_path)
+        assert "save the model again" in str(refused.value)
+
+
+def test_aha_blocks_with_a_layer_listed_twice_or_a_version_that_is_not_an_integer_are_refused(tmp_path):
+    aha.convert(tiny_model("llama"), window=WINDOW, router_init="random", layers=[0]).save_pretrained(tmp_path)
+    _edit_aha_block(tmp_path, lambda block: block.update(layers=[0, 0]))
+    with pytest.raises(ValueError, match=r"layers lists \[0\] more than once"):
+        aha.from_pretrained(tmp_path)
+    _edit_aha_block(tmp_path, lambda block: block.update(layers=[0], version=str(aha.AhaSettings.VERSION)))
+    with pytest.raises(ValueError, match="has version '2', but a version is an integer from 1") as refused:
+        aha.from_pretrained(tmp_path)
+    assert "upgrade" not in str(refused.value)

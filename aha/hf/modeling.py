@@ -6,7 +6,8 @@ a model class ``Aha<Family>ForCausalLM``: the family's own classes plus routers 
 layers and ``attn_implementation="aha"`` by default. Importing :mod:`aha` registers them with
 ``AutoConfig`` / ``AutoModelForCausalLM``, so a saved AHA model reloads with
 ``AutoModelForCausalLM.from_pretrained(path)`` -- no ``trust_remote_code`` -- in any process that
-has run ``import aha``.
+has run ``import aha``. Loading refuses a checkpoint whose routers are incomplete, stray or not
+finite (:func:`_router_problems`), where transformers would only log a report.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from aha.hf.kv_cache import growing_cache_for
 from aha.hf.projection import (
     FusedRouterQueryProjection,
     RouterLayout,
+    SeparateRouterQueryProjection,
     routed_query_projection,
 )
 from aha.hf.settings import AhaSettings, UnsupportedModelError
@@ -54,6 +56,22 @@ class AhaModelMixin:
         config.aha = settings.to_dict()  # complete and validated: the attention layers read it
         super().__init__(config, *args, **kwargs)
         attach_routers(self, settings)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, refusing routers that a checkpoint lacks in part, holds for
+        layers the config does not route, or holds with NaN or infinite values (see :func:`_router_problems`);
+        transformers would load them with a logged report only."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)  # type: ignore[misc]
+        problems = _router_problems(model, info, fresh_routers_allowed=not _declares_aha(pretrained_model_name_or_path, kwargs))
+        if problems:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not a usable AHA checkpoint: " + "; ".join(problems) + ". Its routers "
+                "decide which heads attend globally, so it is not loaded with them re-initialised or dropped: save the "
+                "model again (model.save_pretrained) or restore the folder from where it came from"
+            )
+        return (model, info) if wants_info else model
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """Default to ``"aha"`` (routed attention); an explicit ``attn_implementation`` still wins."""
@@ -98,6 +116,66 @@ class AhaModelMixin:
 
 def _loaded(tensor: torch.Tensor) -> bool:
     return getattr(tensor, "_is_hf_initialized", False)
+
+
+#: ``from_pretrained`` arguments that say where a checkpoint's files are.
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+def _declares_aha(name_or_path: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether the checkpoint's own ``config.json`` is an AHA model's (ours or the released AHA-OLMO2 layout),
+    whose routers must be in its weights; False when it has none (weights passed otherwise) or a plain one."""
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **{k: kwargs[k] for k in _HUB_ARGUMENTS if k in kwargs})
+    except (OSError, ValueError, TypeError):
+        return False
+    model_type = str(config_dict.get("model_type", ""))
+    return model_type.startswith("aha_") or model_type == RELEASED_AHA_OLMO2_MODEL_TYPE
+
+
+def _router_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every router tensor of ``model`` by its state-dict name: the parameters of each separate
+    :class:`aha.Router`, and the router rows (the last ``num_heads``) of each fused ``q_proj``'s weight and bias."""
+    found: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SeparateRouterQueryProjection):
+            found.update({f"{name}.router.{key}": tensor for key, tensor in module.router.named_parameters()})
+        elif isinstance(module, FusedRouterQueryProjection):
+            found[f"{name}.weight"] = module.weight[module.query_features :]
+            if module.bias is not None:
+                found[f"{name}.bias"] = module.bias[module.query_features :]
+    return found
+
+
+def _router_problems(model: nn.Module, loading_info: dict[str, Any], *, fresh_routers_allowed: bool) -> list[str]:
+    """What is wrong with the routers ``from_pretrained`` just loaded into ``model``, naming the tensors; empty when nothing is.
+
+    * Missing router tensors: refused when only some are missing (a damaged checkpoint), or all of them
+      unless ``fresh_routers_allowed`` (a plain checkpoint loaded with an AHA config the caller passed:
+      its routers start as ``router_init`` says).
+    * Router tensors of layers the config does not route (``aha.layers`` edited): they would be dropped.
+    * Router tensors with NaN or infinite values: every head would silently go local.
+
+    ``loading_info``: transformers' loading report (``output_loading_info=True``).
+    """
+    routers = _router_tensors(model)
+    missing = sorted(set(routers) & set(loading_info["missing_keys"]))
+    problems = []
+    if missing and (len(missing) < len(routers) or not fresh_routers_allowed):
+        problems.append(f"router tensors missing from the checkpoint: {', '.join(missing)}")
+    stray = sorted(key for key in loading_info["unexpected_keys"] if ".q_proj.router." in key)
+    if stray:
+        routed = AhaSettings.of(model.config).layers
+        problems.append(
+            f"router tensors of layers that config.json's aha.layers ({'all' if routed is None else list(routed)}) does not "
+            f"route: {', '.join(stray)}"
+        )
+    non_finite = [
+        name for name, tensor in routers.items() if name not in missing and not tensor.is_meta and not torch.isfinite(tensor).all()
+    ]
+    if non_finite:
+        problems.append(f"router tensors with NaN or infinite values: {', '.join(non_finite)}")
+    return problems
 
 
 # One config class and one model class per supported family. The `aha` field is the settings dict.

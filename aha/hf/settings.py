@@ -124,14 +124,19 @@ class AhaSettings:
 
         ``window`` is required; other missing keys take their defaults (blocks written before a
         setting existed, e.g. ``sink``, keep their old behaviour); unknown keys are ignored with a
-        warning; bad values raise ``ValueError`` naming the key; a block of a newer version than
-        this aha knows raises ``ValueError``.
+        warning; bad values (a layer listed twice included) raise ``ValueError`` naming the key; a
+        block of a newer version than this aha knows raises ``ValueError``.
         """
         if not isinstance(block, Mapping):
             raise TypeError(f'the "aha" block of the model config must be a mapping of settings, got {type(block).__name__}')
         block = dict(block)
         version = block.pop("version", 1)
-        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= cls.VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(
+                f'the "aha" block of the model config has version {version!r}, but a version is an integer from 1 '
+                f"(this aha writes {cls.VERSION}): the block was edited by hand or by another tool; restore its version"
+            )
+        if version > cls.VERSION:
             raise ValueError(
                 f'the "aha" block of the model config has version {version!r}, but this aha reads versions 1 to '
                 f"{cls.VERSION}: upgrade aha (pip install -U aha-attention) to load this model"
@@ -144,6 +149,13 @@ class AhaSettings:
             warnings.warn(
                 f'ignoring unknown key(s) {unknown} in the "aha" block of the model config (known: {sorted(known)})',
                 stacklevel=3,
+            )
+        layers = block.get("layers")
+        repeated = [index for n, index in enumerate(layers) if index in layers[:n]] if isinstance(layers, list) else []
+        if repeated:
+            raise ValueError(
+                f'invalid "aha" block in the model config: layers lists {repeated} more than once; list each converted '
+                "layer once (the checkpoint holds one router per converted layer)"
             )
         if "window" not in block:
             raise ValueError('the "aha" block of the model config has no "window": set it to the window the model was trained with')
