@@ -34,14 +34,13 @@ schedule (:mod:`~aha.train.schedule`), checkpoints (:mod:`~aha.train.checkpoint`
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -52,7 +51,7 @@ from aha._optional import reraise_missing
 
 try:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
 except ImportError as error:
     raise reraise_missing(error, "aha train (the fine-tuning recipe)") from error
 
@@ -61,14 +60,18 @@ from aha.data import DataSplits, PackedDataset, build_datasets
 from aha.data.passkey import PasskeyMixDataset
 from aha.train.checkpoint import (
     check_resume,
+    checkpoint_name,
+    disk_full_reported,
     list_checkpoints,
     load_newest_intact,
+    replace_folder,
     save_checkpoint,
+    staging_folder,
 )
 from aha.train.config import TrainConfig, save_config
 from aha.train.heldout import evaluate
 from aha.train.interrupt import GracefulInterrupt
-from aha.train.metrics import MetricsLog
+from aha.train.metrics import MetricsLog, iter_metrics, strict_json
 from aha.train.model_setup import (
     configure_trainable,
     param_groups,
@@ -88,7 +91,7 @@ from aha.train.sharding import (
 )
 from aha.train.step import Stepper
 
-#: Train-set rows averaged for the reported achieved global fraction.
+#: Train-set rows averaged for the reported achieved global fraction: the run's last steps.
 ACHIEVED_WINDOW_STEPS = 20
 
 
@@ -100,7 +103,8 @@ class TrainResult:
     its shard (``model/`` on disk is the consolidated one), except with LoRA, where the main process
     holds the merged, unsharded model. ``history``: the train rows
     logged by this call. ``evaluation``: the final held-out evaluation (None when disabled).
-    ``achieved_global``: mean global fraction of the last training steps.
+    ``achieved_global``: mean global fraction of the run's last :data:`ACHIEVED_WINDOW_STEPS` training
+    steps, steps before a resume included (NaN when ``metrics.jsonl`` holds none).
     """
 
     out: Path
@@ -163,12 +167,37 @@ def _non_finite_loss(row: dict[str, Any], progress: TrainProgress, out: Path) ->
     )
 
 
-def _summary(config: TrainConfig, progress: TrainProgress, controller: LambdaController, achieved_global: float,
+def _achieved_global(accelerator: Accelerator, out: Path) -> tuple[float, list[int]]:
+    """The mean train global fraction of the run's last :data:`ACHIEVED_WINDOW_STEPS` steps, and those steps.
+
+    Read from ``metrics.jsonl`` (by the main process, which writes it; the others receive the result),
+    so a resumed run counts the steps logged before the resume; a row whose fraction was not finite
+    (written as null) is left out. NaN and no steps when the log holds no such row.
+    """
+    found: list[Any] = [float("nan"), []]
+    if accelerator.is_main_process and (out / "metrics.jsonl").exists():
+        rows = [row for row in iter_metrics(out, "train") if isinstance(row.get("global_fraction"), (int, float))]
+        recent = rows[-ACHIEVED_WINDOW_STEPS:]
+        if recent:
+            found = [math.fsum(row["global_fraction"] for row in recent) / len(recent), [row["step"] for row in recent]]
+    broadcast_object_list(found)
+    return found[0], found[1]
+
+
+def _summary(config: TrainConfig, progress: TrainProgress, controller: LambdaController, achieved: tuple[float, list[int]],
              evaluation: dict[str, Any] | None, data: DataSplits) -> dict[str, Any]:
-    """The run's ``summary.json``: final held-out evaluation, achieved global fraction, data and config."""
+    """The run's ``summary.json``: final held-out evaluation, achieved global fraction (and the steps it
+    averages, or why it is undefined), data and config."""
+    achieved_global, steps = achieved
+    averaged: dict[str, Any] = (
+        {"achieved_global_fraction_steps": {"first": steps[0], "last": steps[-1], "count": len(steps)}}
+        if steps
+        else {"achieved_global_fraction_undefined": "metrics.jsonl holds no train row with a finite global fraction"}
+    )
     return {
         "steps": progress.step,
-        "achieved_global_fraction_train": achieved_global,
+        "achieved_global_fraction_train": achieved_global if steps else None,
+        **averaged,
         "final_lambda": controller.lambda_,
         "evaluation": evaluation,
         "data": data.summary,
@@ -308,25 +337,36 @@ def train(
         bar.close()
         evaluation = run_eval() if heldout_indices is not None else None
 
-    # the final model and the summary
-    recent = [r["global_fraction"] for r in history[-ACHIEVED_WINDOW_STEPS:]]
-    achieved_global = float(np.mean(recent)) if recent else float("nan")
-    final_model = accelerator.unwrap_model(student)
-    if config.trainable == "lora" and is_sharded(accelerator):
-        merged = merged_lora_model(accelerator, student, rebuild=lambda: _lora_student(config))
-        if merged is not None:
-            final_model = merged.eval()
-            final_model.save_pretrained(out / "model")
-    else:
-        if config.trainable == "lora":
-            final_model = final_model.merge_and_unload()
-        final_model.eval()
-        save_final_model(accelerator, student, final_model, out / "model")  # sharded: gathered on the main process
-    if accelerator.is_main_process:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out / "model")
-        summary = _summary(config, progress, controller, achieved_global, evaluation, data)
-        write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    # the final model (written to a staging folder, then renamed to model/) and the summary
     log.close()
+    achieved = _achieved_global(accelerator, out)
+    final_folder = out / "model"
+    staging = staging_folder(final_folder)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that died
+    kept = (
+        f"Training is complete and its last checkpoint, {checkpoint_name(progress.step)}, is intact (any earlier model/ too): "
+        "the rerun resumes at the end and only writes model/ and summary.json."
+    )
+    with disk_full_reported("saving the final model", final_folder, kept, partial=staging):
+        final_model = accelerator.unwrap_model(student)
+        if config.trainable == "lora" and is_sharded(accelerator):
+            merged = merged_lora_model(accelerator, student, rebuild=lambda: _lora_student(config))
+            if merged is not None:
+                final_model = merged.eval()
+                final_model.save_pretrained(staging)
+        else:
+            if config.trainable == "lora":
+                final_model = final_model.merge_and_unload()
+            final_model.eval()
+            save_final_model(accelerator, student, final_model, staging)  # sharded: gathered on the main process
+        if accelerator.is_main_process:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            replace_folder(staging, final_folder)
+    if accelerator.is_main_process:
+        summary = _summary(config, progress, controller, achieved, evaluation, data)
+        with disk_full_reported("writing summary.json", out, kept):
+            write_text_atomically(out / "summary.json", strict_json(summary, indent=2))
     accelerator.wait_for_everyone()
-    return TrainResult(out=out, model=final_model, history=history, evaluation=evaluation, achieved_global=achieved_global)
+    return TrainResult(out=out, model=final_model, history=history, evaluation=evaluation, achieved_global=achieved[0])
