@@ -5,7 +5,8 @@
 
 * ``train``: accelerate, peft, datasets (``aha train``, :mod:`aha.recipes.finetune`, ``hf:`` data);
 * ``eval``: lm-eval, matplotlib (``aha eval`` plots, ``aha lm-eval``);
-* ``cli``: typer, rich, matplotlib, gguf (the ``aha`` command; gguf reads the offline SmolLM2);
+* ``cli``: typer, rich, matplotlib, gguf, jinja2 (the ``aha`` command; gguf reads the offline SmolLM2,
+  jinja2 renders the published tables);
 * ``serve``: fastapi, uvicorn, openai, prometheus_client (``aha serve``);
 * ``demo``: cli + train + eval; ``dev``: everything.
 """
@@ -24,6 +25,7 @@ EXTRA_OF = {
     "typer": "cli",
     "rich": "cli",
     "gguf": "cli",
+    "jinja2": "cli",
     "fastapi": "serve",
     "uvicorn": "serve",
     "openai": "serve",

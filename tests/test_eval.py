@@ -35,8 +35,10 @@ from aha.evaluation.routing import (
     converted_layers,
     routing_mode,
 )
+from aha.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_OFFSETS
+from aha.evaluation.run import EvalSettings, run_evaluation
 from aha.report.tables import passkey_table
-from aha.stats import RoutingStats
+from aha.stats import RoutingStats, paired_difference_interval, wilson_interval
 
 WINDOW = 8
 SPECIALS = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>"]
@@ -139,6 +141,23 @@ def test_perplexity_matches_the_model_loss_and_skips_padding(model, tokenizer):
     assert result.routing.total_pairs.sum().item() == real_tokens * 2 * 4  # layers x heads, padding excluded
 
 
+def test_perplexity_keeps_each_sequence_for_paired_intervals(model, tokenizer):
+    items = _sequences(5, 40, len(tokenizer), padded=1)
+    report = compare_routing_modes(model, items, modes=("full", "aha"), progress=False)
+    routed, full = report.results["aha"], report.results["full"]
+    assert sum(routed.sequence_tokens) == routed.tokens and routed.sequence_tokens[-1] == 19
+    assert sum(routed.sequence_nll) / routed.tokens == pytest.approx(routed.nll, rel=1e-6)
+    assert routed.sequence_ids == full.sequence_ids and len(set(routed.sequence_ids)) == 5
+    change = routed.change_against(full)
+    assert change["change"] == pytest.approx(report.relative_to_full("aha"))
+    assert change["low"] <= change["change"] <= change["high"] and change["sequences"] == 5
+    assert report.to_dict()["perplexity_vs_full_interval"]["aha"] == change
+    assert full.change_against(full)["low"] == full.change_against(full)["high"] == 0.0
+    other = evaluate_perplexity(model, items[:4], mode="full", progress=False)
+    with pytest.raises(ValueError, match="different sequences"):
+        routed.change_against(other)
+
+
 def test_full_length_subset_skips_padded_sequences_and_spreads_the_pick():
     items = _sequences(10, 16, 50, padded=3)  # 7 full-length sequences, indices 0..6
     subset = full_length_subset(items, max_sequences=3)
@@ -230,10 +249,11 @@ def test_greedy_answer_matches_generate_and_tracks_answer_steps_apart(model, tok
 
 def test_evaluate_passkey_compares_modes_on_the_same_prompts(model, tokenizer, haystack):
     result = evaluate_passkey(
-        model, tokenizer, context_lengths=(600,), depths=(0.1, 0.9), max_new_tokens=4, haystack=haystack, progress=False
+        model, tokenizer, context_lengths=(600,), depths=(0.1, 0.9), offsets=1, max_new_tokens=4, haystack=haystack, progress=False
     )
     assert result.window == WINDOW
     assert [t.mode for t in result.trials] == ["full", "local", "aha"] * 2
+    assert [t.prompt for t in result.trials] == [0, 0, 0, 1, 1, 1]
     for mode in ("full", "local"):
         assert all(t.answer_global_fraction is None for t in result.trials if t.mode == mode)
     routed = [t for t in result.trials if t.mode == "aha"]
@@ -244,6 +264,39 @@ def test_evaluate_passkey_compares_modes_on_the_same_prompts(model, tokenizer, h
     summary = result.to_dict()
     assert summary["aha_routing"]["answer_steps"]["global_fraction"] == result.answer_stats.global_fraction
     json.dumps(summary, allow_nan=False)
+
+
+def test_the_default_passkey_grid_is_fixed_and_scores_100_prompts_per_length(tokenizer, haystack):
+    assert len(DEFAULT_DEPTHS) * DEFAULT_OFFSETS >= 100
+    settings = EvalSettings()
+    assert len(settings.passkey_depths) * settings.passkey_offsets >= 100
+    builder = PasskeyPromptBuilder(tokenizer, haystack=haystack)
+    first, again, other = (builder.build(600, 0.5, "48213", offset=offset) for offset in (0.3, 0.3, 0.6))
+    assert first == again and first.input_ids != other.input_ids  # the grid needs no random draw
+    with pytest.raises(ValueError, match="exactly one of rng and an offset"):
+        builder.build(600, 0.5, "48213")
+    with pytest.raises(ValueError, match="exactly one of rng and an offset"):
+        builder.build(600, 0.5, "48213", offset=1.0)
+
+
+def test_passkey_intervals_and_the_paired_difference_from_full_attention():
+    def trial(mode, prompt, correct, length=1024):
+        return PasskeyTrial(mode, length, length, 0.5, 900, f"{prompt:05d}", "", 0, correct, prompt=prompt)
+
+    full = [True] * 18 + [False] * 2  # 20 prompts: 18 right
+    routed = [True] * 16 + [False, False, True, False]  # 17 right, 1 where full attention failed
+    result = PasskeyResult(window=100, trials=[trial("full", i, c) for i, c in enumerate(full)] + [trial("aha", i, c) for i, c in enumerate(routed)])
+    interval = result.accuracy_interval("aha", context_length=1024)
+    assert (interval["correct"], interval["prompts"]) == (17, 20)
+    assert (interval["low"], interval["high"]) == pytest.approx(wilson_interval(17, 20))
+    difference = result.paired_difference("aha")
+    assert (difference["only_mode"], difference["only_reference"], difference["prompts"]) == (1, 2, 20)
+    assert (difference["difference"], difference["low"], difference["high"]) == pytest.approx(paired_difference_interval(routed, full))
+    assert difference["low"] < -0.1  # 20 prompts cannot show "within 10 points"
+    summary = result.to_dict()
+    assert summary["vs_full"]["aha"]["by_context_length"]["1024"] == difference
+    assert summary["intervals"]["full"]["all"]["accuracy"] == 0.9
+    assert "[95% CI, Wilson]" in str(passkey_table(result).caption) and "aha - full" in str(passkey_table(result).caption)
 
 
 def test_passkey_accuracy_splits_by_needle_distance_against_the_window():
@@ -307,19 +360,49 @@ def test_aha_eval_cli_writes_the_report(saved_model, text_folder, tmp_path, monk
         [
             "eval", "--model", str(saved_model), "--out", str(out), "--data", str(text_folder),
             "--heldout-fraction", "0.3", "--seq-len", "64", "--max-sequences", "4",
-            "--passkey-lengths", "400,600", "--passkey-depths", "0.2", "--seed", "1",
+            "--passkey-lengths", "400,600", "--passkey-depths", "0.2", "--passkey-offsets", "1", "--seed", "1",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "Held-out perplexity" in result.output and "Passkey retrieval" in result.output
-    report = json.loads((out / "eval.json").read_text())
+    report = json.loads((out / "eval.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in eval.json"))
+    assert report["meta"]["seed"] == 1 and report["meta"]["command"]
+    assert {"git_commit", "git_dirty", "cpu", "isa_flags", "torch", "transformers", "accelerate"} <= set(report["meta"])
     assert set(report["perplexity"]["modes"]) == {"full", "local", "aha"}
+    interval = report["perplexity"]["perplexity_vs_full_interval"]["aha"]
+    assert interval["low"] <= interval["change"] <= interval["high"] and interval["sequences"] == 4
+    assert report["passkey"]["intervals"]["aha"]["by_context_length"]["400"]["prompts"] == 1
+    assert set(report["passkey"]["vs_full"]) == {"local", "aha"}
     assert report["perplexity"]["sequences"] == 4 and report["perplexity"]["window"] == WINDOW
     assert len(report["passkey"]["trials"]) == 2 * 3
     assert report["passkey"]["aha_routing"]["answer_steps"]["per_head"]
     for name in ("routing_layer_head.png", "routing_position.png", "passkey_answer_layer_head.png", "token_view.html"):
         assert (out / name).stat().st_size > 1000, name
     assert "needle ends at token" in (out / "token_view.html").read_text()
+
+
+def test_report_compare_pairs_two_models_on_the_same_sequences_and_prompts(tokenizer, text_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("AHA_CACHE_DIR", str(tmp_path / "cache"))
+    settings = EvalSettings(modes=("full", "aha"), data=(str(text_folder),), heldout_fraction=0.3, seq_len=64, max_sequences=4,
+                            passkey_lengths=(400,), passkey_depths=(0.2, 0.8), passkey_offsets=2)  # fmt: skip
+    runs = {}
+    for seed in (0, 1):
+        runs[seed] = run_evaluation(routed_llama(len(tokenizer), seed=seed), tokenizer, tmp_path / f"m{seed}", settings, progress=False)
+    out = tmp_path / "compare.json"
+    result = CliRunner().invoke(app, ["report", "compare", str(tmp_path / "m1" / "eval.json"), str(tmp_path / "m0" / "eval.json"),
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    perplexity = report["perplexity"]
+    expected = runs[1].perplexity.results["aha"].perplexity / runs[0].perplexity.results["full"].perplexity - 1
+    assert perplexity["change"] == pytest.approx(expected) and perplexity["low"] <= perplexity["change"] <= perplexity["high"]
+    assert report["passkey"]["by_context_length"]["400"]["prompts"] == 4
+    assert report["sources"]["reference"]["mode"] == "full" and report["meta"]["git_commit"] == report["sources"]["report"]["meta"]["git_commit"]
+    other = EvalSettings(**{**vars(settings), "max_sequences": 3, "tasks": ("perplexity",)})
+    run_evaluation(routed_llama(len(tokenizer), seed=2), tokenizer, tmp_path / "m2", other, progress=False)
+    result = CliRunner().invoke(app, ["report", "compare", str(tmp_path / "m2" / "eval.json"), str(tmp_path / "m0" / "eval.json"),
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code != 0 and "different held-out sequences" in result.output
 
 
 def test_aha_eval_cli_without_held_out_text_says_what_to_do(saved_model, tmp_path, monkeypatch, haystack):
@@ -364,7 +447,8 @@ def test_smollm2_passkey_needs_global_attention_beyond_the_window():
     model, tokenizer = aha.load_smollm2()
     model = aha.convert(model, window=64).eval()
     result = evaluate_passkey(
-        model, tokenizer, context_lengths=(512,), depths=(0.1,), modes=("full", "local"), max_new_tokens=10, progress=False
+        model, tokenizer, context_lengths=(512,), depths=(0.1,), offsets=1, modes=("full", "local"), max_new_tokens=10,
+        progress=False,
     )
     full, local = result.trials
     assert full.needle_distance > 64

@@ -53,6 +53,11 @@ def test_sweep_trains_evaluates_plots_and_resumes(recipe, tmp_path, capsys, monk
     saved = json.loads((out / "sweep.json").read_text())
     assert [p["window"] for p in saved["points"]] == [4, 8]
     assert saved["reference_perplexity"] == pytest.approx(result.reference_perplexity)
+    assert saved["meta"]["seed"] == recipe.seed and saved["recipe"]["steps"] == recipe.steps and "git_commit" in saved["meta"]
+    for point in saved["points"]:  # each window against its own weights forced global, with the interval
+        change = point["vs_full"]
+        assert change["change"] == pytest.approx(point["perplexity"] / point["full_attention_perplexity"] - 1)
+        assert change["low"] <= change["change"] <= change["high"] and change["sequences"] == 3
 
     # a finished sweep is not redone
     lines.clear()

@@ -69,5 +69,6 @@ def version() -> None:
 from aha.cli import bench as _bench  # registers `aha bench`
 from aha.cli import demo as _demo  # registers `aha demo`
 from aha.cli import eval as _eval  # registers `aha eval`, `aha sweep`, `aha lm-eval`
+from aha.cli import report as _report  # registers `aha report render|check|compare`
 from aha.cli import serve as _serve  # registers `aha serve`
 from aha.cli import train as _train  # registers `aha train`

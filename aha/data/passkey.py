@@ -117,18 +117,24 @@ class PasskeyPromptBuilder:
     def _overhead(self) -> int:
         return self._count(self._prompt_text(NEEDLE.format(passkey="00000")))
 
-    def build(self, context_length: int, depth: float, passkey: str, *, rng: random.Random) -> PasskeyPrompt:
+    def build(
+        self, context_length: int, depth: float, passkey: str, *, rng: random.Random | None = None, offset: float | None = None
+    ) -> PasskeyPrompt:
         """A prompt of about ``context_length`` tokens with the needle at ``depth`` of the filler
         (at the sentence boundary nearest that fraction of its characters).
 
-        ``rng`` picks the sentence of the haystack the filler starts at.
+        The filler starts at one of the first half of the haystack's sentences: the one at fraction
+        ``offset`` in [0, 1) of them (a fixed grid), or one ``rng`` draws.
         """
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"needle depth must be in [0, 1], got {depth}")
+        if (rng is None) == (offset is None) or (offset is not None and not 0.0 <= offset < 1.0):
+            raise ValueError(f"pass exactly one of rng and an offset in [0, 1), got rng={rng!r}, offset={offset!r}")
         budget = context_length - self._overhead
         if budget < 16:
             raise ValueError(f"context length {context_length} leaves no room for a haystack; use at least {self._overhead + 16}")
-        start = self.sentence_starts[rng.randrange(len(self.sentence_starts) // 2)]
+        first_half = len(self.sentence_starts) // 2
+        start = self.sentence_starts[int(offset * first_half) if offset is not None else rng.randrange(first_half)]
         chunk_ids = self.tokenizer(self.haystack[start : start + 8 * budget + 64], add_special_tokens=False)["input_ids"]
         if len(chunk_ids) < budget:
             raise ValueError(f"the haystack is too short for a context of {context_length} tokens")

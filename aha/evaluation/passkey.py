@@ -14,13 +14,20 @@ The mechanism shows in two places:
   information ``layers x window`` tokens back, but not the exact digits in practice);
 * routing of the AHA model at the *answer steps* (the queries that predict the answer tokens)
   against its routing over the whole prompt, overall and per layer / head.
+
+The prompts form a fixed grid: per context length, every needle depth (default 10) times every
+haystack offset (default 10: the filler starts at evenly spaced sentences of the essays), so 100
+prompts per length; only the passkeys are drawn, from ``seed``. Each accuracy carries its Wilson
+95% interval, and each mode's difference from full attention on the same prompts carries
+Newcombe's paired interval (:mod:`aha.stats`): with 20 prompts a single prompt is 5 points and
+the interval of an accuracy spans about 30 points, too wide for a "within 10 points" claim.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,11 +42,15 @@ from aha.evaluation.routing import (
     check_modes,
     routing_mode,
 )
-from aha.stats import RoutingStats
+from aha.stats import RoutingStats, paired_difference_interval, wilson_interval
 
 DEFAULT_CONTEXT_LENGTHS = (512, 1024, 2048, 4096)
-#: 1.0 puts the needle right before the question, inside any window of a few dozen tokens: the control
-DEFAULT_DEPTHS = (0.1, 0.5, 1.0)
+#: 0.1 ... 1.0; 1.0 puts the needle right before the question, inside any window of a few dozen tokens: the control
+DEFAULT_DEPTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+#: Haystack offsets per (length, depth): with the 10 depths, 100 prompts per length
+DEFAULT_OFFSETS = 10
+#: Interval of every accuracy and accuracy difference this module reports.
+CONFIDENCE = 0.95
 
 _DIGITS = re.compile(r"\d+")
 
@@ -53,8 +64,10 @@ def extract_passkey(answer: str) -> str | None:
 @dataclass
 class PasskeyTrial:
     """One answered prompt: ``answer`` is the decoded greedy answer (``answer_tokens`` tokens, EOS
-    excluded). ``answer_global_fraction`` / ``prompt_global_fraction`` are ``None`` for forced modes
-    (their routing is fixed)."""
+    excluded). ``prompt`` numbers the prompt in the grid (the same in every mode, which pairs the
+    modes' trials); ``offset`` is where its filler starts in the haystack (see
+    :meth:`~aha.data.passkey.PasskeyPromptBuilder.build`). ``answer_global_fraction`` /
+    ``prompt_global_fraction`` are ``None`` for forced modes (their routing is fixed)."""
 
     mode: RoutingMode
     context_length: int
@@ -67,6 +80,8 @@ class PasskeyTrial:
     correct: bool
     prompt_global_fraction: float | None = None
     answer_global_fraction: float | None = None
+    prompt: int = 0
+    offset: float = 0.0
 
 
 def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
@@ -123,6 +138,15 @@ class PasskeyResult:
     prompt_stats: RoutingStats | None = None
     answer_stats: RoutingStats | None = None
 
+    def _trials(self, mode: RoutingMode, beyond_window: bool | None, context_length: int | None) -> list[PasskeyTrial]:
+        return [
+            t
+            for t in self.trials
+            if t.mode == mode
+            and (beyond_window is None or (t.needle_distance >= self.window) == beyond_window)
+            and (context_length is None or t.context_length == context_length)
+        ]
+
     def accuracy(
         self, mode: RoutingMode, *, beyond_window: bool | None = None, context_length: int | None = None
     ) -> float | None:
@@ -130,14 +154,38 @@ class PasskeyResult:
 
         ``beyond_window``: only trials whose needle is (True) or is not (False) farther back than the window.
         """
-        hits = [
-            t.correct
-            for t in self.trials
-            if t.mode == mode
-            and (beyond_window is None or (t.needle_distance >= self.window) == beyond_window)
-            and (context_length is None or t.context_length == context_length)
-        ]
+        hits = [t.correct for t in self._trials(mode, beyond_window, context_length)]
         return sum(hits) / len(hits) if hits else None
+
+    def accuracy_interval(
+        self, mode: RoutingMode, *, beyond_window: bool | None = None, context_length: int | None = None
+    ) -> dict[str, Any] | None:
+        """``{"correct", "prompts", "accuracy", "low", "high"}``: the accuracy of :meth:`accuracy`
+        with its Wilson interval (None when no trial matches)."""
+        hits = [t.correct for t in self._trials(mode, beyond_window, context_length)]
+        if not hits:
+            return None
+        low, high = wilson_interval(sum(hits), len(hits), CONFIDENCE)
+        return {"correct": sum(hits), "prompts": len(hits), "accuracy": sum(hits) / len(hits), "low": low, "high": high}
+
+    def paired_difference(
+        self, mode: RoutingMode, reference: RoutingMode = "full", *, context_length: int | None = None
+    ) -> dict[str, Any] | None:
+        """Accuracy of ``mode`` minus ``reference``'s on the prompts both answered, with Newcombe's
+        paired interval: ``{"difference", "low", "high", "prompts", "only_mode", "only_reference"}``
+        (the last two count the prompts only one of them got right). None without common prompts."""
+        ours = {t.prompt: t.correct for t in self._trials(mode, None, context_length)}
+        theirs = {t.prompt: t.correct for t in self._trials(reference, None, context_length)}
+        common = sorted(ours.keys() & theirs.keys())
+        if not common:
+            return None
+        first, second = [ours[i] for i in common], [theirs[i] for i in common]
+        difference, low, high = paired_difference_interval(first, second, CONFIDENCE)
+        return {
+            "difference": difference, "low": low, "high": high, "prompts": len(common),
+            "only_mode": sum(a and not b for a, b in zip(first, second)),
+            "only_reference": sum(b and not a for a, b in zip(first, second)),
+        }  # fmt: skip
 
     def opening_heads(self, top: int = 3) -> list[dict[str, Any]]:
         """The AHA heads whose global fraction rises most from the prompts to the answer steps.
@@ -156,19 +204,30 @@ class PasskeyResult:
             for i in order
         ]
 
+    def _by_part(self, measure: Callable[..., Any], mode: RoutingMode, lengths: list[int]) -> dict[str, Any]:
+        """``measure`` (:meth:`accuracy` or :meth:`accuracy_interval`) over all trials, by needle distance and by length."""
+        return {
+            "all": measure(mode),
+            "needle_within_window": measure(mode, beyond_window=False),
+            "needle_beyond_window": measure(mode, beyond_window=True),
+            "by_context_length": {str(n): measure(mode, context_length=n) for n in lengths},
+        }
+
     def to_dict(self) -> dict[str, Any]:
         modes = sorted({t.mode for t in self.trials}, key=MODES.index)
         lengths = sorted({t.context_length for t in self.trials})
         return {
             "window": self.window,
-            "accuracy": {
+            "confidence": CONFIDENCE,
+            "accuracy": {mode: self._by_part(self.accuracy, mode, lengths) for mode in modes},
+            "intervals": {mode: self._by_part(self.accuracy_interval, mode, lengths) for mode in modes},
+            "vs_full": {
                 mode: {
-                    "all": self.accuracy(mode),
-                    "needle_within_window": self.accuracy(mode, beyond_window=False),
-                    "needle_beyond_window": self.accuracy(mode, beyond_window=True),
-                    "by_context_length": {str(n): self.accuracy(mode, context_length=n) for n in lengths},
+                    "all": self.paired_difference(mode),
+                    "by_context_length": {str(n): self.paired_difference(mode, context_length=n) for n in lengths},
                 }
                 for mode in modes
+                if mode != "full" and "full" in modes
             },
             "aha_routing": {
                 "prompt": self.prompt_stats.to_dict() if self.prompt_stats else None,
@@ -185,7 +244,7 @@ def evaluate_passkey(
     *,
     context_lengths: Sequence[int] = DEFAULT_CONTEXT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS,
-    trials_per_cell: int = 1,
+    offsets: int = DEFAULT_OFFSETS,
     modes: Sequence[RoutingMode] = MODES,
     max_new_tokens: int = 16,
     seed: int = 0,
@@ -195,36 +254,35 @@ def evaluate_passkey(
 ) -> PasskeyResult:
     """Run the passkey evaluation on a converted model.
 
-    Every (context length, depth, trial) prompt is answered once per mode, so the modes are
-    compared on identical prompts. Routing at the answer steps is recorded for ``"aha"``.
+    Every (context length, depth, haystack offset) prompt of the grid is answered once per mode, so
+    the modes are compared on identical prompts. Routing at the answer steps is recorded for ``"aha"``.
 
     Args:
         model: an AHA-converted causal LM (see ``aha.convert``), in eval mode.
         tokenizer: its fast tokenizer.
         context_lengths: prompt lengths in tokens.
         depths: needle depths in [0, 1] (0 = start of the haystack, farthest from the question).
-        trials_per_cell: prompts (different passkeys and haystack starts) per (length, depth).
+        offsets: haystack offsets per (length, depth): the filler starts at sentence fractions
+            ``0, 1/offsets, ...`` of the haystack's first half (the defaults give 100 prompts per length).
         modes: any of ``"full"``, ``"local"``, ``"aha"``.
         max_new_tokens: greedy decoding budget per answer.
-        seed: seeds passkeys and haystack starts.
+        seed: seeds the passkeys (the grid itself is fixed).
         haystack, chat: see :class:`PasskeyPromptBuilder`.
     """
     modes = check_modes(modes)  # fail before the long run
+    if offsets < 1:
+        raise ValueError(f"need at least one haystack offset per (length, depth), got {offsets}")
     rng = random.Random(seed)
     builder = PasskeyPromptBuilder(tokenizer, haystack=haystack, chat=chat)
-    prompts = [
-        builder.build(length, depth, str(rng.randint(10000, 99999)), rng=rng)
-        for length in context_lengths
-        for depth in depths
-        for _ in range(trials_per_cell)
-    ]
+    grid = [(length, depth, i / offsets) for length in context_lengths for depth in depths for i in range(offsets)]
+    prompts = [builder.build(length, depth, str(rng.randint(10000, 99999)), offset=offset) for length, depth, offset in grid]
     eos_ids = stop_token_ids(model, tokenizer)
 
     trials: list[PasskeyTrial] = []
     aha_prompt_stats: list[RoutingStats] = []
     aha_answer_stats: list[RoutingStats] = []
     bar = tqdm(total=len(prompts) * len(modes), desc="passkey", unit="prompt", disable=not progress)
-    for prompt in prompts:
+    for index, ((_, _, offset), prompt) in enumerate(zip(grid, prompts)):
         for mode in modes:
             with routing_mode(model, mode):
                 new_ids, prompt_stats, answer_stats = greedy_answer(
@@ -241,6 +299,8 @@ def evaluate_passkey(
                 answer=answer,
                 answer_tokens=len(new_ids),
                 correct=extract_passkey(answer) == prompt.passkey,
+                prompt=index,
+                offset=offset,
             )
             if mode == "aha":
                 trial.prompt_global_fraction = prompt_stats.global_fraction

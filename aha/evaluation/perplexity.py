@@ -6,10 +6,15 @@ window at the same window ("local"). Positions are 0-based *query* positions: th
 position ``p`` predicts token ``p + 1`` from ``p + 1`` tokens of context; a local query sees
 ``min(p + 1, window)`` of them, so "local" equals "full" on positions below the window and the
 cost of dropping global attention shows in the buckets past it.
+
+Each result also keeps every sequence's summed NLL and target count, so that a perplexity difference
+(between two modes here, or between two models' ``eval.json`` with ``aha report compare``) gets a
+paired bootstrap interval over the held-out sequences (:func:`aha.stats.bootstrap_perplexity_change`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import time
@@ -26,7 +31,11 @@ from tqdm.auto import tqdm
 import aha
 from aha.data.packing import IGNORE_INDEX
 from aha.evaluation.routing import MODES, RoutingMode, check_modes, routing_mode
-from aha.stats import RoutingStats
+from aha.stats import RoutingStats, bootstrap_perplexity_change
+
+#: Interval of every perplexity change this module reports.
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def position_bucket_edges(seq_len: int, window: int) -> list[int]:
@@ -55,9 +64,19 @@ class PositionBucket:
     global_fraction: float
 
 
+def sequence_id(input_ids: torch.Tensor) -> str:
+    """A short content hash of one sequence's token ids: two reports scored the same sequences when
+    their ids agree (checked before comparing models across reports)."""
+    return hashlib.sha256(",".join(map(str, input_ids.tolist())).encode()).hexdigest()[:16]
+
+
 @dataclass
 class PerplexityResult:
-    """One routing mode's scores on the evaluation sequences."""
+    """One routing mode's scores on the evaluation sequences.
+
+    ``sequence_nll[i]`` / ``sequence_tokens[i]``: summed NLL (nats) and target count of sequence
+    ``i``, whose content hash is ``sequence_ids[i]``.
+    """
 
     mode: RoutingMode
     tokens: int
@@ -65,10 +84,24 @@ class PerplexityResult:
     buckets: list[PositionBucket]
     routing: RoutingStats
     seconds: float
+    sequence_nll: list[float]
+    sequence_tokens: list[int]
+    sequence_ids: list[str]
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll)
+
+    def change_against(self, reference: PerplexityResult) -> dict[str, Any]:
+        """``perplexity / reference.perplexity - 1`` on the same sequences, with its paired bootstrap interval."""
+        if self.sequence_ids != reference.sequence_ids:
+            raise ValueError("the two results scored different sequences; evaluate both on the same held-out sequences")
+        change, low, high = bootstrap_perplexity_change(
+            self.sequence_nll, reference.sequence_nll, self.sequence_tokens,
+            confidence=CONFIDENCE, resamples=BOOTSTRAP_RESAMPLES,
+        )  # fmt: skip
+        return {"change": change, "low": low, "high": high, "confidence": CONFIDENCE, "sequences": len(self.sequence_ids),
+                "method": f"paired bootstrap over sequences, {BOOTSTRAP_RESAMPLES} resamples, seed 0"}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +112,9 @@ class PerplexityResult:
             "seconds": self.seconds,
             "by_position": [vars(b) for b in self.buckets],
             "routing": self.routing.to_dict(),
+            "sequence_nll": self.sequence_nll,
+            "sequence_tokens": self.sequence_tokens,
+            "sequence_ids": self.sequence_ids,
         }
 
 
@@ -103,7 +139,9 @@ class PerplexityReport:
             "modes": {mode: result.to_dict() for mode, result in self.results.items()},
         }
         if "full" in self.results:
-            out["perplexity_vs_full"] = {mode: self.relative_to_full(mode) for mode in self.results if mode != "full"}
+            others = [mode for mode in self.results if mode != "full"]
+            out["perplexity_vs_full"] = {mode: self.relative_to_full(mode) for mode in others}
+            out["perplexity_vs_full_interval"] = {mode: self.results[mode].change_against(self.results["full"]) for mode in others}
         return out
 
 
@@ -156,6 +194,9 @@ def evaluate_perplexity(
     loader = DataLoader(dataset, batch_size=batch_size)
     nll_sum: torch.Tensor | None = None
     count: torch.Tensor | None = None
+    sequence_nll: list[float] = []
+    sequence_tokens: list[int] = []
+    sequence_ids: list[str] = []
     start = time.perf_counter()
     with routing_mode(model, mode), aha.track_routing(model) as stats:
         for batch in tqdm(loader, desc=f"perplexity ({mode})", unit="batch", disable=not progress):
@@ -169,6 +210,9 @@ def evaluate_perplexity(
                 count = torch.zeros(nll.shape[1], dtype=torch.float64)
             nll_sum += (nll * valid).sum(0).double().cpu()
             count += valid.sum(0).double().cpu()
+            sequence_nll += (nll * valid).double().sum(1).tolist()
+            sequence_tokens += valid.sum(1).tolist()
+            sequence_ids += [sequence_id(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     seconds = time.perf_counter() - start
     if nll_sum is None or count.sum() == 0:
         raise ValueError("the evaluation data has no prediction targets")
@@ -189,7 +233,8 @@ def evaluate_perplexity(
             )
         )
     total = float(count.sum())
-    return PerplexityResult(mode, int(total), float(nll_sum.sum()) / total, buckets, stats, seconds)
+    return PerplexityResult(mode, int(total), float(nll_sum.sum()) / total, buckets, stats, seconds,
+                            sequence_nll, sequence_tokens, sequence_ids)  # fmt: skip
 
 
 def compare_routing_modes(

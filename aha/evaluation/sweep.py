@@ -18,9 +18,9 @@ from typing import Any
 from torch.utils.data import Subset
 
 import aha
-from aha._cache import write_text_atomically
 from aha.evaluation.perplexity import compare_routing_modes
 from aha.report.plots import WindowPoint, plot_global_fraction_vs_window
+from aha.report.provenance import run_meta, write_json_report
 from aha.train.config import load_config
 
 #: Routing modes each window's model is evaluated in: its learned routes, and the same weights forced global.
@@ -29,7 +29,9 @@ SWEEP_MODES = ("full", "aha")
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One window's trained model on the held-out sequences."""
+    """One window's trained model on the held-out sequences; ``vs_full``: its perplexity change against
+    the same weights forced global, with the paired bootstrap interval (see
+    :meth:`~aha.evaluation.perplexity.PerplexityResult.change_against`; None in sweeps evaluated before it)."""
 
     window: int
     global_fraction: float
@@ -38,27 +40,31 @@ class SweepPoint:
     perplexity: float
     full_attention_perplexity: float
     per_layer: list[float]
+    vs_full: dict[str, Any] | None = None
+
+
+SCHEMA = "aha-sweep/2"
 
 
 @dataclass
 class SweepResult:
-    """The sweep's points (ascending window) and the original model's full-attention perplexity."""
+    """The sweep's points (ascending window) and the original model's full-attention perplexity;
+    ``recipe`` is the training recipe every window shared (its ``window`` and ``out`` vary)."""
 
     points: list[SweepPoint]
     reference_perplexity: float
     files: dict[str, str]
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema": SCHEMA,
+            "meta": run_meta(seed=self.recipe.get("seed")),
+            "recipe": self.recipe,
             "reference_perplexity": self.reference_perplexity,
             "points": [dataclasses.asdict(p) for p in self.points],
             "files": self.files,
         }
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: an interrupted sweep never leaves a half-written result that counts as done."""
-    write_text_atomically(path, json.dumps(data, indent=2))
 
 
 def reference_perplexity(model: Any, sequences: Subset, window: int, batch_size: int = 1, progress: bool = True) -> float:
@@ -83,14 +89,18 @@ def evaluate_window(model_dir: Path, sequences: Subset, batch_size: int = 1, pro
         perplexity=routed.perplexity,
         full_attention_perplexity=report.results["full"].perplexity,
         per_layer=routed.routing.per_layer().tolist(),
+        vs_full=routed.change_against(report.results["full"]),
     )
     del model
     gc.collect()
     return point
 
 
-def write_sweep(points: list[SweepPoint], reference: float, out: Path, *, title: str) -> SweepResult:
-    """Plot the long-tail curve (``long_tail.png``) and write ``sweep.json`` into ``out``."""
+def write_sweep(
+    points: list[SweepPoint], reference: float, out: Path, *, title: str, recipe: dict[str, Any] | None = None
+) -> SweepResult:
+    """Plot the long-tail curve (``long_tail.png``) and write ``sweep.json`` into ``out`` (``recipe``:
+    the shared training recipe, recorded in the report)."""
     plot = plot_global_fraction_vs_window(
         [WindowPoint(p.window, p.global_fraction, p.perplexity) for p in points],
         out / "long_tail.png",
@@ -98,8 +108,8 @@ def write_sweep(points: list[SweepPoint], reference: float, out: Path, *, title:
         full_attention_label="perplexity (original model, full attention)",
         title=title,
     )
-    result = SweepResult(points, reference, {"plot": str(plot), "json": str(out / "sweep.json")})
-    write_json(out / "sweep.json", result.to_dict())
+    result = SweepResult(points, reference, {"plot": str(plot), "json": str(out / "sweep.json")}, recipe or {})
+    write_json_report(out / "sweep.json", result.to_dict())
     return result
 
 

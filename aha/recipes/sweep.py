@@ -33,10 +33,10 @@ from aha.evaluation.sweep import (
     SweepResult,
     evaluate_window,
     reference_perplexity,
-    write_json,
     write_sweep,
 )
 from aha.recipes.finetune import train
+from aha.report.provenance import write_json_report
 from aha.train.config import TrainConfig
 
 
@@ -97,7 +97,7 @@ def run_sweep(
     else:
         log(f"reference: the original {base.model} with full attention on {len(sequences)} held-out sequences")
         reference = reference_perplexity(original, sequences, windows[0], eval_batch_size, progress)
-        write_json(reference_file, {"model": base.model, "perplexity": reference, "sequences": len(sequences)})
+        write_json_report(reference_file, {"model": base.model, "perplexity": reference, "sequences": len(sequences)})
     del original
     gc.collect()
 
@@ -120,8 +120,9 @@ def run_sweep(
         else:
             log(f"window {window}: evaluating on {len(sequences)} held-out sequences")
             point = evaluate_window(run / "model", sequences, eval_batch_size, progress)
-            write_json(eval_file, dataclasses.asdict(point))
+            write_json_report(eval_file, dataclasses.asdict(point))
         log(f"window {window}: global fraction {point.global_fraction:.1%}, perplexity {point.perplexity:.3f}")
         points.append(point)
 
-    return write_sweep(points, reference, out, title=f"Global attention needed vs window ({base.model}, {base.steps} steps)")
+    title = f"Global attention needed vs window ({base.model}, {base.steps} steps)"
+    return write_sweep(points, reference, out, title=title, recipe=base.to_dict())

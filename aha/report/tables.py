@@ -31,7 +31,10 @@ def perplexity_table(report: PerplexityReport, *, title: str | None = None) -> T
     for name in ("mode", "perplexity", "vs full", "global", "ops replaced", "compute"):
         table.add_column(name, justify="left" if name == "mode" else "right")
     for mode, result in report.results.items():
-        vs_full = f"{report.relative_to_full(mode):+.2%}" if "full" in report.results and mode != "full" else ""
+        vs_full = ""
+        if "full" in report.results and mode != "full":
+            change = result.change_against(report.results["full"])
+            vs_full = f"{change['change']:+.2%} [{change['low']:+.2%}, {change['high']:+.2%}]"
         table.add_row(
             mode,
             f"{result.perplexity:.3f}",
@@ -41,8 +44,8 @@ def perplexity_table(report: PerplexityReport, *, title: str | None = None) -> T
             _percent(result.routing.compute_ratio),
         )
     table.caption = (
-        f"{MODES_NOTE}\nglobal: share of (token, head) pairs routed to full attention; "
-        "compute: attention scores computed / full causal"
+        f"{MODES_NOTE}\nvs full: perplexity change [95% CI, paired bootstrap over the sequences]; global: share of "
+        "(token, head) pairs routed to full attention; compute: attention scores computed / full causal"
     )
     return table
 
@@ -61,8 +64,15 @@ def position_table(report: PerplexityReport, *, title: str | None = None) -> Tab
     return table
 
 
+def _accuracy(interval: dict[str, Any] | None) -> str:
+    if interval is None:
+        return "-"
+    return f"{interval['accuracy']:.0%} [{interval['low']:.0%}, {interval['high']:.0%}]"
+
+
 def passkey_table(result: PasskeyResult, *, title: str | None = None) -> Table:
-    """Exact-match accuracy per mode: by context length, and split by needle distance vs window."""
+    """Exact-match accuracy per mode with its Wilson 95% interval: by context length, and split by
+    needle distance vs window."""
     lengths = sorted({t.context_length for t in result.trials})
     modes = sorted({t.mode for t in result.trials}, key=MODES.index)
     table = Table(title=title or f"Passkey retrieval, exact-match accuracy (window {result.window})")
@@ -75,15 +85,23 @@ def passkey_table(result: PasskeyResult, *, title: str | None = None) -> Table:
     for mode in modes:
         table.add_row(
             mode,
-            *(_percent(result.accuracy(mode, context_length=n)) for n in lengths),
-            _percent(result.accuracy(mode, beyond_window=False)),
-            _percent(result.accuracy(mode, beyond_window=True)),
-            _percent(result.accuracy(mode)),
+            *(_accuracy(result.accuracy_interval(mode, context_length=n)) for n in lengths),
+            _accuracy(result.accuracy_interval(mode, beyond_window=False)),
+            _accuracy(result.accuracy_interval(mode, beyond_window=True)),
+            _accuracy(result.accuracy_interval(mode)),
         )
+    prompts = len({t.prompt for t in result.trials}) // max(1, len(lengths))
     table.caption = (
-        f"{MODES_NOTE}\ncolumns: prompt length in tokens; near / far: needle less / at least "
-        f"{result.window} tokens (the window) before the answer"
+        f"{MODES_NOTE}\ncolumns: prompt length in tokens ({prompts} prompts each, the same in every mode); near / far: "
+        f"needle less / at least {result.window} tokens (the window) before the answer; [95% CI, Wilson]"
     )
+    if "full" in modes:
+        for mode in modes:
+            differences = [(n, result.paired_difference(mode, context_length=n)) for n in lengths] if mode != "full" else []
+            if differences:
+                table.caption += f"\n{mode} - full, same prompts [95% CI, Newcombe]: " + "; ".join(
+                    f"{n}: {d['difference']:+.0%} [{d['low']:+.0%}, {d['high']:+.0%}]" for n, d in differences if d
+                )
     if result.answer_stats is not None and result.prompt_stats is not None:
         table.caption += (
             f"\nAHA global fraction: {result.answer_stats.global_fraction:.1%} at the answer steps vs "
@@ -97,8 +115,8 @@ def passkey_table(result: PasskeyResult, *, title: str | None = None) -> Table:
 
 def headline_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for _, header, _ in HEADLINE_COLUMNS:
+    for header, _ in HEADLINE_COLUMNS:
         table.add_column(header, justify="left" if header == "model" else "right")
     for row in rows:
-        table.add_row(*(fmt(row[key]) if row[key] is not None else "-" for key, _, fmt in HEADLINE_COLUMNS))
+        table.add_row(*(cell(row) for _, cell in HEADLINE_COLUMNS))
     return table
