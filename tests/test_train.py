@@ -259,6 +259,7 @@ def test_outputs_eval_rows_and_a_reloadable_model(tmp_path, copy_data, copy_mode
     assert all(math.isfinite(row["perplexity"]) and 0 <= row["global_fraction"] <= 1 for row in evals)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["evaluation"]["perplexity"] == evals[-1]["perplexity"]
+    assert summary["meta"]["seed"] == config.seed and {"git_commit", "git_dirty", "cpu", "torch"} <= set(summary["meta"])
     reloaded = aha.from_pretrained(tmp_path / "model")
     assert aha.is_aha_model(reloaded) and reloaded.config.aha["window"] == 4
     batch = copy_data.heldout[0]["input_ids"][None]

@@ -58,6 +58,7 @@ except ImportError as error:
 from aha._cache import write_text_atomically
 from aha.data import DataSplits, PackedDataset, build_datasets
 from aha.data.passkey import PasskeyMixDataset
+from aha.report.provenance import run_meta
 from aha.train.checkpoint import (
     check_resume,
     checkpoint_name,
@@ -187,7 +188,8 @@ def _achieved_global(accelerator: Accelerator, out: Path) -> tuple[float, list[i
 def _summary(config: TrainConfig, progress: TrainProgress, controller: LambdaController, achieved: tuple[float, list[int]],
              evaluation: dict[str, Any] | None, data: DataSplits) -> dict[str, Any]:
     """The run's ``summary.json``: final held-out evaluation, achieved global fraction (and the steps it
-    averages, or why it is undefined), data and config."""
+    averages, or why it is undefined), data, config, and where it ran (``meta``: commit, command, seed,
+    machine, versions; :func:`aha.report.provenance.run_meta`)."""
     achieved_global, steps = achieved
     averaged: dict[str, Any] = (
         {"achieved_global_fraction_steps": {"first": steps[0], "last": steps[-1], "count": len(steps)}}
@@ -202,6 +204,7 @@ def _summary(config: TrainConfig, progress: TrainProgress, controller: LambdaCon
         "evaluation": evaluation,
         "data": data.summary,
         "config": config.to_dict(),
+        "meta": run_meta(seed=config.seed),
     }
 
 
