@@ -55,8 +55,9 @@ def served(request, tmp_path_factory):
     gc.collect()
 
 
-def test_greedy_tokens_and_logprobs_equal_aha_generate(served):
-    llm, model = served
+def assert_matches_aha(llm: LLM, model) -> None:
+    """Greedy tokens of :data:`PROMPTS` equal ``aha``'s ``generate``; prompt and step log-probabilities
+    (vLLM's top 5) equal ``aha``'s within :data:`LOGPROB_ATOL`."""
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=5, prompt_logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     for prompt, output in zip(PROMPTS, outputs):
@@ -70,6 +71,23 @@ def test_greedy_tokens_and_logprobs_equal_aha_generate(served):
         for reference, got in expected:
             for token, logprob in got.items():
                 assert logprob.logprob == pytest.approx(reference[token].item(), abs=LOGPROB_ATOL)
+
+
+def test_greedy_tokens_and_logprobs_equal_aha_generate(served):
+    assert_matches_aha(*served)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism over 2 CPU workers needs 2 cores")
+def test_tensor_parallel_2_splits_routers_with_their_heads(tmp_path, monkeypatch):
+    # each worker routes its own 2 of the 4 query heads with its shard of the router rows; on a
+    # single NUMA node vLLM's automatic thread binding refuses 2 workers, so each gets one core
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    model = mixed_routes_model(sink=1, layout="separate")
+    llm = LLM(model=str(save(model, tmp_path)), enforce_eager=True, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert_matches_aha(llm, model)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def _free_port() -> int:
