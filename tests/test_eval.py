@@ -17,6 +17,8 @@ import aha
 from aha.cli import app
 from aha.data.passkey import PasskeyPromptBuilder, load_haystack
 from aha.evaluation.passkey import (
+    DEFAULT_DEPTHS,
+    DEFAULT_OFFSETS,
     PasskeyResult,
     PasskeyTrial,
     evaluate_passkey,
@@ -35,7 +37,6 @@ from aha.evaluation.routing import (
     converted_layers,
     routing_mode,
 )
-from aha.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_OFFSETS
 from aha.evaluation.run import EvalSettings, run_evaluation
 from aha.report.tables import passkey_table
 from aha.stats import RoutingStats, paired_difference_interval, wilson_interval

@@ -5,7 +5,11 @@ import random
 
 import pytest
 
-from aha.stats import bootstrap_perplexity_change, paired_difference_interval, wilson_interval
+from aha.stats import (
+    bootstrap_perplexity_change,
+    paired_difference_interval,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(

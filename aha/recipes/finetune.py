@@ -58,7 +58,7 @@ except ImportError as error:
 from aha._cache import write_text_atomically
 from aha.data import DataSplits, PackedDataset, build_datasets
 from aha.data.passkey import PasskeyMixDataset
-from aha.report.provenance import run_meta
+from aha.report.provenance import run_meta, strict_json
 from aha.train.checkpoint import (
     check_resume,
     checkpoint_name,
@@ -72,7 +72,7 @@ from aha.train.checkpoint import (
 from aha.train.config import TrainConfig, save_config
 from aha.train.heldout import evaluate
 from aha.train.interrupt import GracefulInterrupt
-from aha.train.metrics import MetricsLog, iter_metrics, strict_json
+from aha.train.metrics import MetricsLog, iter_metrics
 from aha.train.model_setup import (
     configure_trainable,
     param_groups,

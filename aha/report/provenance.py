@@ -3,7 +3,8 @@
 Every run whose numbers the project publishes (``aha demo``, ``aha eval``, ``aha sweep``,
 ``aha train``'s ``summary.json``, ``aha report compare``, ``aha bench`` with its ``model`` and
 ``serve`` groups, ``benchmarks/fsdp_loading_memory.py``) writes a JSON report of metrics only (no
-weights) whose ``meta`` is :func:`run_meta`, through :func:`write_json_report`. ``aha report
+weights) whose ``meta`` is :func:`run_meta`, through :func:`write_json_report` (strict JSON:
+:func:`strict_json`, also the writer of training's ``metrics.jsonl`` and ``summary.json``). ``aha report
 check`` (:mod:`aha.report.published`) then ties each table of README.md and benchmarks/RESULTS.md
 to the committed report it was rendered from.
 """
@@ -110,30 +111,41 @@ def run_meta(*, seed: int | None = None, threads: int | None = None, command: st
     }
 
 
-def strict_json(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None, tuples by lists and paths by
-    strings, so that ``json.dumps(..., allow_nan=False)`` accepts it (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+#: Key under which :func:`strict_json` lists the non-finite values it wrote as null.
+NON_FINITE = "non_finite"
+
+
+def _finite_or_null(value: Any, path: str, replaced: dict[str, str]) -> Any:
+    """``value`` (JSON-ready dicts, lists and scalars) with every non-finite float replaced by None
+    (recorded in ``replaced`` as ``{dotted path: "nan" | "inf" | "-inf"}``), tuples by lists and paths
+    by strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        replaced[path] = str(value)
+        return None
     if isinstance(value, Mapping):
-        return {str(key): strict_json(item) for key, item in value.items()}
+        return {str(key): _finite_or_null(item, f"{path}.{key}" if path else str(key), replaced) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [strict_json(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+        return [_finite_or_null(item, f"{path}[{index}]", replaced) for index, item in enumerate(value)]
+    return str(value) if isinstance(value, Path) else value
 
 
-def dumps_report(report: Mapping[str, Any]) -> str:
-    """A report as strict, indented JSON (see :func:`strict_json`)."""
-    return json.dumps(strict_json(report), indent=2, allow_nan=False)
+def strict_json(record: Mapping[str, Any], indent: int | None = None) -> str:
+    """Standard JSON (RFC 8259, which has no NaN or Infinity) of ``record``: a non-finite float is
+    written as null and listed, with its value, under ``"non_finite"`` (``{"loss": "nan"}``), so strict
+    parsers read the file and no value is silently lost. Every report and training record is written
+    with it."""
+    replaced: dict[str, str] = {}
+    clean = _finite_or_null(record, "", replaced)
+    if replaced:
+        clean[NON_FINITE] = replaced
+    return json.dumps(clean, indent=indent, allow_nan=False)
 
 
 def write_json_report(path: str | Path, report: Mapping[str, Any]) -> Path:
-    """Write ``report`` to ``path`` as strict JSON, atomically (readers never see half a report)."""
+    """Write ``report`` to ``path`` as indented :func:`strict_json`, atomically (readers never see half a report)."""
     path = Path(path)
-    write_text_atomically(path, dumps_report(report) + "\n")
+    write_text_atomically(path, strict_json(report, indent=2) + "\n")
     return path
 
 
-__all__ = ["dumps_report", "git_state", "kernel_sources_sha256", "run_meta", "strict_json", "write_json_report"]
+__all__ = ["NON_FINITE", "git_state", "kernel_sources_sha256", "run_meta", "strict_json", "write_json_report"]

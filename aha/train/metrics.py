@@ -1,5 +1,5 @@
 """The metrics log of a training run: ``metrics.jsonl`` (and TensorBoard under ``tb/`` when installed),
-and :func:`strict_json`, the writer of every JSON record training produces.
+written as strict JSON (:func:`aha.report.provenance.strict_json`, like every report).
 
 A run resumed after a kill drops the rows its last checkpoint does not cover (and a torn last
 line), so no step is ever logged twice.
@@ -9,39 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from aha._cache import write_text_atomically
-
-#: Key under which :func:`strict_json` lists the non-finite values it wrote as null.
-NON_FINITE = "non_finite"
-
-
-def _finite_or_null(value: Any, path: str, replaced: dict[str, str]) -> Any:
-    """``value`` (JSON-ready dicts, lists and scalars) with every non-finite float replaced by None;
-    records each one in ``replaced`` as ``{dotted path: "nan" | "inf" | "-inf"}``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        replaced[path] = str(value)
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item, f"{path}.{key}" if path else str(key), replaced) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item, f"{path}[{index}]", replaced) for index, item in enumerate(value)]
-    return value
-
-
-def strict_json(record: dict[str, Any], indent: int | None = None) -> str:
-    """Standard JSON (RFC 8259, which has no NaN or Infinity) of ``record``: a non-finite float is
-    written as null and listed, with its value, under ``"non_finite"`` (``{"loss": "nan"}``), so strict
-    parsers read the file and no value is silently lost."""
-    replaced: dict[str, str] = {}
-    clean = _finite_or_null(record, "", replaced)
-    if replaced:
-        clean[NON_FINITE] = replaced
-    return json.dumps(clean, indent=indent, allow_nan=False)
+from aha.report.provenance import strict_json
 
 
 def read_rows(path: Path) -> list[str]:
