@@ -3,6 +3,8 @@ answers exactly as ``model.generate``; packed sequences run their own causal + w
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -110,6 +112,36 @@ def _answers_in_a_batch(model, prompts, config, batching):
         return [results[request_id] for request_id in ids], manager.kv_reads
     finally:
         manager.stop(block=True)
+
+
+def test_requests_the_cache_cannot_hold_are_refused_and_the_worker_goes_on() -> None:
+    """An empty prompt, or one whose answer could outgrow the whole cache, would stop transformers' worker for good."""
+    model = _routed_tiny()
+    config = _greedy(4)
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=ContinuousBatchingConfig(num_blocks=1))
+    manager.start()
+    try:
+        _wait_for_the_cache(manager)
+        capacity = manager.batch_processor.cache.max_tokens_read
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            manager.add_request([])
+        with pytest.raises(ValueError, match=f"paged cache holds {capacity}"):
+            manager.add_request(_prompts(1, (20,))[0], max_new_tokens=capacity)
+        prompt = _prompts(2, (capacity - 4,))[0]  # exactly the cache: prompt and 4 new tokens
+        request = manager.add_request(prompt)
+        output = manager.get_result(request_id=request, timeout=60)
+        assert output is not None and output.error is None and len(output.generated_tokens) == 4
+    finally:
+        manager.stop(block=True)
+
+
+def _wait_for_the_cache(manager: AhaContinuousBatchingManager) -> None:
+    """The worker thread builds the paged cache once started."""
+    for _ in range(600):
+        if manager.batch_processor is not None:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the batching worker built no cache in 30 s")
 
 
 @pytest.mark.parametrize("forced", [None, "local"])

@@ -15,6 +15,11 @@ attention of a local head stops at its window). KV heads with a global query hea
 prefix; under grouped-query attention a KV head is read whole as soon as one of its query heads
 is global.
 
+**Requests that cannot run.** transformers' worker stops for good, failing every request after it,
+when a request's prompt is empty or its prompt and answer need more KV cache than the whole paged
+cache ("No requests can be scheduled"). :meth:`AhaContinuousBatchingManager.add_request` refuses
+those with a ValueError instead.
+
 **The cache's size on CPU.** transformers sizes the paged cache from a share of the device's
 memory (90% when nothing is set), which on CPU is the machine's whole RAM less this process's,
 however much other processes use, and fills it with zeros up front. For a model on the CPU whose
@@ -98,6 +103,27 @@ class AhaContinuousBatchingManager(ContinuousBatchingManager):
         processor = getattr(self, "batch_processor", None)
         update = getattr(getattr(processor, "cache", None), "update", None)
         return update if isinstance(update, WindowedKVReads) else None
+
+    def add_request(
+        self, input_ids: list[int], request_id: str | None = None, max_new_tokens: int | None = None, **kwargs: Any
+    ) -> str | None:
+        """transformers' ``add_request``, refusing what would stop the batching worker for every request.
+
+        Raises:
+            ValueError: the prompt is empty, or the prompt and ``max_new_tokens`` together need more
+                KV cache than the paged cache holds (such a request can neither run nor wait).
+        """
+        if len(input_ids) == 0:
+            raise ValueError("the prompt is empty: continuous batching needs at least one prompt token")
+        processor = self.batch_processor
+        new_tokens = self.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if processor is not None and new_tokens is not None and len(input_ids) + new_tokens > processor.cache.max_tokens_read:
+            raise ValueError(
+                f"the request needs up to {len(input_ids) + new_tokens} tokens of KV cache ({len(input_ids)} of prompt, "
+                f"{new_tokens} new), but the paged cache holds {processor.cache.max_tokens_read}: ask for fewer tokens, "
+                "or give the cache more (ContinuousBatchingConfig.num_blocks, aha serve --kv-cache-tokens)"
+            )
+        return super().add_request(input_ids, request_id=request_id, max_new_tokens=max_new_tokens, **kwargs)
 
     def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
         """transformers' ``get_result``; a finished request's output also goes to :attr:`finished_listeners`."""

@@ -7,6 +7,7 @@ imports: that registers the AHA classes and the ``"aha"`` attention there too.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from transformers.cli.serving.model_manager import ModelLoader
 from transformers.cli.serving.utils import parse_model_id
 
 import aha
+from aha.hf.attention import ATTN_IMPLEMENTATION
 from aha.models import model_path
 from aha.serving.server import configure_logging
 from aha.serving.telemetry import Telemetry
@@ -86,6 +88,19 @@ class AhaModelLoader(ModelLoader):
             model = aha.convert(model, window=self.window, sink=self.sink or 0).eval()
             _log.warning("%s is converted with open routers: every head attends globally until the routers "
                          "are trained (aha train); serve the trained model folder to skip work", folder)
+        if model.device.type == "cpu" and model.config._attn_implementation == ATTN_IMPLEMENTATION:
+            prepare_cpu_kernel(model.dtype)
         Telemetry(model).install()
         return model
+
+
+def prepare_cpu_kernel(dtype: torch.dtype) -> None:
+    """Measure (or read the cached measurement of) the C++ CPU kernel's settings for ``dtype`` now,
+    while the model loads, so that no request waits for it, and log how long it took."""
+    from aha.kernels.cpu_tuning import kernel_choice
+
+    _log.info("preparing the CPU attention kernel for %s (measured once per machine, then cached)", dtype)
+    start = time.perf_counter()
+    kernel_choice(dtype)
+    _log.info("CPU attention kernel for %s ready in %.1f s", dtype, time.perf_counter() - start)
 

@@ -15,7 +15,11 @@ Metrics (counters grow over the server's life):
 * ``aha_attention_scores_total{attention="routed"|"full"}``: query-key scores the routed model
   computes, and those full attention would (the compute ratio is their quotient);
 * ``aha_global_fraction``, ``aha_attention_compute_ratio``: those ratios, running;
-* ``aha_requests_in_flight``: requests accepted and not yet answered (running or queued).
+* ``aha_requests_in_flight``: requests accepted and not yet answered (running or queued);
+* ``aha_requests_aborted_total``: requests whose client left before the answer was complete
+  (counted by the API process; their tokens are not in the counts above);
+* ``aha_model_process_restarts_total``, ``aha_model_process_up``: restarts of the model's process
+  after it died, and whether it runs now (1) or not (0: dead or restarting).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ REQUEST_SECONDS = Histogram(
     "aha_request_seconds", "Time from a request's arrival at the model to its last token",
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250),
 )  # fmt: skip
+REQUESTS_ABORTED = Counter("aha_requests_aborted", "Requests whose client left before the answer was complete")
+MODEL_RESTARTS = Counter("aha_model_process_restarts", "Restarts of the model's process after it died")
 ROUTE_DECISIONS = Counter("aha_route_decisions", "(token, head) routing decisions of every layer", ["route"])
 ATTENTION_SCORES = Counter(
     "aha_attention_scores", "Query-key scores computed (routed) and those full attention would compute (full)",
@@ -219,11 +225,13 @@ class Telemetry:
 
 
 class _ServerCollector:
-    """The API process's own gauges: requests in flight and the running ratios of the counters."""
+    """The API process's own gauges: requests in flight, whether the model's process runs, and the
+    running ratios of the counters."""
 
-    def __init__(self, counters: MultiProcessCollector, in_flight: Callable[[], int]):
+    def __init__(self, counters: MultiProcessCollector, in_flight: Callable[[], int], model_up: Callable[[], bool]):
         self.counters = counters
         self.in_flight = in_flight
+        self.model_up = model_up
 
     def collect(self) -> Iterable[Metric]:
         totals: dict[tuple[str, str], float] = {}
@@ -233,6 +241,8 @@ class _ServerCollector:
                     label = sample.labels.get("route") or sample.labels.get("attention") or ""
                     totals[sample.name, label] = totals.get((sample.name, label), 0.0) + sample.value
         yield GaugeMetricFamily("aha_requests_in_flight", "Requests accepted and not yet answered", value=self.in_flight())
+        yield GaugeMetricFamily("aha_model_process_up", "Whether the model's process runs (1) or not (0)",
+                                value=float(self.model_up()))  # fmt: skip
         routed_pairs = totals.get(("aha_route_decisions_total", "global"), 0.0)
         all_pairs = routed_pairs + totals.get(("aha_route_decisions_total", "local"), 0.0)
         full = totals.get(("aha_attention_scores_total", "full"), 0.0)
@@ -247,9 +257,9 @@ class _ServerCollector:
             )
 
 
-def metrics_registry(in_flight: Callable[[], int]) -> CollectorRegistry:
+def metrics_registry(in_flight: Callable[[], int], model_up: Callable[[], bool]) -> CollectorRegistry:
     """The registry ``/metrics`` serves: every process's counters, plus :class:`_ServerCollector`."""
     registry = CollectorRegistry()
     counters = MultiProcessCollector(registry)
-    registry.register(_ServerCollector(counters, in_flight))
+    registry.register(_ServerCollector(counters, in_flight, model_up))
     return registry
