@@ -181,6 +181,7 @@ def test_bad_requests_get_clear_errors_and_the_server_goes_on(sequential_server:
         (json.dumps({"prompt": "x", "generation_config": json.dumps({"do_sample": True, "top_p": math.nan})}).encode(), 400, "top_p"),
         # 1 + 100 * 1 tokens of prompt: with 200 new ones, past the 256 the tiny model takes
         (json.dumps({"prompt": "hello " * 100, "max_tokens": 200}).encode(), 400, "ask for at most"),
+        (json.dumps({"prompt": "hello " * 100, "max_tokens": 200, "stream": True}).encode(), 400, "ask for at most"),
     ]
     chat_url = f"{sequential_server.url}/v1/chat/completions"
     chat_cases = [
