@@ -17,7 +17,7 @@ Metrics (counters grow over the server's life):
 * ``aha_global_fraction``, ``aha_attention_compute_ratio``: those ratios, running;
 * ``aha_requests_in_flight``: requests accepted and not yet answered (running or queued);
 * ``aha_requests_aborted_total``: requests whose client left before the answer was complete
-  (counted by the API process; their tokens are not in the counts above);
+  (counted by the API process);
 * ``aha_model_process_restarts_total``, ``aha_model_process_up``: restarts of the model's process
   after it died, and whether it runs now (1) or not (0: dead or restarting).
 """
