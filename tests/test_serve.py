@@ -322,17 +322,20 @@ def test_a_dead_model_process_is_restarted_then_the_server_stops(tiny_folder: Pa
         server.stop()
 
 
-def test_the_cpu_kernel_is_prepared_while_the_model_loads(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+def test_the_cpu_kernel_is_prepared_while_the_model_loads(
+    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from aha.kernels import cpu_tuning
-    from aha.serving.loader import AhaModelLoader
+    from aha.serving import loader as loading
 
     prepared = []
     monkeypatch.setattr(cpu_tuning, "kernel_choice", lambda dtype: prepared.append(dtype))
-    loader = AhaModelLoader(window=None, sink=None, dense=False, dtype="float32", device="cpu")
-    loader._load_model(str(tiny_folder))
+    monkeypatch.setattr(loading, "configure_logging", lambda level: None)  # the model's process's own log set-up
+    with caplog.at_level("INFO", logger="aha.serve"):
+        loading.AhaModelLoader(window=None, sink=None, dense=False, dtype="float32", device="cpu")._load_model(str(tiny_folder))
     assert prepared == [torch.float32]
-    assert "CPU attention kernel for torch.float32 ready in" in capfd.readouterr().err
-    AhaModelLoader(window=None, sink=None, dense=True, dtype="float32", device="cpu")._load_model(str(tiny_folder))
+    assert "CPU attention kernel for torch.float32 ready in" in caplog.text
+    loading.AhaModelLoader(window=None, sink=None, dense=True, dtype="float32", device="cpu")._load_model(str(tiny_folder))
     assert prepared == [torch.float32]  # SDPA runs no aha kernel
 
 
