@@ -113,6 +113,9 @@ def _time_case(ops, lengths: list[int], queries: list[int], window: int, global_
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
+        "global_pairs": route.float().mean().item(),
+        # (token, KV head) pairs with at least one global query head: under GQA the KV head is then read whole
+        "open_kv_groups": route.view(tokens, KV_HEADS, HEADS // KV_HEADS).any(-1).float().mean().item(),
         "seconds": times,
         "median_seconds": medians,
         "speedup_vs_stock": {name: medians["stock"] / m for name, m in medians.items()},

@@ -134,3 +134,16 @@ def test_vllm_serve_answers_openai_requests_with_aha_tokens(tmp_path):
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and vLLM's CUDA build")
+def test_cuda_build_serves_the_same_tokens(tmp_path):
+    # the same model class, backend and op on vLLM's CUDA build; the op loops over requests on the
+    # host, so CUDA graphs stay off (enforce_eager)
+    model = mixed_routes_model(sink=1, layout="fused")
+    llm = LLM(model=str(save(model, tmp_path)), enforce_eager=True, **ENGINE)
+    try:
+        assert_matches_aha(llm, model)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
