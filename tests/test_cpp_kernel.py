@@ -151,6 +151,23 @@ def test_decode_never_reads_out_of_window_keys(decode_path):
     torch.testing.assert_close(aha_attention(q, k, v, route, 10, impl=decode_path), out)
 
 
+def test_the_sdpa_decode_path_checks_only_what_it_reads_for_non_finite_values(monkeypatch):
+    """Its NaN check once summed all of k and v on every call: a whole-cache read for local heads."""
+    from aha.kernels import nonfinite
+
+    checked = []
+    real = nonfinite.looks_finite
+    monkeypatch.setattr(nonfinite, "looks_finite", lambda *ts: checked.extend(t.shape for t in ts) or real(*ts))
+    q = torch.randn(1, 4, 1, 16)
+    k, v = torch.randn(2, 1, 2, 3000, 16)
+    local = torch.zeros(1, 4, 1, dtype=torch.bool)
+    aha_attention(q, k, v, local, 10, impl="decode", sink=2)
+    assert checked and max(shape[2] for shape in checked) == 12  # the window and the sink keys
+    checked.clear()
+    aha_attention(q, k, v, torch.tensor([[[False], [False], [True], [False]]]), 10, impl="decode")
+    assert sorted(shape[:3] for shape in checked if shape[2] == 3000) == [(1, 1, 3000)] * 2  # KV head 1 only
+
+
 def test_decode_with_sink_reads_only_the_sink_and_window_keys(decode_path):
     q = torch.randn(1, 4, 1, 16)
     k, v = torch.randn(2, 1, 2, 3000, 16)

@@ -17,7 +17,6 @@ from aha.kernels import nonfinite
 from aha.kernels.masks import KeyPadding, padding_mask, sink_keys
 
 
-@nonfinite.checked  # SDPA hides a NaN key
 def decode_attention(
     q: Tensor,
     k: Tensor,
@@ -32,7 +31,19 @@ def decode_attention(
     the window (and sink) of every head, one per global KV head.
 
     Shapes: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Skv, D]``, route ``[B, Hq, 1]`` bool -> ``[B, Hq, 1, D]``.
+
+    SDPA hides a NaN query or key, so on CPU the query, the output and the keys and values the step
+    read (the windows, and the caches of global KV heads only) are summed once each, and the call is
+    redone under :mod:`~aha.kernels.nonfinite`'s contract when one is not finite.
     """
+    out, read = _decode_sdpa(q, k, v, route, window, scale, padding, sink)
+    return nonfinite.settled(out, read, q, k, v, route, window, scale, padding, sink)
+
+
+def _decode_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, route: Tensor, window: int, scale: float, padding: KeyPadding | None, sink: int
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`decode_attention` without the non-finite check: the output and the K/V tensors it read."""
     key_padding_mask = padding_mask(padding)
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
@@ -50,17 +61,19 @@ def decode_attention(
         q, k_local, v_local, attn_mask=None if local_mask is None else local_mask[:, None, None, :], scale=scale,
         enable_gqa=gqa,
     )
+    read = [k_local, v_local]
     if k.shape[2] <= window:
-        return out
+        return out, read
     hard = route[..., 0]  # [B, Hq]
     if not hard.any():
-        return out
+        return out, read
     grouped = hard.view(batch, kv_heads, group)
     for b, kv_head in grouped.any(-1).nonzero().tolist():
         heads = kv_head * group + grouped[b, kv_head].nonzero()[:, 0]
         mask = None if key_padding_mask is None else key_padding_mask[b, None, None, None, :]
+        k_head, v_head = k[b : b + 1, kv_head : kv_head + 1], v[b : b + 1, kv_head : kv_head + 1]
         out[b, heads] = F.scaled_dot_product_attention(
-            q[b : b + 1, heads], k[b : b + 1, kv_head : kv_head + 1], v[b : b + 1, kv_head : kv_head + 1],
-            attn_mask=mask, scale=scale, enable_gqa=True,
+            q[b : b + 1, heads], k_head, v_head, attn_mask=mask, scale=scale, enable_gqa=True
         )[0]
-    return out
+        read += [k_head, v_head]
+    return out, read

@@ -19,7 +19,7 @@ the dense reference over chunks of query rows (each reading only its key prefix)
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -41,11 +41,28 @@ def checked(attention: Callable[..., Tensor]) -> Callable[..., Tensor]:
     @functools.wraps(attention)
     def run(q, k, v, route, window, scale, padding=None, sink=0, **options):
         out = attention(q, k, v, route, window, scale, padding, sink, **options)
-        if q.device.type != "cpu" or torch.compiler.is_compiling() or looks_finite(out, q, k, v):
-            return out
-        return enforce(q, k, v, route, window, scale, padding, sink)
+        return settled(out, (k, v), q, k, v, route, window, scale, padding, sink)
 
     return run
+
+
+def settled(
+    out: Tensor,
+    read: Sequence[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    route: Tensor,
+    window: int,
+    scale: float,
+    padding: KeyPadding | None,
+    sink: int,
+) -> Tensor:
+    """``out`` of an SDPA-based call when it, ``q`` and the K/V tensors the call ``read`` look finite
+    (or the check cannot run: CUDA, a compiled graph), else the call redone by :func:`enforce`."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or looks_finite(out, q, *read):
+        return out
+    return enforce(q, k, v, route, window, scale, padding, sink)
 
 
 def looks_finite(*tensors: Tensor) -> bool:
