@@ -21,6 +21,7 @@ first step, and prefix caching only matches whole sequences (docs/serving.md).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -107,6 +108,18 @@ class AhaAttentionMetadataBuilder(AttentionMetadataBuilder[AhaAttentionMetadata]
         return AhaAttentionMetadata(meta.num_actual_tokens, requests, meta.slot_mapping)
 
 
+@functools.cache
+def _load_kernel(dtype: torch.dtype) -> None:
+    """One small :func:`aha.aha_attention` call in ``dtype`` while the model is built: the kernel is
+    compiled and loaded, and its one-time self-checks (which take gradients) run here, outside the
+    inference mode vLLM serves in, instead of on the first request."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 32, generator=generator, dtype=dtype) for _ in range(3))
+    route = torch.tensor([True, False]).repeat_interleave(8).view(1, 2, 8)
+    with torch.inference_mode(False), torch.no_grad():
+        aha_attention(q, k, v, route, 4, sink=1)
+
+
 class AhaAttentionImpl(AttentionImpl[AhaAttentionMetadata]):
     """The routed attention of one layer: cache writes and one :func:`aha.aha_attention` per request."""
 
@@ -140,6 +153,7 @@ class AhaAttentionImpl(AttentionImpl[AhaAttentionMetadata]):
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.scale = float(scale)
         self.window, self.sink = window, sink
+        _load_kernel(torch.get_default_dtype())
 
     def forward(self, *args, **kwargs) -> Tensor:
         raise RuntimeError("AHA layers run through torch.ops.aha_vllm.routed_attention (they need the route)")
