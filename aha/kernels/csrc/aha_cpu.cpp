@@ -1262,7 +1262,9 @@ void backward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T*
 // (no tile padding), and long key ranges are split into chunks that threads share, merged
 // afterwards through their softmax statistics (split-KV, as in flash-decoding).
 
-constexpr int64_t kDecodeChunk = 2048;
+// Keys per decode task: K and V rows of a chunk (256 KiB in fp32 at head_dim 64) stay in L2 while
+// the query heads of a KV group take turns on them.
+constexpr int64_t kDecodeChunk = 512;
 
 typedef float vfloat8 __attribute__((vector_size(32)));
 typedef float vfloat4 __attribute__((vector_size(16)));
@@ -1339,7 +1341,10 @@ void decode_chunk_dispatch(const float* qr, const T* kh, int64_t k_st, const T* 
   }
 }
 
-// Returns whether every output value is finite.
+// Returns whether every output value is finite. Work is cut per (batch, KV head) into chunks of
+// the union of its query heads' key ranges; a task takes one chunk and runs every query head of
+// the group that reads part of it, one after the other, so a chunk's keys come from memory once
+// (later heads find them in L2) however many query heads of the group are global (GQA).
 template <typename T>
 bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bool* route, const int32_t* key_start,
                  T* out, float* lse) {
@@ -1347,26 +1352,52 @@ bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   const int64_t group = pb.group();
   const int64_t rows = pb.batch * pb.q_heads;
   const int64_t pos = pb.seq_kv - 1;
-  struct Chunk {
-    int64_t row, j0, j1;
+  struct Part {
+    int64_t row, j0, j1;  // query row (b * q_heads + h) and its keys [j0, j1) in the task's chunk
   };
-  std::vector<Chunk> chunks;
+  struct Task {
+    int64_t b, kv_head, first, last;  // parts [first, last)
+  };
+  std::vector<Part> parts;
+  std::vector<Task> tasks;
   std::vector<double> costs;
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t start = key_start[row / pb.q_heads];
-    const int64_t lo = route[row] ? start : std::max<int64_t>(start, pos - pb.window + 1);
-    auto add_chunks = [&](int64_t begin, int64_t end) {  // keys [begin, end)
-      for (int64_t j0 = begin; j0 < end; j0 += kDecodeChunk) {
-        chunks.push_back({row, j0, std::min(end, j0 + kDecodeChunk)});
-        costs.push_back(double(chunks.back().j1 - j0) + 64.0);
+  for (int64_t b = 0; b < pb.batch; ++b) {
+    const int64_t start = key_start[b];
+    const int64_t local_lo = std::max<int64_t>(start, pos - pb.window + 1);
+    const int64_t sink_end = std::min(start + pb.sink, local_lo);  // the sink keys the window misses
+    for (int64_t kv_head = 0; kv_head < pb.kv_heads; ++kv_head) {
+      const int64_t first_row = b * pb.q_heads + kv_head * group;
+      bool any_global = false;
+      for (int64_t h = 0; h < group; ++h) any_global |= route[first_row + h];
+      auto add_tasks = [&](int64_t begin, int64_t end) {  // keys [begin, end) read by some head of the group
+        for (int64_t j0 = begin; j0 < end; j0 += kDecodeChunk) {
+          const int64_t j1 = std::min(end, j0 + kDecodeChunk);
+          Task task{b, kv_head, static_cast<int64_t>(parts.size()), 0};
+          for (int64_t h = 0; h < group; ++h) {
+            const int64_t row = first_row + h;
+            // a global row reads [start, pos]; a local one its sink keys [start, sink_end) and window [local_lo, pos]
+            const int64_t ranges[2][2] = {{start, route[row] ? pos + 1 : sink_end}, {route[row] ? pos + 1 : local_lo, pos + 1}};
+            for (const auto& range : ranges) {
+              const int64_t lo = std::max(j0, range[0]), hi = std::min(j1, range[1]);
+              if (lo < hi) parts.push_back({row, lo, hi});
+            }
+          }
+          task.last = static_cast<int64_t>(parts.size());
+          costs.push_back(double(j1 - j0) + 16.0 * double(task.last - task.first) + 64.0);
+          tasks.push_back(task);
+        }
+      };
+      if (any_global) {
+        add_tasks(start, pos + 1);
+      } else {
+        add_tasks(start, sink_end);
+        add_tasks(local_lo, pos + 1);
       }
-    };
-    add_chunks(start, std::min(start + pb.sink, lo));  // the sink keys the window misses
-    add_chunks(lo, pos + 1);
+    }
   }
   std::fill(out, out + rows * D, from_float<T>(0.0f));  // rows that attend nothing (padded queries)
   std::fill(lse, lse + rows, kNegInf);
-  std::vector<float> part_m(chunks.size()), part_l(chunks.size()), part_o(chunks.size() * D);
+  std::vector<float> part_m(parts.size()), part_l(parts.size()), part_o(parts.size() * D);
   struct Scratch {
     AlignedBuffer<> qrow, krow, scores;
     explicit Scratch(int64_t D) : qrow(D), krow(2 * D), scores(kDecodeChunk + kLanes) {}
@@ -1378,37 +1409,39 @@ bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
       return;
     }
     Scratch& sc = *scratch[slot];
-    const Chunk& c = chunks[index];
-    const int64_t b = c.row / pb.q_heads, h = c.row % pb.q_heads;
-    const T* kh = k + b * pb.k_sb + (h / group) * pb.k_sh;
-    const T* vh = v + b * pb.v_sb + (h / group) * pb.v_sh;
-    float* qr = sc.qrow.get();
-    widen_row(q + b * pb.q_sb + h * pb.q_sh, qr, D);
-    for (int64_t d = 0; d < D; ++d) qr[d] *= pb.scale * kLog2e;
-    decode_chunk_dispatch(qr, kh, pb.k_st, vh, pb.v_st, c.j0, c.j1 - c.j0, D, sc.scores.get(), sc.krow.get(),
-                          part_m[index], part_l[index], part_o.data() + index * D);
+    const Task& task = tasks[index];
+    const T* kh = k + task.b * pb.k_sb + task.kv_head * pb.k_sh;
+    const T* vh = v + task.b * pb.v_sb + task.kv_head * pb.v_sh;
+    for (int64_t i = task.first; i < task.last; ++i) {
+      const Part& part = parts[i];
+      float* qr = sc.qrow.get();
+      widen_row(q + task.b * pb.q_sb + (part.row % pb.q_heads) * pb.q_sh, qr, D);
+      for (int64_t d = 0; d < D; ++d) qr[d] *= pb.scale * kLog2e;
+      decode_chunk_dispatch(qr, kh, pb.k_st, vh, pb.v_st, part.j0, part.j1 - part.j0, D, sc.scores.get(),
+                            sc.krow.get(), part_m[i], part_l[i], part_o.data() + i * D);
+    }
   });
-  // merge the chunks of each row (they are consecutive in `chunks`)
+  // merge the parts of each row
+  std::vector<std::vector<int64_t>> of_row(rows);
+  for (size_t i = 0; i < parts.size(); ++i) of_row[parts[i].row].push_back(static_cast<int64_t>(i));
   std::vector<float> merged(D);
   bool finite = true;
-  for (size_t first = 0; first < chunks.size();) {
-    size_t last = first;
+  for (int64_t row = 0; row < rows; ++row) {
+    if (of_row[row].empty()) continue;
     float m = kNegInf;
-    while (last < chunks.size() && chunks[last].row == chunks[first].row) m = std::max(m, part_m[last++]);
+    for (int64_t i : of_row[row]) m = std::max(m, part_m[i]);
     float l = 0.0f;
     std::fill(merged.begin(), merged.end(), 0.0f);
-    for (size_t i = first; i < last; ++i) {
+    for (int64_t i : of_row[row]) {
       const float w = std::exp2(part_m[i] - m);
       l += w * part_l[i];
       for (int64_t d = 0; d < D; ++d) merged[d] += w * part_o[i * D + d];
     }
-    const int64_t row = chunks[first].row;
     for (int64_t d = 0; d < D; ++d) {
       out[row * D + d] = from_float<T>(merged[d] / l);
       finite &= std::isfinite(merged[d] / l);
     }
     lse[row] = (m + std::log2(l)) * kLn2;
-    first = last;
   }
   return finite;
 }
