@@ -231,3 +231,11 @@ def test_concurrent_first_uses_measure_once(monkeypatch, tmp_path):
     assert all(run.returncode == 0 for run in runs), outputs
     assert sum(out.count("measuring") for out in outputs) == 1, outputs
     assert all(out.strip().endswith("vector") for out in outputs)
+
+
+@needs_kernel
+def test_the_microkernel_check_runs_inside_inference_mode_and_no_grad(monkeypatch):
+    """A vLLM worker calls attention in inference mode; the first call's check takes gradients."""
+    monkeypatch.setattr(cpu_tuning, "_problems", {})
+    with torch.inference_mode(), torch.no_grad():
+        assert cpu_tuning.microkernel_problem(torch.float32, "vector") is None

@@ -229,7 +229,8 @@ def microkernel_problem(dtype: torch.dtype, microkernel: str) -> str | None:
     """
     key = (dtype, microkernel, torch.backends.mkldnn.enabled)
     if key not in _problems:
-        _problems[key] = _run_check(dtype, microkernel) if load_cpp_kernel() else "the C++ kernel is unavailable"
+        with torch.inference_mode(False):  # a caller in inference mode (a vLLM worker) would make the check's tensors inference tensors
+            _problems[key] = _run_check(dtype, microkernel) if load_cpp_kernel() else "the C++ kernel is unavailable"
         if _problems[key] is not None:
             _log.warning("aha: the %s microkernel cannot run %s here: %s", microkernel, dtype, _problems[key])
     return _problems[key]
@@ -251,7 +252,7 @@ def _run_check(dtype: torch.dtype, microkernel: str) -> str | None:
             grads = torch.ops.aha.backward(out_grad, q, k, v, out, lse, route, starts, *settings)
     except RuntimeError as exc:
         return str(exc).strip().splitlines()[0]
-    with torch.enable_grad():  # callers may be inside no_grad (a benchmark's labels, say)
+    with torch.enable_grad():  # callers may be inside no_grad (a benchmark's labels)
         wide = [t.float().requires_grad_(True) for t in (q, k, v)]
         want_out = reference_attention(*wide, route, window, scale, sink=sink)
         want = [want_out, *torch.autograd.grad(want_out, wide, out_grad.float())]
