@@ -18,7 +18,7 @@ from aha.hf import (
     router_logits,
     track_routing,
 )
-from aha.kernels import IMPLEMENTATIONS, AhaInputError, aha_attention, choose_impl
+from aha.kernels import IMPLEMENTATIONS, AhaInputError, GateGradient, aha_attention, choose_impl, gate_gradient
 from aha.models import load_model, load_smollm2
 from aha.router import OPEN_BIAS, Router, RouterInit, route_from_logits
 from aha.stats import RoutingStats, ideal_cost_ratio
@@ -31,6 +31,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AhaInputError",
     "AhaSettings",
+    "GateGradient",
     "GrowingCache",
     "Router",
     "RouterInit",
@@ -41,6 +42,7 @@ __all__ = [
     "convert",
     "force_routing",
     "from_pretrained",
+    "gate_gradient",
     "ideal_cost_ratio",
     "is_aha_model",
     "load_model",

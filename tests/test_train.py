@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -150,9 +152,12 @@ def test_lambda_controller_ramps_the_target():
         assert steady.update(steady.current_target) == pytest.approx(0.01)
 
 
-def test_resume_after_a_kill_is_bit_identical(tmp_path, copy_data, monkeypatch):
+@pytest.mark.parametrize("gate", [{}, {"gate_gradient": "sampled", "gate_sample_fraction": 0.5}], ids=["ste", "sampled"])
+def test_resume_after_a_kill_is_bit_identical(tmp_path, copy_data, monkeypatch, gate):
+    """Also with the sampled gate gradient, whose samples are drawn from a generator seeded by (seed, step, process)."""
+
     def config(out):
-        return toy_config(out, steps=8, grad_accum=2, batch_size=4, lr=3e-3, target_global=0.5, checkpoint_every=2, keep_checkpoints=2)
+        return toy_config(out, steps=8, grad_accum=2, batch_size=4, lr=3e-3, target_global=0.5, checkpoint_every=2, keep_checkpoints=2, **gate)
 
     straight = train(config(tmp_path / "straight"), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
 
@@ -214,6 +219,57 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(tmp_path, copy
         assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}
     final_a, final_b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
+
+
+def test_gate_gradient_estimators_train_and_frozen_routes_stay(tmp_path, copy_data, monkeypatch):
+    """Each estimator moves the routers the way the exact gate does at the start (same loss, a gradient
+    close to the STE's); after ``freeze_routes_at`` the routers stay put while the model trains on."""
+    config = toy_config(tmp_path, steps=1, grad_accum=1, batch_size=8, lambda_init=0.0, checkpoint_every=0)
+    router_grads = {}
+    real_step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):  # the router gradients of the step, as the optimizer sees them
+        router_grads[current] = torch.cat([p.grad.flatten() for p in self.param_groups[1]["params"]])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    for current, overrides in {"ste": {}, "sampled": {"gate_gradient": "sampled", "gate_sample_fraction": 1.0},
+                               "compressed": {"gate_gradient": "compressed", "gate_block": 1}}.items():
+        train(dataclasses.replace(config, out=str(tmp_path / current), **overrides), model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    for name in ("sampled", "compressed"):  # their exact limits
+        torch.testing.assert_close(router_grads[name], router_grads["ste"], rtol=1e-4, atol=1e-7)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+    snapshots = []
+    real_stepper_step = Stepper.step
+
+    def snapshot(self, progress):
+        row = real_stepper_step(self, progress)
+        snapshots.append([p.detach().clone() for p in self.routers] + [self.trainable[0].detach().clone()])
+        return row
+
+    monkeypatch.setattr(Stepper, "step", snapshot)
+    frozen = toy_config(tmp_path / "frozen", steps=4, lr=3e-3, target_global=0.5, freeze_routes_at=0.5, gate_gradient="sampled")
+    assert frozen.freeze_step == 2
+    train(frozen, model=tiny_llama(vocab_size=COPY_VOCAB), data=copy_data)
+    changed = [[not torch.equal(a, b) for a, b in zip(before, after)] for before, after in itertools.pairwise(snapshots)]
+    assert all(changed[0])  # step 2: routers and model train
+    for step in changed[1:]:  # steps 3 and 4: routers frozen, the model still trains
+        assert not any(step[:-1]) and step[-1]
+
+
+def test_gate_gradient_settings_are_checked():
+    with pytest.raises(ValueError, match="gate_gradient must be one of"):
+        TrainConfig(gate_gradient="exact")
+    with pytest.raises(ValueError, match=r"gate_sample_fraction must be in \(0, 1\]"):
+        TrainConfig(gate_sample_fraction=1.5)
+    with pytest.raises(ValueError, match="gate_block must be >= 1"):
+        TrainConfig(gate_block=0)
+    with pytest.raises(ValueError, match="freeze_routes_at must be in"):
+        TrainConfig(freeze_routes_at=2.0)
+    with pytest.raises(ValueError, match="freeze_routes_at freezes learned routes"):
+        TrainConfig(freeze_routes_at=0.5, trainable="routers")
+    assert TrainConfig(steps=10).freeze_step == 10  # never
 
 
 def test_resume_refuses_a_different_config(tmp_path, copy_data):

@@ -37,6 +37,8 @@ from aha.kernels._checks import (
     is_binary,
 )
 from aha.kernels.dispatch import IMPLEMENTATIONS, Inputs, select
+from aha.kernels.gate_estimators import GateGradient, gate_gradient
+from aha.kernels.gate_estimators import estimate as estimate_gate_gradient
 from aha.kernels.masks import KeyPadding, padding_mask
 from aha.kernels.ops import attention_op
 
@@ -73,7 +75,10 @@ def run_eager(
 ) -> Tensor:
     """The dispatcher on checked shapes, a resolved ``scale`` and clamped window/sink (see :func:`aha_attention`)."""
     inputs = _inputs(q, k, v, route, window, scale, key_padding_mask, sink, route_is_binary)
-    out = select(inputs, impl)(inputs)
+    implementation = select(inputs, impl)
+    out = estimate_gate_gradient(inputs, implementation)  # None: the implementation's own (STE) gate
+    if out is None:
+        out = implementation(inputs)
     if inputs.padding is not None:
         query_valid = inputs.padding.mask[:, None, k.shape[2] - q.shape[2] :, None]
         out = out.masked_fill(~query_valid, 0.0)
@@ -120,7 +125,9 @@ def aha_attention(
         route: ``[batch, q_heads, seq_q]``. Bool: True = global (keys ``0..p``), False = local
             (keys ``max(0, p - window + 1)..p``, its own key included). Float gate ``g`` in
             [0, 1]: output ``g * full + (1 - g) * local``, differentiable in ``g`` (pass the
-            straight-through gate ``g_hard + (g_soft - g_soft.detach())`` when training).
+            straight-through gate ``g_hard + (g_soft - g_soft.detach())`` when training). How
+            ``d out / d g`` of such a gate is computed (exactly, or estimated without full attention
+            for every pair) is set by the :func:`gate_gradient` context (:mod:`aha.kernels.gate_estimators`).
         window: keys a local query sees, its own included; ``>= 1``. ``window >= seq_kv`` makes
             local attention equal full attention.
         scale: softmax scale; default ``1 / sqrt(head_dim)``.
@@ -164,4 +171,4 @@ def aha_attention(
     return run_eager(q, k, v, route, window, scale, key_padding_mask, sink, impl, route_is_binary)
 
 
-__all__ = ["IMPLEMENTATIONS", "AhaInputError", "KeyPadding", "aha_attention", "choose_impl"]
+__all__ = ["IMPLEMENTATIONS", "AhaInputError", "GateGradient", "KeyPadding", "aha_attention", "choose_impl", "gate_gradient"]

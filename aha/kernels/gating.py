@@ -8,7 +8,9 @@ calls to them:
 * bool routes and binary float gates (the STE's forward values) run ``routed`` only (a caller
   that knows its gate is binary passes ``binary=True``; otherwise its values are read);
 * a float gate that requires grad also gets ``d out / d g = full - local`` at every pair, from
-  both dense branches computed without grad (the price of the STE: full attention per step);
+  both dense branches computed without grad (the price of the STE: full attention per step; the
+  estimators of :mod:`aha.kernels.gate_estimators`, which the dispatcher applies before an
+  implementation sees the gate, avoid it);
 * soft gates (values strictly between 0 and 1) mix both dense branches, ``g * full + (1 - g) * local``;
 * a window that covers every key makes both branches full attention.
 """

@@ -11,7 +11,10 @@ Objective per optimizer step, over the whole global batch (all processes, all mi
   original model, so no second copy is held. With ``trainable="all"`` the student's weights drift,
   so a frozen copy of the original is kept (one extra set of weights, no optimizer state).
 * ``mean(g_soft)``: ``sigmoid(router logit)`` averaged over real tokens, layers and heads (the paper's
-  L1 on the soft gates). The forward pass routes with the exact binary STE gate.
+  L1 on the soft gates). The forward pass routes with the exact binary STE gate; its gradient
+  ``full - local`` is exact (``gate_gradient='ste'``, full attention for every pair each step) or
+  estimated at less cost (``'sampled'``, ``'compressed'``: :mod:`aha.kernels.gate_estimators`), and
+  ``freeze_routes_at`` stops training the routes for the rest of the run (the routed pass alone).
 * ``lambda`` is fixed, or adapted by :class:`~aha.train.objective.LambdaController` to meet
   ``target_global``.
 
@@ -20,8 +23,9 @@ knows without communication (the batch schedule is a pure function of seed and s
 over processes and micro-batches gives the same gradient.
 
 Resume is exact: a checkpoint holds the model, optimizer, scheduler, per-process RNG states, the
-lambda controller and the step; data order is a function of ``(seed, step)``, so a resumed run
-feeds exactly the batches the uninterrupted run would have.
+lambda controller and the step; data order, the sampled gate gradient's samples and the route freeze
+are functions of ``(seed, step)``, so a resumed run feeds exactly the batches (and draws the samples)
+the uninterrupted run would have.
 
 The recipe composes the components of :mod:`aha.train`: the model setup (:mod:`~aha.train.model_setup`),
 the objective (:mod:`~aha.train.objective`, one optimizer step in :mod:`~aha.train.step`), the batch

@@ -27,6 +27,8 @@ from aha.router import RouterInit
 Trainable = Literal["all", "routers", "lora"]
 Precision = Literal["auto", "fp32", "bf16"]
 ForcedRouting = Literal["global", "local"]
+#: The gate-gradient estimators ``aha train`` offers (``"none"`` is what frozen routes use).
+TrainedGateGradient = Literal["ste", "sampled", "compressed"]
 
 #: Fields that may differ when resuming a run: they do not change the training trajectory.
 RESUME_MUTABLE_FIELDS = frozenset({"out", "eval_every", "eval_sequences", "checkpoint_every", "keep_checkpoints", "progress"})
@@ -89,6 +91,21 @@ class TrainConfig:
     target_ramp: float = option("share of the steps over which the target falls linearly from 1 to --target-global", default=0.3)
     distill: float = option("weight of KL(teacher || student) to the frozen original model's logits (0 = off)", default=0.0)
     distill_temperature: float = option("softmax temperature of the distillation term", default=1.0)
+    # the gate's gradient (aha.kernels.gate_estimators)
+    gate_gradient: TrainedGateGradient = option(
+        "how the routers' straight-through gate gets d out/d g = full - local: 'ste' (exact; full attention for every "
+        "(token, head) each step), 'sampled' (exact at global pairs and at a random --gate-sample-fraction of local "
+        "pairs, rescaled: unbiased) or 'compressed' (keys before the window as block means of --gate-block keys: "
+        "approximate, deterministic)",
+        default="ste",
+    )
+    gate_sample_fraction: float = option("'sampled': share of local (token, head) pairs given the gate gradient per step, in (0, 1]", default=0.1)
+    gate_block: int = option("'compressed': keys per compressed block (1 = exact)", default=32)
+    freeze_routes_at: float = option(
+        "share of the steps after which routes freeze: routers stop training and attention runs the routed pass "
+        "alone (1 = never; e.g. 0.5 trains routes in the first half at the gate gradient's cost)",
+        default=1.0,
+    )
     # optimisation
     steps: int = option("optimizer steps", default=200)
     batch_size: int = option("sequences per process per micro-batch", default=1)
@@ -154,7 +171,15 @@ class TrainConfig:
             problems.append("router_warm_start needs warm_start_global (or target_global) in (0, 1)")
         if self.force_routing is not None and (self.target_global is not None or self.trainable == "routers"):
             problems.append("force_routing fixes the routes: drop target_global and use trainable='all' or 'lora'")
-        choices = {"trainable": get_args(Trainable), "precision": get_args(Precision)}
+        if not 0 < self.gate_sample_fraction <= 1:
+            problems.append("gate_sample_fraction must be in (0, 1] (a share of the local pairs)")
+        if self.gate_block < 1:
+            problems.append("gate_block must be >= 1 (keys per compressed block)")
+        if not 0 <= self.freeze_routes_at <= 1:
+            problems.append("freeze_routes_at must be in [0, 1] (a share of the steps; 1 = never)")
+        if self.freeze_routes_at < 1 and (self.force_routing is not None or self.trainable == "routers"):
+            problems.append("freeze_routes_at freezes learned routes: it needs trainable 'all' or 'lora' (something must train after) and no force_routing")
+        choices = {"trainable": get_args(Trainable), "precision": get_args(Precision), "gate_gradient": get_args(TrainedGateGradient)}
         choices["force_routing"] = (None, *get_args(ForcedRouting))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -166,6 +191,11 @@ class TrainConfig:
     def warm_start_fraction(self) -> float | None:
         """The share of pairs the router warm start labels global: ``warm_start_global``, else ``target_global``."""
         return self.warm_start_global if self.warm_start_global is not None else self.target_global
+
+    @property
+    def freeze_step(self) -> int:
+        """Steps taken before routes freeze (:attr:`freeze_routes_at` of :attr:`steps`; ``steps`` = never)."""
+        return math.ceil(self.freeze_routes_at * self.steps)
 
     @property
     def routing(self) -> AhaSettings:

@@ -2,6 +2,9 @@
 
 Every term is a sum over tokens divided by the token count of the global batch, which each process
 knows without communication, so any split over processes and micro-batches gives the same gradient.
+The student's forward runs under the step's gate-gradient estimator (:mod:`aha.kernels.gate_estimators`,
+``--gate-gradient``); from ``freeze_routes_at`` on, routes are frozen: no gradient reaches the gates,
+and the routers' gradients (the sparsity term's) are dropped before the optimizer step.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from torch import Tensor, nn
 import aha
 from aha.data import PackedDataset
 from aha.data.passkey import PasskeyMixDataset
+from aha.kernels.gate_estimators import GateGradient, gate_gradient
 from aha.train.config import TrainConfig
+from aha.train.model_setup import router_parameters
 from aha.train.objective import (
     LambdaController,
     cross_entropy_sum,
@@ -52,13 +57,35 @@ class Stepper:
         self.train_set, self.teacher_logits = train_set, teacher_logits
         self.schedule = BatchSchedule(len(train_set), config.seed, config.batch_size, config.grad_accum, accelerator.num_processes)
         self.trainable = [p for p in student.parameters() if p.requires_grad]
+        self.routers = [p for p in router_parameters(aha_model) if p.requires_grad]
+        if config.freeze_step < config.steps and not self.routers:
+            raise ValueError(
+                "freeze_routes_at freezes the routers' parameters, and this model has no separate aha.Router modules "
+                "(its routers are fused into q_proj): drop freeze_routes_at"
+            )
 
-    def _micro_batch(self, indices: np.ndarray, global_targets: int, global_tokens: int, lambda_: float) -> Tensor:
+    def gate_gradient(self, step: int) -> GateGradient:
+        """The gate-gradient estimator of optimizer step ``step + 1`` (``"none"`` once routes are frozen).
+
+        A sampled estimator draws from a generator seeded by ``(seed, step, process)``: a resumed run
+        draws the samples the uninterrupted run drew, and processes draw different ones.
+        """
+        config = self.config
+        if step >= config.freeze_step:
+            return GateGradient("none")
+        generator = None
+        if config.gate_gradient == "sampled":
+            seed = np.random.SeedSequence([config.seed, step, self.accelerator.process_index]).generate_state(1)[0]
+            generator = torch.Generator(self.accelerator.device).manual_seed(int(seed))
+        return GateGradient(config.gate_gradient, config.gate_sample_fraction, config.gate_block, generator)
+
+    def _micro_batch(self, indices: np.ndarray, global_targets: int, global_tokens: int, lambda_: float, estimator: GateGradient) -> Tensor:
         """Forward and backward one micro-batch; returns its sums ``[ce, kd, soft gate, global pairs, all pairs]``."""
         config = self.config
         batch = collate(self.train_set, indices, self.accelerator.device)
         teacher = self.teacher_logits(batch["input_ids"]) if self.teacher_logits is not None else None
-        logits = self.student(input_ids=batch["input_ids"]).logits
+        with gate_gradient(estimator):
+            logits = self.student(input_ids=batch["input_ids"]).logits
         ce = cross_entropy_sum(logits, batch["labels"])
         kd = distillation_sum(logits, teacher, batch["labels"], config.distill_temperature) if teacher is not None else ce.new_zeros(())
         loss = (ce + config.distill * kd) / global_targets
@@ -85,10 +112,14 @@ class Stepper:
         lambda_ = self.controller.lambda_
         micro_batches = indices[:, self.accelerator.process_index]
         sums = torch.zeros(5, dtype=torch.float64, device=self.accelerator.device)
+        estimator = self.gate_gradient(progress.step)
         for micro, micro_indices in enumerate(micro_batches):
             last = micro == len(micro_batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.student):
-                sums += self._micro_batch(micro_indices, global_targets, global_tokens, lambda_)
+                sums += self._micro_batch(micro_indices, global_targets, global_tokens, lambda_, estimator)
+        if estimator.name == "none":  # frozen routes: the sparsity term's gradient must not move them either
+            for parameter in self.routers:
+                parameter.grad = None
         clip = self.config.max_grad_norm
         grad_norm = self.accelerator.clip_grad_norm_(self.trainable, clip) if clip > 0 else None
         self.optimizer.step()
