@@ -2,8 +2,8 @@
 
 A group is a function ``(BenchConfig) -> list[Section]`` registered with :func:`register_group`;
 ``kernels`` (attention prefill, forward+backward, decode, peak memory; in
-:mod:`aha.benchmarking.kernels`) is built in, and further groups (for example an end-to-end
-model benchmark) register themselves the same way in their own module, imported at the bottom
+:mod:`aha.benchmarking.kernels`) is built in, and further groups (``model``, ``serve``,
+``train-step``) register themselves the same way in their own module, imported at the bottom
 of this file. :func:`run_benchmarks` runs the selected groups into one report that
 :func:`print_report` renders as tables and :func:`write_report` saves as JSON.
 """
@@ -85,6 +85,11 @@ class BenchConfig:
         default=1,
         parse=lambda text: None if text == "learned" else int(text),
     )
+    train_step_seq_lens: list[int] = option("Sequence lengths of the 'train-step' group, e.g. 1024,4096.", "--train-step-n", default_factory=lambda: [1024, 4096])
+    gate_gradients: list[str] = option(
+        "'train-step' group: aha train steps timed, by gate gradient: ste,sampled,compressed (aha train --gate-gradient) "
+        "and frozen (routes frozen, --freeze-routes-at).", "--gate-gradients", default_factory=lambda: ["ste", "sampled", "compressed", "frozen"],
+    )
     serve_clients: list[int] = option("Concurrent clients of the 'serve' group, e.g. 1,4,16.", "--serve-clients", default_factory=lambda: [1, 4, 16])
     serve_prompt_lens: list[int] = option("Prompt lengths of the 'serve' group, e.g. 1024,4096,8192.", "--serve-n", default_factory=lambda: [1024, 4096, 8192])
     serve_max_tokens: int = option("Tokens each 'serve' request generates.", default=64)
@@ -110,6 +115,7 @@ class BenchConfig:
             decode_head_shapes=["4/2"],
             memory_len=2048,
             model_seq_lens=[256],
+            train_step_seq_lens=[256],
             serve_clients=[1, 2],
             serve_prompt_lens=[128],
             serve_max_tokens=8,
@@ -207,6 +213,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
 from aha.benchmarking import kernels as _kernels  # registers the "kernels" group
 from aha.benchmarking import model as _model  # registers the "model" group
 from aha.benchmarking import serve as _serve  # registers the "serve" group
+from aha.benchmarking import train_step as _train_step  # registers the "train-step" group
 
 __all__ = [
     "GROUPS",

@@ -153,14 +153,24 @@ def _warn_beyond_positions(config: TrainConfig, model: nn.Module) -> None:
         )
 
 
-def _controller(config: TrainConfig) -> LambdaController:
-    return LambdaController(
+def build_stepper(config: TrainConfig, accelerator: Accelerator, aha_model: nn.Module, train_set: PackedDataset | PasskeyMixDataset) -> Stepper:
+    """What trains and how, ready to take optimizer steps: the student (trainable parameters set by
+    ``config.trainable``), the distillation teacher, AdamW over the model and router groups with the
+    warmup + cosine schedule (prepared by ``accelerator``) and the budget controller."""
+    routers = router_parameters(aha_model)
+    student = configure_trainable(config, aha_model)
+    teacher_logits = teacher(config, aha_model, student, accelerator)
+    optimizer = torch.optim.AdamW(param_groups(config, student, routers))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    controller = LambdaController(
         config.lambda_init,
         config.target_global,
         rate=config.lambda_lr,
         gain=config.lambda_gain,
         ramp_steps=round(config.target_ramp * config.steps),
     )
+    return Stepper(config, accelerator, student, aha_model, optimizer, scheduler, controller, train_set, teacher_logits)
 
 
 def _non_finite_loss(row: dict[str, Any], progress: TrainProgress, out: Path) -> FloatingPointError:
@@ -271,13 +281,8 @@ def train(
         fitted = warm_start_routers(aha_model, sequences, config.warm_start_fraction)
         fractions = ", ".join(f"{layer['fitted']:.2f}" for layer in fitted["layers"])
         accelerator.print(f"routers warm-started on {len(sequences)} sequences; global fraction per layer: {fractions}")
-    routers = router_parameters(aha_model)
-    student = configure_trainable(config, aha_model)
-    teacher_logits = teacher(config, aha_model, student, accelerator)
-    optimizer = torch.optim.AdamW(param_groups(config, student, routers))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    controller = _controller(config)
+    stepper = build_stepper(config, accelerator, aha_model, train_set)
+    student, controller = stepper.student, stepper.controller
 
     # resume, metrics log
     progress = TrainProgress()
@@ -292,7 +297,6 @@ def train(
     def trainer_state() -> dict[str, Any]:
         return {"controller": controller.state_dict(), "progress": progress.state_dict(), "num_processes": accelerator.num_processes}
 
-    stepper = Stepper(config, accelerator, student, aha_model, optimizer, scheduler, controller, train_set, teacher_logits)
     accelerator.print(
         f"aha train: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}; {len(train_set)} train / {len(data.heldout)} held-out sequences "
