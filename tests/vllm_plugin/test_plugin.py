@@ -1,8 +1,9 @@
 """The vLLM plugin (aha/integrations/vllm) on vLLM's CPU build: run in .venv-vllm (``make test`` does).
 
-Every engine serves a tiny AHA Llama whose converted layers route all-global, all-local and at
-random (:func:`vllm_support.mixed_routes_model`), so one engine checks the three route kinds and an
-unconverted layer. Exactness: greedy tokens equal ``aha``'s own ``generate``, and vLLM's
+The engines serve tiny AHA models (Llama; OLMo2 under tensor parallelism) whose converted layers
+route all-global, all-local and at random (:func:`vllm_support.mixed_routes_model`), so one engine
+checks the three route kinds and an unconverted layer; ``vllm serve`` gets a folder in the released
+AHA-OLMO2 layout. Exactness: greedy tokens equal ``aha``'s own ``generate``, and vLLM's
 log-probabilities (prompt and generated, top 5) equal ``aha``'s within ``LOGPROB_ATOL``.
 """
 
@@ -23,7 +24,14 @@ import torch
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in .venv-vllm (make vllm-venv)")
 
 from vllm import LLM, SamplingParams
-from vllm_support import WORDS, greedy_reference, mixed_routes_model, prompts, save
+from vllm_support import (
+    WORDS,
+    greedy_reference,
+    mixed_routes_model,
+    prompts,
+    released_aha_olmo2,
+    save,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -78,11 +86,12 @@ def test_greedy_tokens_and_logprobs_equal_aha_generate(served):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism over 2 CPU workers needs 2 cores")
-def test_tensor_parallel_2_splits_routers_with_their_heads(tmp_path, monkeypatch):
-    # each worker routes its own 2 of the 4 query heads with its shard of the router rows; on a
-    # single NUMA node vLLM's automatic thread binding refuses 2 workers, so each gets one core
+def test_tensor_parallel_2_olmo2_splits_routers_with_their_heads(tmp_path, monkeypatch):
+    # each worker routes its own 2 of the 4 query heads with its shard of the (fused) router rows,
+    # and gathers every head for OLMo2's QK-norm; on a single NUMA node vLLM's automatic thread
+    # binding refuses 2 workers, so each gets one core
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    model = mixed_routes_model(sink=1, layout="separate")
+    model = mixed_routes_model(sink=1, layout="fused", family="olmo2")
     llm = LLM(model=str(save(model, tmp_path)), enforce_eager=True, tensor_parallel_size=2, **ENGINE)
     try:
         assert_matches_aha(llm, model)
@@ -103,8 +112,9 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_vllm_serve_answers_openai_requests_with_aha_tokens(tmp_path):
-    model = mixed_routes_model(sink=1, layout="separate")
-    folder = save(model, tmp_path / "model")
+    # a folder in the released AHA-OLMO2 layout, served as it is
+    folder = tmp_path / "model"
+    model = released_aha_olmo2(folder)
     port = _free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -53,6 +54,21 @@ def _router_parameters(router) -> tuple[torch.Tensor, torch.Tensor]:
         return router.router.proj.weight, router.router.proj.bias
     rows = router.query_features
     return router.weight[rows:], router.bias[rows:]
+
+
+def released_aha_olmo2(folder: Path, *, window: int = 8):
+    """A tiny OLMo2 saved in the released AHA-OLMO2 layout (``model_type: "faolmo"``, fused
+    bias-free routers in every layer, ``local_window_size``, no ``"aha"`` block) with a tokenizer;
+    returns the aha model it holds (random routers: about half the pairs global)."""
+    model = aha.convert(
+        tiny_model("olmo2", **TINY_VLLM), window=window, router_init="random", router_layout="fused", router_bias=False
+    ).eval()
+    save(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["aha"]
+    config |= {"model_type": "faolmo", "architectures": ["FAOlmoForCausalLM"], "local_window_size": window}
+    (folder / "config.json").write_text(json.dumps(config))
+    return model
 
 
 def save(model, folder: Path) -> Path:

@@ -7,7 +7,15 @@ would not reach them). Nothing in vLLM is patched. See docs/serving.md for what 
 
 from __future__ import annotations
 
-ARCHITECTURES = ("AhaLlamaForCausalLM", "AhaMistralForCausalLM", "AhaQwen2ForCausalLM", "AhaQwen3ForCausalLM")
+#: Architecture name in an AHA ``config.json`` -> the module of its vLLM class (same name), or ``module:Class``.
+ARCHITECTURES = {
+    "AhaLlamaForCausalLM": "aha.integrations.vllm.models",
+    "AhaMistralForCausalLM": "aha.integrations.vllm.models",
+    "AhaQwen2ForCausalLM": "aha.integrations.vllm.models",
+    "AhaQwen3ForCausalLM": "aha.integrations.vllm.models",
+    "AhaOlmo2ForCausalLM": "aha.integrations.vllm.olmo2",
+    "FAOlmoForCausalLM": "aha.integrations.vllm.olmo2:AhaOlmo2ForCausalLM",  # the released AHA-OLMO2
+}
 
 
 class _OneBlockPerRequest:
@@ -26,15 +34,19 @@ class _OneBlockPerRequest:
 
 def register() -> None:
     """Make vLLM serve AHA checkpoints: transformers' ``AutoConfig`` learns the ``aha_*`` model
-    types (``import aha``), vLLM's registries learn the model classes (by path: imported only in
-    the processes that build a model), the ``AHA`` attention backend and the block-size hook."""
+    types (``import aha``) and the released AHA-OLMO2's ``faolmo``, vLLM's registries learn the model
+    classes (by path: imported only in the processes that build a model), the ``AHA`` attention
+    backend and the block-size hook."""
+    from transformers import AutoConfig
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.v1.attention.backends.registry import register_backend
 
     import aha  # noqa: F401  (registers the aha_* configs with AutoConfig)
+    from aha.integrations.vllm.configs import ReleasedAhaOlmo2Config
 
-    for architecture in ARCHITECTURES:
-        ModelRegistry.register_model(architecture, f"aha.integrations.vllm.models:{architecture}")
+    AutoConfig.register(ReleasedAhaOlmo2Config.model_type, ReleasedAhaOlmo2Config, exist_ok=True)
+    for architecture, path in ARCHITECTURES.items():
+        ModelRegistry.register_model(architecture, path if ":" in path else f"{path}:{architecture}")
         MODELS_CONFIG_MAP[architecture] = _OneBlockPerRequest
     register_backend("AHA", "aha.integrations.vllm.attention.AhaAttentionBackend")

@@ -53,12 +53,19 @@ class RoutedAttentionMixin:
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if getattr(self, "q_norm", None) is not None:  # Qwen3, Qwen2 with qk_norm: RMSNorm per head, before RoPE
-            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
+        q, k = self.normalize_qk(q, k)
         q, k = self.rotary_emb(positions, q, k)
         output, _ = self.o_proj(self.attn(q, k, v, self.route(hidden_states)))
         return output
+
+    def normalize_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """QK-norm before RoPE: RMSNorm per head where the family has one (Qwen3, Qwen2 with
+        ``qk_norm``), none otherwise (Llama, Mistral)."""
+        if getattr(self, "q_norm", None) is None:
+            return q, k
+        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
+        return q, k
 
     def route(self, hidden_states: Tensor) -> Tensor:
         """``[tokens, heads]`` bool, True = global: ``sigmoid(logit) > threshold`` as in
@@ -88,7 +95,6 @@ def route_layers(model: nn.Module, vllm_config: VllmConfig) -> None:
     settings = AhaSettings.from_config(config)
     if getattr(config, "llama_4_scaling", None) is not None:
         raise ValueError("AHA models in vLLM do not support llama_4_scaling")
-    converted = set(settings.layer_indices(config.num_hidden_layers))
     layers = model.model.layers
     forward_context = vllm_config.compilation_config.static_forward_context
     for index in range(model.model.start_layer, model.model.end_layer):
@@ -105,17 +111,19 @@ def route_layers(model: nn.Module, vllm_config: VllmConfig) -> None:
             window=settings.window,
             sink=settings.sink,
         )
-        attention.router = None
-        if index in converted:
-            attention.router = ColumnParallelLinear(
-                config.hidden_size,
-                config.num_attention_heads,
-                bias=settings.router_bias,
-                gather_output=False,
-                prefix=stock.layer_name.removesuffix(".attn") + ".router",
-            )
+        attention.router = router(config, settings, index, stock.layer_name.removesuffix(".attn"))
         attention.threshold = settings.threshold
         attention.__class__ = _routed_class(type(attention))
+
+
+def router(config, settings: AhaSettings, index: int, prefix: str) -> ColumnParallelLinear | None:
+    """The router of decoder layer ``index`` (``hidden -> heads``, sharded by head like the
+    queries), or None for a layer the checkpoint left unconverted."""
+    if index not in settings.layer_indices(config.num_hidden_layers):
+        return None
+    return ColumnParallelLinear(
+        config.hidden_size, config.num_attention_heads, bias=settings.router_bias, gather_output=False, prefix=f"{prefix}.router"
+    )
 
 
 def split_router_weights(
