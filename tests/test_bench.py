@@ -182,3 +182,23 @@ def test_user_errors_end_in_one_line_and_debug_shows_the_traceback(tmp_path, cap
         assert stop.value.code == 2 and expected in err and "Traceback" not in err
     with pytest.raises(FileNotFoundError, match="no model folder"):
         main(["eval", "--model", str(tmp_path / "nowhere"), "--debug"])
+
+
+def test_a_value_error_from_outside_aha_is_a_bug_with_its_traceback(monkeypatch, capsys):
+    """Every ValueError once read as a user error (one line, exit 2), so bugs in torch or aha's use of it hid."""
+    from aha.cli import main
+    from aha.cli import bench as bench_cli
+
+    def raises_inside_json(*args, **kwargs):
+        json.loads("{")  # json.JSONDecodeError, a ValueError raised in the standard library
+
+    monkeypatch.setattr(bench_cli, "replace", raises_inside_json)
+    with pytest.raises(json.JSONDecodeError):
+        main(["bench", "--quick"])
+
+    from aha.kernels.cpu_tuning import KernelChoice
+
+    monkeypatch.setattr(bench_cli, "replace", lambda *args, **kwargs: KernelChoice(microkernel="amx"))  # aha's own check
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--quick"])
+    assert stop.value.code == 2 and "aha: error: unknown microkernel 'amx'" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from pathlib import Path
 
 from aha._optional import MissingExtraError, reraise_missing
 
@@ -21,8 +23,11 @@ app = typer.Typer(
 )
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the input is wrong" (their messages name the fix), not "aha is broken"."""
+def _is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` means "the input is wrong" (its message names the fix), not "aha is broken":
+    aha's own input errors, a missing file, and a ValueError or FloatingPointError raised by aha's own
+    checks. The same types raised inside torch, transformers or elsewhere are bugs to report, with
+    their traceback."""
     import yaml
 
     from aha.data import DataSourceError
@@ -30,8 +35,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from aha.kernels import AhaInputError
     from aha.train.checkpoint import CheckpointError
 
-    return (AhaInputError, DataSourceError, MissingExtraError, UnsupportedModelError, CheckpointError, yaml.YAMLError,
-            FileNotFoundError, ValueError, FloatingPointError)  # fmt: skip
+    if isinstance(error, (AhaInputError, DataSourceError, MissingExtraError, UnsupportedModelError, CheckpointError,
+                          yaml.YAMLError, FileNotFoundError)):  # fmt: skip
+        return True
+    if not isinstance(error, (ValueError, FloatingPointError)) or error.__traceback__ is None:
+        return False
+    raised_in = Path(traceback.extract_tb(error.__traceback__)[-1].filename).resolve()
+    return raised_in.is_relative_to(Path(__file__).resolve().parents[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     args = [arg for arg in args if arg != "--debug"]
     try:
         app(args=args, prog_name="aha")  # usage errors and BadParameter: typer prints them and exits
-    except _user_errors() as error:
-        if debug:
+    except Exception as error:
+        if debug or not _is_user_error(error):
             raise
         message = str(error).strip() or type(error).__name__
         typer.echo(f"aha: error: {message}\n(run with --debug for the traceback)", err=True)
