@@ -1,6 +1,6 @@
 """The vLLM plugin (aha/integrations/vllm) on vLLM's CPU build: run in .venv-vllm (``make test`` does).
 
-The engines serve tiny AHA models (Llama; OLMo2 under tensor parallelism) whose converted layers
+The engines serve tiny AHA models (Llama, Qwen3, Qwen2; OLMo2 under tensor parallelism) whose converted layers
 route all-global, all-local and at random (:func:`vllm_support.mixed_routes_model`), so one engine
 checks the three route kinds and an unconverted layer; ``vllm serve`` gets a folder in the released
 AHA-OLMO2 layout. Exactness: greedy tokens equal ``aha``'s own ``generate``, and vLLM's
@@ -44,17 +44,18 @@ PROMPTS = prompts(4, (23, 100, 47, 9))
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20, "max_num_batched_tokens": 64, "max_num_seqs": 4}
 
 CASES = {
-    # case: (sink, router layout, compiled); the compiled case runs vLLM's default mode (torch.compile of the whole model)
-    "sink0-separate-eager": (0, "separate", False),
-    "sink1-fused-compiled": (1, "fused", True),
+    # case: (family, sink, router layout, compiled); compiled = vLLM's default mode (torch.compile of the whole model)
+    "llama-sink0-separate-eager": ("llama", 0, "separate", False),  # the demo's layout
+    "qwen3-sink1-separate-eager": ("qwen3", 1, "separate", False),  # QK-norm per head
+    "qwen2-sink1-fused-compiled": ("qwen2", 1, "fused", True),  # q_proj with a bias: router rows in it too
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def served(request, tmp_path_factory):
     """(engine, the aha model it serves) for one case; the engine is shut down after the module."""
-    sink, layout, compiled = CASES[request.param]
-    model = mixed_routes_model(sink=sink, layout=layout)
+    family, sink, layout, compiled = CASES[request.param]
+    model = mixed_routes_model(sink=sink, layout=layout, family=family)
     folder = save(model, tmp_path_factory.mktemp(request.param))
     llm = LLM(model=str(folder), enforce_eager=not compiled, **ENGINE)
     yield llm, model
