@@ -1281,20 +1281,44 @@ inline float hsum(vfloat x) {
   return (f[0] + f[2]) + (f[1] + f[3]);
 }
 
+// kLanes consecutive elements of a row as fp32: bf16 and fp16 widened in registers (the decode
+// step reads each key once, so a widened copy in memory would cost a store and a load per element).
+template <typename T>
+inline vfloat vload_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return vload(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    typedef uint16_t vbits __attribute__((vector_size(2 * kLanes), aligned(2)));
+    return (vfloat)(__builtin_convertvector(*reinterpret_cast<const vbits*>(p), vint) << 16);
+  } else {
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+    return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    vfloat v;
+    for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+#endif
+  }
+}
+
 // Softmax statistics (max m, sum l, unnormalised output acc[D]) of one query, pre-scaled to log2
-// units in `qr`, over keys [j0, j0 + n). NV = D / 16 keeps the query and accumulators in
-// registers; NV = 0 handles any D. Two accumulator sets break the FMA dependency between keys.
+// units in `qr`, over keys [j0, j0 + n). NV = D / kLanes keeps the query and accumulators in
+// registers; NV = 0 handles any D. With fewer than 8 vectors per row, two accumulator sets break
+// the FMA dependency between keys (8 or more are enough on their own, and two sets would spill).
 template <int NV, typename T>
 void decode_chunk(const float* qr, const T* kh, int64_t k_st, const T* vh, int64_t v_st, int64_t j0, int64_t n,
-                  int64_t D, float* s, float* rows, float& m_out, float& l_out, float* acc_out) {
+                  int64_t D, float* s, float& m_out, float& l_out, float* acc_out) {
   constexpr int kCap = NV > 0 ? NV : 64;
+  constexpr int kSets = NV > 0 && NV < 8 ? 2 : 1;
   const int nv = NV > 0 ? NV : static_cast<int>(D / kLanes);
   vfloat qv[kCap];
   for (int i = 0; i < nv; ++i) qv[i] = vload(qr + i * kLanes);
   for (int64_t j = 0; j < n; ++j) {
-    const float* kr = rows_as_float(kh, k_st, j0 + j, 1, D, rows).first;
-    vfloat dot = vload(kr) * qv[0];
-    for (int i = 1; i < nv; ++i) dot += vload(kr + i * kLanes) * qv[i];
+    const T* kr = kh + (j0 + j) * k_st;
+    vfloat dot = vload_as_float(kr) * qv[0];
+    for (int i = 1; i < nv; ++i) dot += vload_as_float(kr + i * kLanes) * qv[i];
     s[j] = hsum(dot);
   }
   std::fill(s + n, s + round_up(n, kLanes), kNegInf);
@@ -1308,36 +1332,38 @@ void decode_chunk(const float* qr, const T* kh, int64_t k_st, const T* vh, int64
     vstore(s + j, p);
     sum += p;
   }
-  vfloat even[kCap], odd[kCap];
-  for (int i = 0; i < nv; ++i) even[i] = odd[i] = vfloat{};
+  vfloat acc[kSets][kCap];
+  for (int set = 0; set < kSets; ++set)
+    for (int i = 0; i < nv; ++i) acc[set][i] = vfloat{};
   int64_t j = 0;
-  for (; j + 1 < n; j += 2) {
-    const float* v0 = rows_as_float(vh, v_st, j0 + j, 1, D, rows).first;
-    const float* v1 = rows_as_float(vh, v_st, j0 + j + 1, 1, D, rows + D).first;
-    const vfloat p0 = vsplat(s[j]), p1 = vsplat(s[j + 1]);
-    for (int i = 0; i < nv; ++i) {
-      even[i] += p0 * vload(v0 + i * kLanes);
-      odd[i] += p1 * vload(v1 + i * kLanes);
+  for (; j + kSets <= n; j += kSets)
+    for (int set = 0; set < kSets; ++set) {
+      const T* vr = vh + (j0 + j + set) * v_st;
+      const vfloat p = vsplat(s[j + set]);
+      for (int i = 0; i < nv; ++i) acc[set][i] += p * vload_as_float(vr + i * kLanes);
     }
+  for (; j < n; ++j) {
+    const T* vr = vh + (j0 + j) * v_st;
+    for (int i = 0; i < nv; ++i) acc[0][i] += vsplat(s[j]) * vload_as_float(vr + i * kLanes);
   }
-  if (j < n) {
-    const float* v0 = rows_as_float(vh, v_st, j0 + j, 1, D, rows).first;
-    for (int i = 0; i < nv; ++i) even[i] += vsplat(s[j]) * vload(v0 + i * kLanes);
+  for (int i = 0; i < nv; ++i) {
+    vfloat total = acc[0][i];
+    for (int set = 1; set < kSets; ++set) total += acc[set][i];
+    vstore(acc_out + i * kLanes, total);
   }
-  for (int i = 0; i < nv; ++i) vstore(acc_out + i * kLanes, even[i] + odd[i]);
   m_out = m;
   l_out = hsum(sum);
 }
 
 template <typename T>
 void decode_chunk_dispatch(const float* qr, const T* kh, int64_t k_st, const T* vh, int64_t v_st, int64_t j0,
-                           int64_t n, int64_t D, float* s, float* rows, float& m, float& l, float* acc) {
+                           int64_t n, int64_t D, float* s, float& m, float& l, float* acc) {
   switch (D / kLanes) {
-    case 1: return decode_chunk<1>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
-    case 2: return decode_chunk<2>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
-    case 4: return decode_chunk<4>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
-    case 8: return decode_chunk<8>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
-    default: return decode_chunk<0>(qr, kh, k_st, vh, v_st, j0, n, D, s, rows, m, l, acc);
+    case 1: return decode_chunk<1>(qr, kh, k_st, vh, v_st, j0, n, D, s, m, l, acc);
+    case 2: return decode_chunk<2>(qr, kh, k_st, vh, v_st, j0, n, D, s, m, l, acc);
+    case 4: return decode_chunk<4>(qr, kh, k_st, vh, v_st, j0, n, D, s, m, l, acc);
+    case 8: return decode_chunk<8>(qr, kh, k_st, vh, v_st, j0, n, D, s, m, l, acc);
+    default: return decode_chunk<0>(qr, kh, k_st, vh, v_st, j0, n, D, s, m, l, acc);
   }
 }
 
@@ -1399,8 +1425,8 @@ bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   std::fill(lse, lse + rows, kNegInf);
   std::vector<float> part_m(parts.size()), part_l(parts.size()), part_o(parts.size() * D);
   struct Scratch {
-    AlignedBuffer<> qrow, krow, scores;
-    explicit Scratch(int64_t D) : qrow(D), krow(2 * D), scores(kDecodeChunk + kLanes) {}
+    AlignedBuffer<> qrow, scores;
+    explicit Scratch(int64_t D) : qrow(D), scores(kDecodeChunk + kLanes) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
   run_tasks(largest_first(costs), [&](int64_t index, int64_t slot) {
@@ -1417,8 +1443,8 @@ bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
       float* qr = sc.qrow.get();
       widen_row(q + task.b * pb.q_sb + (part.row % pb.q_heads) * pb.q_sh, qr, D);
       for (int64_t d = 0; d < D; ++d) qr[d] *= pb.scale * kLog2e;
-      decode_chunk_dispatch(qr, kh, pb.k_st, vh, pb.v_st, part.j0, part.j1 - part.j0, D, sc.scores.get(),
-                            sc.krow.get(), part_m[i], part_l[i], part_o.data() + i * D);
+      decode_chunk_dispatch(qr, kh, pb.k_st, vh, pb.v_st, part.j0, part.j1 - part.j0, D, sc.scores.get(), part_m[i],
+                            part_l[i], part_o.data() + i * D);
     }
   });
   // merge the parts of each row
