@@ -44,16 +44,17 @@ from typing import Any
 
 import httpx2
 
+from aha.serving.process import ServerProcess, free_port, running_server
+
 REPO = Path(__file__).resolve().parent.parent
 SERVERS = ("vllm-aha", "vllm-dense", "aha-serve")
 
 
-class VllmServer:
-    """``vllm serve FOLDER`` from another venv on a free loopback port; up once constructed."""
+class VllmServer(ServerProcess):
+    """``vllm serve FOLDER`` from another venv on a free loopback port; up once constructed
+    (:class:`~aha.serving.process.ServerProcess`'s ``stop`` and ``log_tail``)."""
 
     def __init__(self, vllm: Path, folder: Path, flags: list[str], log: Path, startup_seconds: float = 1200.0):
-        from aha.serving.process import free_port
-
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
         command = [str(vllm), "serve", str(folder), "--host", "127.0.0.1", "--port", str(self.port), *flags]
@@ -62,22 +63,13 @@ class VllmServer:
         deadline = time.monotonic() + startup_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(httpx2.HTTPError):
                 if httpx2.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             time.sleep(1)
         self.stop()
-        raise RuntimeError(f"vllm serve did not answer /health in {startup_seconds:.0f} s:\n{log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        raise RuntimeError(f"vllm serve did not answer /health in {startup_seconds:.0f} s:\n{self.log_tail()}")
 
 
 @contextlib.contextmanager
@@ -144,7 +136,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from aha.integrations.vllm.checkpoints import write_plain_checkpoint
-    from aha.serving.process import running_server
 
     model = args.model.resolve()
     tokenizer = AutoTokenizer.from_pretrained(model)

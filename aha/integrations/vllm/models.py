@@ -44,6 +44,7 @@ class RoutedAttentionMixin:
     attn: AhaAttention
     router: ColumnParallelLinear | None
     threshold: float
+    scaling: float
     q_size: int
     kv_size: int
     num_heads: int
@@ -66,6 +67,22 @@ class RoutedAttentionMixin:
         q = self.q_norm(q.view(-1, self.num_heads, self.head_dim)).view(q.shape)
         k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
         return q, k
+
+    def attach_routing(self, vllm_config: VllmConfig, settings: AhaSettings, layer_index: int, prefix: str) -> None:
+        """Give the layer (``num_heads`` / ``num_kv_heads`` / ``head_dim`` / ``scaling`` set) its
+        :class:`AhaAttention` named ``<prefix>.attn``, its router and its threshold."""
+        self.attn = AhaAttention(
+            self.num_heads,
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            prefix=f"{prefix}.attn",
+            window=settings.window,
+            sink=settings.sink,
+        )
+        self.router = router(vllm_config.model_config.hf_config, settings, layer_index, prefix)
+        self.threshold = settings.threshold
 
     def route(self, hidden_states: Tensor) -> Tensor:
         """``[tokens, heads]`` bool, True = global: ``sigmoid(logit) > threshold`` as in
@@ -99,21 +116,9 @@ def route_layers(model: nn.Module, vllm_config: VllmConfig) -> None:
     forward_context = vllm_config.compilation_config.static_forward_context
     for index in range(model.model.start_layer, model.model.end_layer):
         attention = layers[index].self_attn
-        stock = attention.attn
-        del forward_context[stock.layer_name]
-        attention.attn = AhaAttention(
-            stock.num_heads,
-            stock.head_size,
-            attention.scaling,
-            num_kv_heads=stock.num_kv_heads,
-            cache_config=vllm_config.cache_config,
-            prefix=stock.layer_name,
-            window=settings.window,
-            sink=settings.sink,
-        )
-        attention.router = router(config, settings, index, stock.layer_name.removesuffix(".attn"))
-        attention.threshold = settings.threshold
+        del forward_context[attention.attn.layer_name]
         attention.__class__ = _routed_class(type(attention))
+        attention.attach_routing(vllm_config, settings, index, attention.attn.layer_name.removesuffix(".attn"))
 
 
 def router(config, settings: AhaSettings, index: int, prefix: str) -> ColumnParallelLinear | None:

@@ -38,12 +38,7 @@ from vllm.model_executor.models.utils import (
 )
 
 from aha.hf.settings import AhaSettings
-from aha.integrations.vllm.attention import AhaAttention
-from aha.integrations.vllm.models import (
-    RoutedAttentionMixin,
-    router,
-    split_router_weights,
-)
+from aha.integrations.vllm.models import RoutedAttentionMixin, split_router_weights
 
 
 class AhaOlmo2Attention(RoutedAttentionMixin, nn.Module):
@@ -70,18 +65,7 @@ class AhaOlmo2Attention(RoutedAttentionMixin, nn.Module):
         self.rotary_emb = get_rope(
             self.head_dim, max_position=config.max_position_embeddings, rope_parameters=getattr(config, "rope_parameters", None)
         )
-        self.attn = AhaAttention(
-            self.num_heads,
-            self.head_dim,
-            self.scaling,
-            num_kv_heads=self.num_kv_heads,
-            cache_config=vllm_config.cache_config,
-            prefix=f"{prefix}.attn",
-            window=settings.window,
-            sink=settings.sink,
-        )
-        self.router = router(config, settings, extract_layer_index(prefix), prefix)
-        self.threshold = settings.threshold
+        self.attach_routing(vllm_config, settings, extract_layer_index(prefix), prefix)
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=bias, prefix=f"{prefix}.o_proj")
 
     def normalize_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
