@@ -179,14 +179,13 @@ class AhaAttentionImpl(AttentionImpl[AhaAttentionMetadata]):
         slots = metadata.slot_mapping[:tokens].long()
         block_size = kv_cache.shape[2]
         kv_cache[slots // block_size, :, slots % block_size] = torch.cat([key[:tokens], value[:tokens]], dim=-1)
-        route = route[:tokens].t()  # [heads, tokens]: a request's route is a column range
         for first, end, seq_len, block in metadata.requests:
             cached = kv_cache[block, :, :seq_len].unsqueeze(0)  # [1, kv_heads, seq_len, 2 * head_dim], no copy
             out = aha_attention(
                 query[first:end].transpose(0, 1).unsqueeze(0),
                 cached[..., :dim],
                 cached[..., dim:],
-                route[:, first:end].unsqueeze(0).contiguous(),
+                route[first:end].t().unsqueeze(0),  # [1, heads, queries]; no copy for a decode step
                 self.window,
                 scale=self.scale,
                 sink=self.sink,
