@@ -78,10 +78,10 @@ class BenchConfig:
     memory_len: int = option("Sequence length of the memory section.", "--memory-n", default=16384)
     parts: list[str] = option("Kernel sections: prefill,train,decode,memory.", default_factory=lambda: ["prefill", "train", "decode", "memory"])
     seed: int = 0
-    model: str = option("Model of the 'model' group: a name (smollm2-135m) or a folder.", default="smollm2-135m")
+    model: str = option("Model of the 'model' and 'train-step' groups: a name (smollm2-135m) or a folder.", default="smollm2-135m")
     model_seq_lens: list[int] = option("Prompt lengths of the 'model' group, e.g. 1024,4096.", "--model-n", default_factory=lambda: [1024, 4096])
     model_global_heads: int | None = option(
-        "'model' group routes: 'learned' (a trained AHA checkpoint) or N = the first N heads of every layer global.",
+        "'model' and 'train-step' group routes: 'learned' (a trained AHA checkpoint's; open routers for train-step) or N = the first N heads of every layer global.",
         default=1,
         parse=lambda text: None if text == "learned" else int(text),
     )

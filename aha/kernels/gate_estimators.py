@@ -25,7 +25,9 @@ An estimator decides how ``gap`` is computed; nothing else changes:
   ``eta = scale * max|q| * max|k - block mean|`` and ``dv = max|v - block mean|`` over the blocks (a
   block's mass is underestimated by a factor in ``[1, exp(eta) - eta]``, Jensen's gap; its value is
   off by at most ``(exp(2 eta) - 1) * dv``): second order in how far keys stray from their block's
-  mean. Tested in ``tests/test_gate_estimators.py``.
+  mean. Tested in ``tests/test_gate_estimators.py``. A pretrained LM's keys are far from that
+  regime (RoPE turns them within a block; far attention peaks on single keys a block mean dilutes),
+  so there the estimate is biased: measure it against ``"ste"`` before relying on it.
 * ``"none"``: no gradient reaches the gate (routes frozen: the routed pass alone, as for bool routes).
 
 Models and training select an estimator with the :func:`gate_gradient` context (``aha train
