@@ -17,7 +17,8 @@ every point on every server, alternating which server goes first:
   the extra wall time (vLLM ignores EOS; ``aha serve`` may end a request early, and is counted so).
 
 The report gives every round's numbers, the median per server and the medians' ratios against
-``vllm-dense``. Run it with the main venv's Python (``aha serve`` and the tokenizer); vLLM runs from
+``vllm-dense``; and, before the rounds, whether the servers answer ``--batch`` prompts of 512 tokens
+(sent at once, greedy, up to ``--new-tokens``) with the same text as ``aha serve``. Run it with the main venv's Python (``aha serve`` and the tokenizer); vLLM runs from
 ``--vllm-venv``. Nothing else should run on the machine meanwhile. The real run (issue 30):
 
     .venv/bin/python benchmarks/vllm_serving.py --model report/run/model --out benchmarks/results/vllm-serving.json
@@ -108,7 +109,17 @@ def _complete(url: str, model: str, prompts: list[str], max_tokens: int, extra: 
         "wall_s": time.perf_counter() - start,
         "prompt_tokens": sum(r.usage.prompt_tokens for r in responses),
         "generated": sum(r.usage.completion_tokens for r in responses),
+        "texts": [r.choices[0].text for r in responses],
     }
+
+
+def _same_answers(urls: dict[str, tuple[str, str, dict[str, Any]]], prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """Greedy answers of every server to ``prompts`` (each stopping at EOS as ``aha serve`` does),
+    and, per server, how many equal ``aha serve``'s (``aha``'s own ``generate``) word for word."""
+    answers = {system: _complete(url, name, prompts, max_tokens, {})["texts"] for system, (url, name, _) in urls.items()}
+    reference = answers.get("aha-serve")
+    equal = {s: sum(a == b for a, b in zip(texts, reference)) for s, texts in answers.items()} if reference else {}
+    return {"prompts": len(prompts), "max_tokens": max_tokens, "equal_to_aha_serve": equal, "answers": answers}
 
 
 def _versions(python: Path) -> dict[str, str]:
@@ -165,6 +176,8 @@ def main() -> None:
             urls["aha-serve"] = (server.url, str(model), {})  # transformers serve has no ignore_eos
         for url, name, extra in urls.values():  # first-request costs are not a point's
             _complete(url, name, _prompts(tokenizer, 1, 64, 0), 2, extra)
+        agreement = _same_answers(urls, _prompts(tokenizer, args.batch, 512, 0), args.new_tokens)
+        print("answers equal to aha serve's:", agreement["equal_to_aha_serve"])
         order = list(urls)
         for round_index in range(args.rounds):
             offset = 1000 * (round_index + 1)  # new prompts every round
@@ -209,6 +222,7 @@ def main() -> None:
             "new_tokens": args.new_tokens,
         },
         "summary": summary,
+        "same_answers": agreement,
         "rounds": rounds,
     }
     write_json_report(args.out, report)
