@@ -188,3 +188,26 @@ def test_calls_without_a_gate_gradient_are_untouched():
             assert torch.equal(aha.aha_attention(x["q"], x["k"], x["v"], hard.float(), WINDOW, impl="split"), expected)
     covering = _run(x, GateGradient("sampled", sample_fraction=0.1), window=SEQ)
     assert torch.equal(covering["out"], _run(x, "ste", window=SEQ)["out"]) and not covering["gate"].any()
+
+
+def test_compressed_compiles_to_the_eager_gradient():
+    """Under torch.compile (inductor, one graph) the compressed estimator gives the eager gate gradient
+    (its masks once hit an inductor error: a clamp inside a floor division)."""
+    x = _inputs(10)
+    q, k, v = x["q"], x["k"], x["v"]
+
+    def gate_grad(attention):
+        logits = x["logits"].clone().requires_grad_(True)
+        route, _ = aha.route_from_logits(logits, straight_through=True)
+        (attention(q, k, v, route) * x["upstream"]).sum().backward()
+        return logits.grad
+
+    def attention(q, k, v, route):
+        return aha.aha_attention(q, k, v, route, WINDOW, sink=1, route_is_binary=True)
+
+    with gate_gradient(GateGradient("compressed", block=4)):
+        eager = gate_grad(attention)
+        torch._dynamo.reset()
+        compiled = gate_grad(torch.compile(attention, fullgraph=True))
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

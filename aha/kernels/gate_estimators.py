@@ -183,9 +183,8 @@ def _compressed_gap(inputs: Inputs, hard: Tensor, out: Tensor, block: int) -> Te
     gaps = []
     for start in range(0, seq_q, COMPRESSED_QUERY_CHUNK):
         stop = min(seq_q, start + COMPRESSED_QUERY_CHUNK)
-        positions = torch.arange(seq_kv - seq_q + start, seq_kv - seq_q + stop, device=device)
         local, approx_full = _chunk_branches(
-            qf[:, :, :, start:stop], kf, vf, positions, real, is_sink, blocks, sink_parts, window, block, scale
+            qf[:, :, :, start:stop], kf, vf, seq_kv - seq_q + start, real, is_sink, blocks, sink_parts, window, block, scale
         )
         at_global = routed_global[:, :, :, start:stop]
         gaps.append(torch.where(at_global, routed_out[:, :, :, start:stop] - local, approx_full - local))
@@ -226,7 +225,7 @@ def _chunk_branches(
     qc: Tensor,
     kf: Tensor,
     vf: Tensor,
-    positions: Tensor,
+    first: int,
     real: Tensor,
     is_sink: Tensor,
     blocks: tuple[Tensor, Tensor, Tensor],
@@ -235,10 +234,11 @@ def _chunk_branches(
     block: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Exact local output and the compressed full output of queries ``qc [B, Hkv, G, C, D]`` at ``positions [C]``."""
+    """Exact local output and the compressed full output of queries ``qc [B, Hkv, G, C, D]`` at positions ``first, first + 1, ...``."""
+    positions = torch.arange(first, first + qc.shape[3], device=qc.device)
     window_start = positions - window + 1  # first key of each query's window
-    near_start = (window_start.clamp(min=0) // block) * block  # keys [near_start, window_start) are read exactly
-    lo, hi = int(near_start[0]), int(positions[-1]) + 1
+    near_start = (window_start // block).clamp(min=0) * block  # keys [near_start, window_start) are read exactly
+    lo, hi = max(0, first - window + 1) // block * block, first + len(positions)  # the keys the chunk reads exactly
     keys = torch.arange(lo, hi, device=positions.device)
     p, j = positions[:, None], keys[None, :]
     real_j, sink_j = real[:, None, None, None, lo:hi], is_sink[:, None, None, None, lo:hi]  # [B, 1, 1, 1, L]
