@@ -36,6 +36,10 @@ def register_kernel_ops(namespace: str = "aha") -> None:
         lse = q.new_empty(q.shape[:3], dtype=torch.float32)
         return q.new_empty(q.shape), lse, q.new_empty((), dtype=torch.bool)
 
+    @torch.library.register_fake(f"{namespace}::decode_paged")
+    def _decode_paged_fake(q, kv_cache, blocks, lengths, route, window, sink, scale):
+        return q.new_empty(q.shape), q.new_empty((), dtype=torch.bool)
+
     @torch.library.register_fake(f"{namespace}::backward")
     def _backward_fake(dout, q, k, v, out, lse, route, key_start, window, sink, scale, local_rows, global_rows, microkernel):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

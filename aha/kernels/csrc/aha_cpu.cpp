@@ -24,8 +24,9 @@
 // Ops: aha::forward -> (out, lse) and aha::backward -> (dq, dk, dv); lse is the natural-log
 // softmax normaliser per query (-inf for a query with no key), which the backward reuses.
 // aha::forward with one query per head (decoding) takes a split-KV dot-product path instead
-// (memory-bound: it reads each key once, on either microkernel choice). aha::microkernel names
-// what a (dtype, choice) runs on this CPU.
+// (memory-bound: it reads each key once, on either microkernel choice); aha::decode_paged runs the
+// same path for sequences of different lengths in a paged cache (a serving engine's decode step).
+// aha::microkernel names what a (dtype, choice) runs on this CPU.
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -1264,7 +1265,7 @@ void backward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T*
 
 // Keys per decode task: K and V rows of a chunk (256 KiB in fp32 at head_dim 64) stay in L2 while
 // the query heads of a KV group take turns on them.
-constexpr int64_t kDecodeChunk = 512;
+constexpr int64_t kDecodeChunk = 2048;
 
 typedef float vfloat8 __attribute__((vector_size(32)));
 typedef float vfloat4 __attribute__((vector_size(16)));
@@ -1313,12 +1314,32 @@ inline vfloat vload_as_float(const T* p) {
 // while every query head of the group reads them (an L2 re-read per head cost 40% at 3 heads).
 constexpr int64_t kDecodeBlock = 32;
 
+// Vector i of a row as fp32. kPairs (bf16 rows of whole 2 * kLanes element groups): vector 2c holds
+// the even elements of group c, vector 2c + 1 the odd ones, each one shift or mask of the group's
+// 32-bit words (a widening shuffle per vector made bf16 decode compute-bound); queries and outputs
+// are permuted to match (pair_index).
+template <typename T, bool kPairs>
+inline vfloat row_vector(const T* row, int i) {
+  if constexpr (kPairs) {
+    const vint words = vloadi(reinterpret_cast<const int32_t*>(row) + (i / 2) * kLanes);
+    return i % 2 == 0 ? (vfloat)(words << 16) : (vfloat)(words & (vint{} - 65536));  // high half: 0xFFFF0000
+  } else {
+    return vload_as_float(row + i * kLanes);
+  }
+}
+
+// Where lane l of vector i of row_vector<T, kPairs> sits in the row.
+template <bool kPairs>
+inline int64_t pair_index(int i, int l) {
+  return kPairs ? (i / 2) * 2 * kLanes + 2 * l + i % 2 : i * kLanes + l;
+}
+
 // Softmax statistics (max m, sum l, unnormalised output acc[D]) of `heads` queries of one KV head,
 // pre-scaled to log2 units in q [heads x D], over the same keys [j0, j0 + n): per head h, m[h],
 // l[h] and acc[h * D ..]. s holds the scores, [heads x ld_s]. NV = D / kLanes keeps a query and its
 // accumulators in registers; NV = 0 handles any D. With fewer than 8 vectors per row, two
 // accumulator sets break the FMA dependency between keys (8 or more suffice, and two would spill).
-template <int NV, typename T>
+template <int NV, typename T, bool kPairs = false>
 void decode_heads(int64_t heads, const float* q, const T* kh, int64_t k_st, const T* vh, int64_t v_st, int64_t j0,
                   int64_t n, int64_t D, float* s, int64_t ld_s, float* m_out, float* l_out, float* acc_out) {
   constexpr int kCap = NV > 0 ? NV : 64;
@@ -1331,12 +1352,25 @@ void decode_heads(int64_t heads, const float* q, const T* kh, int64_t k_st, cons
       for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(kh + (j0 + j) * k_st) + byte);
     for (int64_t h = 0; h < heads; ++h) {
       vfloat qv[kCap];
-      for (int i = 0; i < nv; ++i) qv[i] = vload(q + h * D + i * kLanes);
-      for (int64_t j = b0; j < b1; ++j) {
+      for (int i = 0; i < nv; ++i)
+        for (int l = 0; l < kLanes; ++l) qv[i][l] = q[h * D + pair_index<kPairs>(i, l)];
+      float* sh = s + h * ld_s;
+      int64_t j = b0;
+      // four keys at a time: a dot product is a chain of nv dependent FMAs, and four independent
+      // chains keep the FMA units busy (one chain at a time ran at a third of their rate)
+      for (; j + 4 <= b1; j += 4) {
         const T* kr = kh + (j0 + j) * k_st;
-        vfloat dot = vload_as_float(kr) * qv[0];
-        for (int i = 1; i < nv; ++i) dot += vload_as_float(kr + i * kLanes) * qv[i];
-        s[h * ld_s + j] = hsum(dot);
+        vfloat dot[4];
+        for (int g = 0; g < 4; ++g) dot[g] = row_vector<T, kPairs>(kr + g * k_st, 0) * qv[0];
+        for (int i = 1; i < nv; ++i)
+          for (int g = 0; g < 4; ++g) dot[g] += row_vector<T, kPairs>(kr + g * k_st, i) * qv[i];
+        for (int g = 0; g < 4; ++g) sh[j + g] = hsum(dot[g]);
+      }
+      for (; j < b1; ++j) {
+        const T* kr = kh + (j0 + j) * k_st;
+        vfloat dot = row_vector<T, kPairs>(kr, 0) * qv[0];
+        for (int i = 1; i < nv; ++i) dot += row_vector<T, kPairs>(kr, i) * qv[i];
+        sh[j] = hsum(dot);
       }
     }
   }
@@ -1374,11 +1408,11 @@ void decode_heads(int64_t heads, const float* q, const T* kh, int64_t k_st, cons
         for (int set = 0; set < kSets; ++set) {
           const T* vr = vh + (j0 + j + set) * v_st;
           const vfloat p = vsplat(ph[j + set]);
-          for (int i = 0; i < nv; ++i) acc[set][i] += p * vload_as_float(vr + i * kLanes);
+          for (int i = 0; i < nv; ++i) acc[set][i] += p * row_vector<T, kPairs>(vr, i);
         }
       for (; j < b1; ++j) {
         const T* vr = vh + (j0 + j) * v_st;
-        for (int i = 0; i < nv; ++i) acc[0][i] += vsplat(ph[j]) * vload_as_float(vr + i * kLanes);
+        for (int i = 0; i < nv; ++i) acc[0][i] += vsplat(ph[j]) * row_vector<T, kPairs>(vr, i);
       }
       for (int i = 0; i < nv; ++i) {
         vfloat total = acc[0][i];
@@ -1387,11 +1421,28 @@ void decode_heads(int64_t heads, const float* q, const T* kh, int64_t k_st, cons
       }
     }
   }
+  if constexpr (kPairs) {  // vector order back to element order
+    std::vector<float> row(D);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* out = acc_out + h * D;
+      for (int i = 0; i < nv; ++i)
+        for (int l = 0; l < kLanes; ++l) row[pair_index<kPairs>(i, l)] = out[i * kLanes + l];
+      std::copy(row.begin(), row.end(), out);
+    }
+  }
 }
 
 template <typename T>
 void decode_heads_dispatch(int64_t heads, const float* q, const T* kh, int64_t k_st, const T* vh, int64_t v_st,
                            int64_t j0, int64_t n, int64_t D, float* s, int64_t ld_s, float* m, float* l, float* acc) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    switch (D % (2 * kLanes) ? 0 : D / kLanes) {
+      case 2: return decode_heads<2, T, true>(heads, q, kh, k_st, vh, v_st, j0, n, D, s, ld_s, m, l, acc);
+      case 4: return decode_heads<4, T, true>(heads, q, kh, k_st, vh, v_st, j0, n, D, s, ld_s, m, l, acc);
+      case 8: return decode_heads<8, T, true>(heads, q, kh, k_st, vh, v_st, j0, n, D, s, ld_s, m, l, acc);
+      default: break;  // other head_dims: widened vector by vector below
+    }
+  }
   switch (D / kLanes) {
     case 1: return decode_heads<1>(heads, q, kh, k_st, vh, v_st, j0, n, D, s, ld_s, m, l, acc);
     case 2: return decode_heads<2>(heads, q, kh, k_st, vh, v_st, j0, n, D, s, ld_s, m, l, acc);
@@ -1405,13 +1456,21 @@ void decode_heads_dispatch(int64_t heads, const float* q, const T* kh, int64_t k
 // the union of its query heads' key ranges; a task takes one chunk and runs every query head of
 // the group that reads part of it, one after the other, so a chunk's keys come from memory once
 // (later heads find them in L2) however many query heads of the group are global (GQA).
+// The keys and values one decode query row of sequence b reads: K/V of KV head h at
+// k + h * pb.k_sh (rows pb.k_st apart), positions [start, length), its query at position length - 1.
 template <typename T>
-bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bool* route, const int32_t* key_start,
+struct DecodeSequence {
+  const T* k;
+  const T* v;
+  int64_t start, length;
+};
+
+template <typename T>
+bool decode_impl(const Problem& pb, const T* q, const std::vector<DecodeSequence<T>>& sequences, const bool* route,
                  T* out, float* lse) {
   const int64_t D = pb.dim;
   const int64_t group = pb.group();
   const int64_t rows = pb.batch * pb.q_heads;
-  const int64_t pos = pb.seq_kv - 1;
   struct Part {
     int64_t row, j0, j1;  // query row (b * q_heads + h) and its keys [j0, j1) in the task's chunk
   };
@@ -1422,7 +1481,7 @@ bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
   std::vector<Task> tasks;
   std::vector<double> costs;
   for (int64_t b = 0; b < pb.batch; ++b) {
-    const int64_t start = key_start[b];
+    const int64_t start = sequences[b].start, pos = sequences[b].length - 1;
     const int64_t local_lo = std::max<int64_t>(start, pos - pb.window + 1);
     const int64_t sink_end = std::min(start + pb.sink, local_lo);  // the sink keys the window misses
     for (int64_t kv_head = 0; kv_head < pb.kv_heads; ++kv_head) {
@@ -1474,8 +1533,8 @@ bool decode_impl(const Problem& pb, const T* q, const T* k, const T* v, const bo
     }
     Scratch& sc = *scratch[slot];
     const Task& task = tasks[index];
-    const T* kh = k + task.b * pb.k_sb + task.kv_head * pb.k_sh;
-    const T* vh = v + task.b * pb.v_sb + task.kv_head * pb.v_sh;
+    const T* kh = sequences[task.b].k + task.kv_head * pb.k_sh;
+    const T* vh = sequences[task.b].v + task.kv_head * pb.v_sh;
     for (int64_t first = task.first, last; first < task.last; first = last) {
       for (last = first + 1; last < task.last && parts[last].j0 == parts[first].j0 && parts[last].j1 == parts[first].j1;) ++last;
       for (int64_t i = first; i < last; ++i) {
@@ -1659,11 +1718,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, 
   bool finite = true;
   if (pb.seq_q == 1) {
     const at::Tensor ks = key_start.contiguous();
-    AHA_DISPATCH(q.scalar_type(),
-                 finite = decode_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                                v.const_data_ptr<scalar_t>(), route.const_data_ptr<bool>(),
-                                                ks.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
-                                                lse.mutable_data_ptr<float>()));
+    AHA_DISPATCH(q.scalar_type(), {
+      std::vector<DecodeSequence<scalar_t>> sequences(pb.batch);
+      for (int64_t b = 0; b < pb.batch; ++b)
+        sequences[b] = {k.const_data_ptr<scalar_t>() + b * pb.k_sb, v.const_data_ptr<scalar_t>() + b * pb.v_sb,
+                        ks.const_data_ptr<int32_t>()[b], pb.seq_kv};
+      finite = decode_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), sequences, route.const_data_ptr<bool>(),
+                                     out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
+    });
   } else {
     const Tiling tl = tiles_for(pb, route, key_start, local_rows, global_rows);
     AHA_DISPATCH(q.scalar_type(),
@@ -1672,6 +1734,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aha_forward(const at::Tensor& q, 
                                                 lse.mutable_data_ptr<float>()));
   }
   return {out, lse, at::full({}, finite, q.options().dtype(at::kBool))};
+}
+
+// One decode step of R sequences whose keys and values sit in a paged cache, one block per sequence:
+// kv_cache [blocks, kv_heads, block_size, 2 * dim] (keys then values along the last dim, which must
+// be contiguous), blocks / lengths [R] int64 (each sequence's block and its number of keys; its
+// query is at the last), q [R, q_heads, dim], route [R, q_heads] bool (True = global)
+// -> (out [R, q_heads, dim], finite: a bool scalar, False when an output value is NaN or inf).
+// The decode path of aha::forward for every sequence at once: no gather, one parallel region.
+std::tuple<at::Tensor, at::Tensor> aha_decode_paged(const at::Tensor& q, const at::Tensor& kv_cache,
+                                                    const at::Tensor& blocks, const at::Tensor& lengths,
+                                                    const at::Tensor& route, int64_t window, int64_t sink,
+                                                    double scale) {
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 4, "aha: q must be [requests, q_heads, dim], kv_cache [blocks, kv_heads, block_size, 2 * dim]");
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "aha: the C++ kernel runs on CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "aha: q and kv_cache dtypes differ");
+  const int64_t requests = q.size(0), q_heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = kv_cache.size(1), block_size = kv_cache.size(2);
+  TORCH_CHECK(kv_cache.size(3) == 2 * dim, "aha: kv_cache's last dim must be 2 * head_dim (keys, then values)");
+  TORCH_CHECK(dim % 16 == 0, "aha: decode_paged takes a head_dim that is a multiple of 16, got ", dim);
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "aha: q_heads must be a multiple of kv_heads");
+  TORCH_CHECK(q.stride(2) == 1 && kv_cache.stride(3) == 1, "aha: the last dim must be contiguous");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && blocks.numel() == requests &&
+                  lengths.numel() == requests, "aha: blocks and lengths must be int64 [requests]");
+  TORCH_CHECK(route.scalar_type() == at::kBool && route.numel() == requests * q_heads, "aha: route must be bool [requests, q_heads]");
+  TORCH_CHECK(window >= 1 && sink >= 0, "aha: window must be >= 1 and sink >= 0");
+  const at::Tensor block_of = blocks.contiguous(), length_of = lengths.contiguous(), route_c = route.contiguous();
+  Problem pb{};
+  pb.batch = requests;
+  pb.q_heads = q_heads;
+  pb.kv_heads = kv_heads;
+  pb.seq_q = 1;
+  pb.seq_kv = block_size;
+  pb.dim = dim;
+  pb.window = window;
+  pb.sink = sink;
+  pb.scale = static_cast<float>(scale);
+  pb.q_sb = q.stride(0);
+  pb.q_sh = q.stride(1);
+  pb.k_sh = pb.v_sh = kv_cache.stride(1);
+  pb.k_st = pb.v_st = kv_cache.stride(2);
+  at::Tensor out = at::empty({requests, q_heads, dim}, q.options());
+  at::Tensor lse = at::empty({requests, q_heads}, q.options().dtype(at::kFloat));
+  bool finite = true;
+  AHA_DISPATCH(q.scalar_type(), {
+    std::vector<DecodeSequence<scalar_t>> sequences(requests);
+    for (int64_t r = 0; r < requests; ++r) {
+      const int64_t block = block_of.const_data_ptr<int64_t>()[r], length = length_of.const_data_ptr<int64_t>()[r];
+      TORCH_CHECK(block >= 0 && block < kv_cache.size(0), "aha: block ", block, " is outside the cache");
+      TORCH_CHECK(length >= 1 && length <= block_size, "aha: a sequence holds 1 to block_size keys, got ", length);
+      const scalar_t* base = kv_cache.const_data_ptr<scalar_t>() + block * kv_cache.stride(0);
+      sequences[r] = {base, base + dim, 0, length};
+    }
+    finite = decode_impl<scalar_t>(pb, q.const_data_ptr<scalar_t>(), sequences, route_c.const_data_ptr<bool>(),
+                                   out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
+  });
+  return {out, at::full({}, finite, q.options().dtype(at::kBool))};
 }
 
 template <typename T>
@@ -1737,6 +1855,8 @@ AHA_LIBRARY(AHA_OPS_NAMESPACE, m) {
       "forward(Tensor q, Tensor k, Tensor v, Tensor route, Tensor key_start, int window, int sink, float scale, "
       "int local_rows, int global_rows, int microkernel) -> (Tensor, Tensor, Tensor)");
   m.def("microkernel(ScalarType dtype, int choice) -> str", &microkernel_name);
+  m.def("decode_paged(Tensor q, Tensor kv_cache, Tensor blocks, Tensor lengths, Tensor route, int window, int sink, "
+        "float scale) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor route, Tensor key_start, "
       "int window, int sink, float scale, int local_rows, int global_rows, int microkernel) -> (Tensor, Tensor, Tensor)");
@@ -1745,5 +1865,6 @@ AHA_LIBRARY(AHA_OPS_NAMESPACE, m) {
 AHA_LIBRARY_IMPL(AHA_OPS_NAMESPACE, CPU, m) {
   m.impl("forward", &aha_forward);
   m.impl("backward", &aha_backward);
+  m.impl("decode_paged", &aha_decode_paged);
 }
 
