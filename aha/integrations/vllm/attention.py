@@ -8,7 +8,9 @@ How a step runs (one decoder layer of an AHA model):
    opaque node of the graph that receives the route as a tensor argument (nothing is read from
    module state). The op writes the new keys and values into the layer's cache and runs
    :func:`aha.aha_attention` (the C++ kernel on CPU: sink keys, tiles sized by route, local rows
-   reading only their window) once per request of the batch.
+   reading only their window) once per request with several new tokens (prefill), and
+   :func:`aha.kernels.paged.paged_decode_attention` once for all requests with one new token
+   (decode: one call and one parallel region for the whole batch).
 
 The KV cache. vLLM hands every layer a ``[blocks, kv_heads, block_size, 2 * head_dim]`` view (keys in
 the first ``head_dim`` channels, values in the rest; the strides follow the KV-cache layout vLLM
@@ -47,6 +49,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from aha.kernels import aha_attention
+from aha.kernels.paged import paged_decode_attention
 
 #: The name of the backend in vLLM's attention-backend registry (``register()`` adds it).
 BACKEND_NAME = "AHA"
@@ -74,13 +77,18 @@ def one_block_per_request(vllm_config: VllmConfig) -> None:
 class AhaAttentionMetadata(AttentionMetadata):
     """One step's batch, built once per step and read by every layer.
 
-    ``requests``: per request ``(first query token, end query token, keys = seq_len, block id)``;
-    its queries are the last ``end - first`` of its ``seq_len`` positions. ``slot_mapping``:
-    ``[tokens]`` cache slot (``block * block_size + position``) of each new token, ``-1`` for padding.
+    ``requests``: per request with several new tokens ``(first query token, end query token, keys =
+    seq_len, block id)``; its queries are the last ``end - first`` of its ``seq_len`` positions.
+    ``decode_tokens`` / ``decode_blocks`` / ``decode_lengths``: ``[decodes]`` int64, the one query
+    token, block and key count of each request with one new token. ``slot_mapping``: ``[tokens]``
+    cache slot (``block * block_size + position``) of each new token, ``-1`` for padding.
     """
 
     num_actual_tokens: int
     requests: list[tuple[int, int, int, int]]
+    decode_tokens: Tensor
+    decode_blocks: Tensor
+    decode_lengths: Tensor
     slot_mapping: Tensor
 
 
@@ -104,8 +112,11 @@ class AhaAttentionMetadataBuilder(AttentionMetadataBuilder[AhaAttentionMetadata]
                 "the AHA plugin sets the block size to max_model_len (aha.integrations.vllm.attention.one_block_per_request)"
             )
         blocks = meta.block_table_tensor[:num_reqs, 0].cpu().tolist()
-        requests = [(starts[i], starts[i + 1], seq_lens[i], blocks[i]) for i in range(num_reqs) if starts[i + 1] > starts[i]]
-        return AhaAttentionMetadata(meta.num_actual_tokens, requests, meta.slot_mapping)
+        spans = [(starts[i], starts[i + 1], seq_lens[i], blocks[i]) for i in range(num_reqs) if starts[i + 1] > starts[i]]
+        decodes = [span for span in spans if span[1] - span[0] == 1]
+        tokens, lengths, decode_blocks = (torch.tensor([span[i] for span in decodes], dtype=torch.int64) for i in (0, 2, 3))
+        prefills = [span for span in spans if span[1] - span[0] > 1]
+        return AhaAttentionMetadata(meta.num_actual_tokens, prefills, tokens, decode_blocks, lengths, meta.slot_mapping)
 
 
 @functools.cache
@@ -121,7 +132,8 @@ def _load_kernel(dtype: torch.dtype) -> None:
 
 
 class AhaAttentionImpl(AttentionImpl[AhaAttentionMetadata]):
-    """The routed attention of one layer: cache writes and one :func:`aha.aha_attention` per request."""
+    """The routed attention of one layer: cache writes, one :func:`aha.aha_attention` per prefilling
+    request, and one :func:`~aha.kernels.paged.paged_decode_attention` for all decoding requests."""
 
     def __init__(
         self,
@@ -179,6 +191,12 @@ class AhaAttentionImpl(AttentionImpl[AhaAttentionMetadata]):
         slots = metadata.slot_mapping[:tokens].long()
         block_size = kv_cache.shape[2]
         kv_cache[slots // block_size, :, slots % block_size] = torch.cat([key[:tokens], value[:tokens]], dim=-1)
+        if metadata.decode_tokens.numel():
+            rows = metadata.decode_tokens
+            output[rows] = paged_decode_attention(
+                query[rows], kv_cache, metadata.decode_blocks, metadata.decode_lengths, route[rows], self.window,
+                scale=self.scale, sink=self.sink,
+            )  # fmt: skip
         for first, end, seq_len, block in metadata.requests:
             cached = kv_cache[block, :, :seq_len].unsqueeze(0)  # [1, kv_heads, seq_len, 2 * head_dim], no copy
             out = aha_attention(
