@@ -68,7 +68,7 @@ def test_quick_bench_cli_writes_a_complete_report(tmp_path):
     (path,) = tmp_path.glob("bench-*.json")
     report = json.loads(path.read_text())
     assert report["schema"] == SCHEMA
-    assert set(report["meta"]) >= {"date", "cpu", "isa", "isa_flags", "threads", "torch", "transformers", "accelerate",
+    assert set(report["meta"]) >= {"date", "cpu", "cpu_id", "isa", "isa_flags", "threads", "torch", "transformers", "accelerate",
                                    "command", "seed", "git_commit", "git_dirty", "kernel_sources_sha256", "cpp_kernel"}
     assert "NaN" not in path.read_text()  # strict JSON
     assert report["meta"]["isa"] in ("amx", "avx512_bf16", "avx512", "avx2", "scalar")

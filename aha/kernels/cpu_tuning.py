@@ -78,6 +78,25 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+def cpu_identity() -> str:
+    """Vendor, family, model and stepping (``/proc/cpuinfo``), e.g. ``AuthenticAMD family 25 model 1
+    stepping 1`` (Zen 3): the CPU generation where a hypervisor masks the model name ("AMD EPYC")."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("vendor_id", "cpu family", "model", "stepping") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        return platform.processor()
+    return " ".join(
+        [fields.get("vendor_id", "?")] + [f"{name} {fields[key]}" for key, name in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping")) if key in fields]
+    )
+
+
 def _capabilities() -> dict:
     return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
 

@@ -82,11 +82,11 @@ def run_meta(*, seed: int | None = None, threads: int | None = None, command: st
 
     Returns:
         ``{"git_commit", "git_dirty", "kernel_sources_sha256", "command", "seed", "date", "cpu",
-        "isa", "isa_flags", "logical_cpus", "gpu", "threads", "python", "torch", "transformers",
+        "cpu_id", "isa", "isa_flags", "logical_cpus", "gpu", "threads", "python", "torch", "transformers",
         "accelerate", "aha"}``; ``git_commit`` / ``git_dirty`` are None outside a git checkout,
         ``gpu`` is None without CUDA, ``accelerate`` None when it is not installed.
     """
-    from aha.kernels.cpu_tuning import cpu_isa, cpu_model
+    from aha.kernels.cpu_tuning import cpu_identity, cpu_isa, cpu_model
 
     commit, dirty = git_state()
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
@@ -98,6 +98,7 @@ def run_meta(*, seed: int | None = None, threads: int | None = None, command: st
         "seed": seed,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_id": cpu_identity(),
         "isa": cpu_isa(),
         "isa_flags": sorted(name for name, present in capabilities.items() if present is True),
         "logical_cpus": os.cpu_count(),
