@@ -108,6 +108,22 @@ def test_run_meta_records_code_command_seed_machine_and_versions():
     json.loads(strict_json({"meta": meta}))
 
 
+def test_reports_written_through_the_cli_name_the_aha_command_line():
+    seen = []
+
+    @app.command("meta-probe", hidden=True)
+    def probe(seed: int = 0) -> None:
+        seen.append(run_meta(seed=seed)["command"])
+
+    try:
+        result = CliRunner().invoke(app, ["meta-probe", "--seed", "3"])  # inside pytest: sys.argv is pytest's
+    finally:
+        app.registered_commands.pop()
+    assert result.exit_code == 0, result.output
+    assert seen == ["aha meta-probe --seed 3"]
+    assert run_meta()["command"] != seen[0]  # cleared once the command ends
+
+
 def test_git_state_outside_a_checkout_is_unknown_not_an_error(tmp_path):
     assert git_state(tmp_path) == (None, None)
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)

@@ -4,6 +4,7 @@ its flags are generated from its settings dataclass (:mod:`aha.cli.options`)."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -12,11 +13,29 @@ from aha._optional import MissingExtraError, reraise_missing
 
 try:
     import typer
+    from typer.core import TyperGroup
 except ImportError as error:
     raise reraise_missing(error, "the aha command") from error
 
+
+class _RecordingGroup(TyperGroup):
+    """The root command group; records the command line it runs for the reports' ``meta.command``
+    (every entry point, the console script and ``typer.testing.CliRunner`` alike, goes through ``main``)."""
+
+    def main(self, args=None, prog_name=None, *rest, **options):  # type: ignore[override]
+        from aha.report.provenance import record_cli_command
+
+        argv = list(sys.argv[1:] if args is None else args)
+        previous = record_cli_command(shlex.join([prog_name or "aha", *argv]))
+        try:
+            return super().main(argv, prog_name, *rest, **options)
+        finally:
+            record_cli_command(previous)
+
+
 app = typer.Typer(
     name="aha",
+    cls=_RecordingGroup,
     help="All-or-Here Attention: teach an LLM when to attend globally, then run it faster.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # main() prints user errors as one line; --debug shows tracebacks

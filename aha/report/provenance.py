@@ -72,13 +72,25 @@ def _version(package: str) -> str | None:
         return None
 
 
+#: The ``aha`` command line being run (set by the CLI for the length of one invocation), so a report
+#: names ``aha demo --quick`` also when the CLI runs inside another program (pytest, a notebook).
+_cli_command: str | None = None
+
+
+def record_cli_command(command: str | None) -> str | None:
+    """Set the command line :func:`run_meta` records (``None`` clears it); returns the previous one."""
+    global _cli_command
+    previous, _cli_command = _cli_command, command
+    return previous
+
+
 def run_meta(*, seed: int | None = None, threads: int | None = None, command: str | None = None) -> dict[str, Any]:
     """The ``meta`` block of a report: code, command, seed, date, machine and library versions.
 
     Args:
         seed: the run's seed (``None`` where the run has none).
         threads: torch threads the run used (default: ``torch.get_num_threads()`` now).
-        command: the command line (default: this process's ``sys.argv``).
+        command: the command line (default: the ``aha`` command being run, else this process's ``sys.argv``).
 
     Returns:
         ``{"git_commit", "git_dirty", "kernel_sources_sha256", "command", "seed", "date", "cpu",
@@ -94,7 +106,7 @@ def run_meta(*, seed: int | None = None, threads: int | None = None, command: st
         "git_commit": commit,
         "git_dirty": dirty,
         "kernel_sources_sha256": kernel_sources_sha256(),
-        "command": command if command is not None else shlex.join(sys.argv),
+        "command": command if command is not None else (_cli_command or shlex.join(sys.argv)),
         "seed": seed,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
