@@ -12,13 +12,17 @@ size, compile mode, prefix caching off: every round sends new prompts anyway). E
 every point on every server, alternating which server goes first:
 
 * prefill at each ``--prefill`` length: one request, 1 generated token; tokens/s = prompt tokens / wall;
-* decode at each ``--decode-context``: ``--batch`` concurrent requests of that many prompt tokens,
-  run with 1 and with ``--new-tokens`` generated tokens; tokens/s = the extra generated tokens over
-  the extra wall time (vLLM ignores EOS; ``aha serve`` may end a request early, and is counted so).
+* decode at each ``--decode-context``: ``--batch`` concurrent streamed requests of that many prompt
+  tokens and ``--new-tokens`` generated ones. tokens/s = the tokens that arrive while every request is
+  decoding (from the last request's first token to the first request's last), over that window: a
+  batch of ``--batch`` in pure decode, no prefill in it. A request that started early decodes while
+  the others prefill, so ``--new-tokens`` must exceed the engine steps of the batch's prefill (the
+  report has each window; an empty one is an error). vLLM streams one chunk per token (counted as
+  chunks); ``aha serve`` streams text, whose tokens are counted by re-tokenizing each chunk.
 
 The report gives every round's numbers, the median per server and the medians' ratios against
 ``vllm-dense``; and, before the rounds, whether the servers answer ``--batch`` prompts of 512 tokens
-(sent at once, greedy, up to ``--new-tokens``) with the same text as ``aha serve``. Run it with the main venv's Python (``aha serve`` and the tokenizer); vLLM runs from
+(sent at once, greedy, up to 33 new tokens) with the same text as ``aha serve``. Run it with the main venv's Python (``aha serve`` and the tokenizer); vLLM runs from
 ``--vllm-venv``. Nothing else should run on the machine meanwhile. The real run (issue 30):
 
     .venv/bin/python benchmarks/vllm_serving.py --model report/run/model --out benchmarks/results/vllm-serving.json
@@ -26,7 +30,7 @@ The report gives every round's numbers, the median per server and the medians' r
 A quick check of the whole pipeline (eager vLLM, short prompts, one round):
 
     .venv/bin/python benchmarks/vllm_serving.py --model MODEL --out /tmp/check.json --prefill 256 \\
-        --decode-context 256 --batch 2 --new-tokens 5 --rounds 1 --max-model-len 512 --enforce-eager
+        --decode-context 256 --batch 2 --new-tokens 16 --rounds 1 --max-model-len 512 --enforce-eager
 """
 
 from __future__ import annotations
@@ -113,10 +117,46 @@ def _complete(url: str, model: str, prompts: list[str], max_tokens: int, extra: 
     }
 
 
-def _same_answers(urls: dict[str, tuple[str, str, dict[str, Any]]], prompts: list[str], max_tokens: int) -> dict[str, Any]:
+def _stream_batch(url: str, model: str, prompts: list[str], max_tokens: int, extra: dict[str, Any], count_tokens: Any) -> dict[str, Any]:
+    """All ``prompts`` at once, streamed (one client each); the decode rate over the window in which
+    every request is decoding (module docstring). ``count_tokens(text)``: the tokens of one chunk."""
+    import concurrent.futures
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
+
+    def one(prompt: str) -> list[tuple[float, int]]:
+        arrivals = []
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body=extra)
+        for chunk in stream:
+            if chunk.choices and (chunk.choices[0].text or not chunk.choices[0].finish_reason):
+                arrivals.append((time.perf_counter(), count_tokens(chunk.choices[0].text)))
+        return arrivals
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        requests = list(pool.map(one, prompts))
+    window_start = max(arrivals[0][0] for arrivals in requests)  # the last request's first token
+    window_end = min(arrivals[-1][0] for arrivals in requests)  # the first request's last token
+    in_window = sum(n for arrivals in requests for t, n in arrivals if window_start < t <= window_end)
+    if window_end <= window_start or in_window == 0:
+        raise RuntimeError(f"{url}: no window where all {len(prompts)} requests decode; raise --new-tokens above {max_tokens}")
+    return {
+        "wall_s": time.perf_counter() - start,
+        "first_token_s": [arrivals[0][0] - start for arrivals in requests],
+        "last_token_s": [arrivals[-1][0] - start for arrivals in requests],
+        "generated": [sum(n for _, n in arrivals) for arrivals in requests],
+        "window_s": window_end - window_start,
+        "window_tokens": in_window,
+        "tokens_per_s": in_window / (window_end - window_start),
+    }
+
+
+def _same_answers(urls: dict[str, tuple[str, str, dict[str, Any], Any]], prompts: list[str], max_tokens: int) -> dict[str, Any]:
     """Greedy answers of every server to ``prompts`` (each stopping at EOS as ``aha serve`` does),
     and, per server, how many equal ``aha serve``'s (``aha``'s own ``generate``) word for word."""
-    answers = {system: _complete(url, name, prompts, max_tokens, {})["texts"] for system, (url, name, _) in urls.items()}
+    answers = {system: _complete(url, name, prompts, max_tokens, {})["texts"] for system, (url, name, *_) in urls.items()}
     reference = answers.get("aha-serve")
     equal = {s: sum(a == b for a, b in zip(texts, reference)) for s, texts in answers.items()} if reference else {}
     return {"prompts": len(prompts), "max_tokens": max_tokens, "equal_to_aha_serve": equal, "answers": answers}
@@ -136,8 +176,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096, 8000])
     parser.add_argument("--decode-context", type=int, nargs="+", default=[1024, 8000])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=256, help="per decode request (module docstring)")
+    parser.add_argument("--max-model-len", type=int, default=8448)
     parser.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache of each vLLM server")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (quick checks only)")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
@@ -163,39 +203,41 @@ def main() -> None:
     rounds: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="aha-vllm-bench-") as scratch, contextlib.ExitStack() as stack:
         scratch = Path(scratch)
-        urls: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        urls: dict[str, tuple[str, str, dict[str, Any], Any]] = {}
+
+        def per_chunk(text: str) -> int:
+            return 1
+
+        def retokenized(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False))
+
         if "vllm-aha" in args.servers:
             server = stack.enter_context(_vllm_server(args.vllm_venv / "bin" / "vllm", model, vllm_flags, scratch / "vllm-aha.log"))
-            urls["vllm-aha"] = (server.url, "model", {"ignore_eos": True})
+            urls["vllm-aha"] = (server.url, "model", {"ignore_eos": True}, per_chunk)
         if "vllm-dense" in args.servers:
             plain = write_plain_checkpoint(model, scratch / "plain")
             server = stack.enter_context(_vllm_server(args.vllm_venv / "bin" / "vllm", plain, vllm_flags, scratch / "vllm-dense.log"))
-            urls["vllm-dense"] = (server.url, "model", {"ignore_eos": True})
+            urls["vllm-dense"] = (server.url, "model", {"ignore_eos": True}, per_chunk)
         if "aha-serve" in args.servers:
             server = stack.enter_context(running_server(str(model), *aha_flags, log=scratch / "aha-serve.log"))
-            urls["aha-serve"] = (server.url, str(model), {})  # transformers serve has no ignore_eos
-        for url, name, extra in urls.values():  # first-request costs are not a point's
+            urls["aha-serve"] = (server.url, str(model), {}, retokenized)  # transformers serve has no ignore_eos
+        for url, name, extra, _ in urls.values():  # first-request costs are not a point's
             _complete(url, name, _prompts(tokenizer, 1, 64, 0), 2, extra)
-        agreement = _same_answers(urls, _prompts(tokenizer, args.batch, 512, 0), args.new_tokens)
+        agreement = _same_answers(urls, _prompts(tokenizer, args.batch, 512, 0), 33)
         print("answers equal to aha serve's:", agreement["equal_to_aha_serve"])
         order = list(urls)
         for round_index in range(args.rounds):
             offset = 1000 * (round_index + 1)  # new prompts every round
             measured: dict[str, dict[str, Any]] = {}
             for system in order if round_index % 2 == 0 else order[::-1]:
-                url, name, extra = urls[system]
+                url, name, extra, count_tokens = urls[system]
                 points: dict[str, Any] = {}
                 for tokens in args.prefill:
                     point = _complete(url, name, _prompts(tokenizer, 1, tokens, offset), 1, extra)
                     points[f"prefill {tokens}"] = {**point, "tokens_per_s": point["prompt_tokens"] / point["wall_s"]}
                 for tokens in args.decode_context:
                     prompts = _prompts(tokenizer, args.batch, tokens, offset)
-                    first = _complete(url, name, prompts, 1, extra)
-                    full = _complete(url, name, prompts, args.new_tokens, extra)
-                    decoded = full["generated"] - first["generated"]  # aha serve may stop a request at EOS
-                    points[f"decode b{args.batch} ctx {tokens}"] = {
-                        "one_token": first, "all_tokens": full, "tokens_per_s": decoded / (full["wall_s"] - first["wall_s"]),
-                    }  # fmt: skip
+                    points[f"decode b{args.batch} ctx {tokens}"] = _stream_batch(url, name, prompts, args.new_tokens, extra, count_tokens)
                 measured[system] = points
             rounds.append(measured)
             print(f"round {round_index + 1}:", json.dumps({s: {p: round(v["tokens_per_s"], 2) for p, v in pts.items()} for s, pts in measured.items()}))
