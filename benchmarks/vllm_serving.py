@@ -17,7 +17,7 @@ every point on every server, alternating which server goes first:
   decoding (from the last request's first token to the first request's last), over that window: a
   batch of ``--batch`` in pure decode, no prefill in it. A request that started early decodes while
   the others prefill, so ``--new-tokens`` must exceed the engine steps of the batch's prefill (the
-  report has each window; an empty one is an error). vLLM streams one chunk per token (counted as
+  report has each window; an empty one gets no rate and a warning). vLLM streams one chunk per token (counted as
   chunks); ``aha serve`` streams text, whose tokens are counted by re-tokenizing each chunk.
 
 The report gives every round's numbers, the median per server and the medians' ratios against
@@ -140,8 +140,8 @@ def _stream_batch(url: str, model: str, prompts: list[str], max_tokens: int, ext
     window_start = max(arrivals[0][0] for arrivals in requests)  # the last request's first token
     window_end = min(arrivals[-1][0] for arrivals in requests)  # the first request's last token
     in_window = sum(n for arrivals in requests for t, n in arrivals if window_start < t <= window_end)
-    if window_end <= window_start or in_window == 0:
-        raise RuntimeError(f"{url}: no window where all {len(prompts)} requests decode; raise --new-tokens above {max_tokens}")
+    if window_end <= window_start or in_window == 0:  # the report keeps the arrivals; the rate is unknown
+        print(f"WARNING {url}: no window where all {len(prompts)} requests decode; raise --new-tokens above {max_tokens}")
     return {
         "wall_s": time.perf_counter() - start,
         "first_token_s": [arrivals[0][0] - start for arrivals in requests],
@@ -149,7 +149,7 @@ def _stream_batch(url: str, model: str, prompts: list[str], max_tokens: int, ext
         "generated": [sum(n for _, n in arrivals) for arrivals in requests],
         "window_s": window_end - window_start,
         "window_tokens": in_window,
-        "tokens_per_s": in_window / (window_end - window_start),
+        "tokens_per_s": in_window / (window_end - window_start) if in_window else float("nan"),
     }
 
 
@@ -174,10 +174,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096, 8000])
-    parser.add_argument("--decode-context", type=int, nargs="+", default=[1024, 8000])
+    parser.add_argument("--decode-context", type=int, nargs="+", default=[1024, 7936], help="prompt tokens; plus --new-tokens within --max-model-len")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256, help="per decode request (module docstring)")
-    parser.add_argument("--max-model-len", type=int, default=8448)
+    parser.add_argument("--max-model-len", type=int, default=8192, help="at most the model's positions (SmolLM2: 8192)")
     parser.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache of each vLLM server")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (quick checks only)")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
