@@ -190,9 +190,8 @@ def main() -> None:
 
     model = args.model.resolve()
     tokenizer = AutoTokenizer.from_pretrained(model)
-    longest = max([*args.prefill, *args.decode_context]) + args.new_tokens
-    if longest > args.max_model_len:
-        parser.error(f"a prompt of {longest - args.new_tokens} tokens plus {args.new_tokens} new ones exceeds --max-model-len {args.max_model_len}")
+    if max(args.prefill) + 1 > args.max_model_len or max(args.decode_context) + args.new_tokens > args.max_model_len:
+        parser.error(f"the longest --prefill prompt plus 1 token, or --decode-context plus --new-tokens {args.new_tokens}, exceeds --max-model-len {args.max_model_len}")
     vllm_flags = [
         "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.batch),
         "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30))), "--no-enable-prefix-caching",
