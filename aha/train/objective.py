@@ -30,15 +30,74 @@ def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+#: Rows (positions) per block of :func:`distillation_sum`: a block's few ``[rows, vocab]`` fp32
+#: temporaries stay in cache (32 x 49152 x 4 B = 6 MiB each) instead of whole-batch copies.
+DISTILLATION_ROW_BLOCK = 32
+
+
 def distillation_sum(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """Summed ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the positions that have a target."""
+    """Summed ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the positions that have a target.
+
+    Args:
+        student_logits, teacher_logits: ``[batch, seq, vocab]``; only the student's gets a gradient.
+        labels: ``[batch, seq]`` next-token labels, ``-100`` where a position has no target.
+        temperature: ``T > 0``.
+
+    Returns:
+        An fp32 scalar. Computed in blocks of :data:`DISTILLATION_ROW_BLOCK` positions (forward and
+        backward), so no ``[positions, vocab]`` temporary is ever materialised: per position
+        ``KL = sum_v p_t (log p_t - s) + logsumexp(s)`` with ``s`` the student's scaled logits, and
+        its gradient ``T * (softmax(s) - p_t)``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
     student, flat_labels = shift_targets(student_logits, labels)
     teacher, _ = shift_targets(teacher_logits, labels)
-    keep = flat_labels != IGNORE_INDEX
-    log_p_student = F.log_softmax(student[keep].float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher[keep].float() / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
-    return kl * temperature**2
+    return _BlockwiseDistillation.apply(student, teacher.detach(), flat_labels != IGNORE_INDEX, float(temperature))
+
+
+class _BlockwiseDistillation(torch.autograd.Function):
+    """:func:`distillation_sum` on ``[positions, vocab]`` logits and a ``[positions]`` bool mask of kept positions."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, keep: Tensor, temperature: float) -> Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        log_mass = torch.zeros(2, keep.numel(), dtype=torch.float32, device=student.device)  # logsumexp of s and t per position
+        for rows in _row_blocks(keep):
+            s, t = _scaled(student, rows, temperature), _scaled(teacher, rows, temperature)
+            torch.logsumexp(s, dim=-1, out=log_mass[0, rows])
+            torch.logsumexp(t, dim=-1, out=log_mass[1, rows])
+            log_p_teacher = t - log_mass[1, rows, None]
+            per_position = (log_p_teacher.exp() * (log_p_teacher - s)).sum(-1) + log_mass[0, rows]
+            total += per_position[keep[rows]].sum()
+        ctx.save_for_backward(student, teacher, keep, log_mass)
+        ctx.temperature = temperature
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, None, None, None]:
+        student, teacher, keep, log_mass = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad_student = torch.zeros_like(student)
+        scale = grad_total.float() * temperature
+        for rows in _row_blocks(keep):
+            p_student = (_scaled(student, rows, temperature) - log_mass[0, rows, None]).exp_()
+            p_teacher = (_scaled(teacher, rows, temperature) - log_mass[1, rows, None]).exp_()
+            grad_student[rows] = p_student.sub_(p_teacher).mul_(scale * keep[rows, None]).to(student.dtype)
+        return grad_student, None, None, None
+
+
+def _scaled(logits: Tensor, rows: slice, temperature: float) -> Tensor:
+    """``logits[rows] / temperature`` in fp32 (a view of fp32 logits at temperature 1: never written to)."""
+    block = logits[rows].float()
+    return block if temperature == 1.0 else block / temperature
+
+
+def _row_blocks(keep: Tensor) -> list[slice]:
+    """Slices of :data:`DISTILLATION_ROW_BLOCK` positions covering ``keep``'s, skipping blocks with none kept."""
+    starts = range(0, keep.numel(), DISTILLATION_ROW_BLOCK)
+    kept = [bool(block.any()) for block in keep.split(DISTILLATION_ROW_BLOCK)]
+    return [slice(start, start + DISTILLATION_ROW_BLOCK) for start, any_kept in zip(starts, kept) if any_kept]
 
 
 @dataclass
