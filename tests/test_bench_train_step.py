@@ -1,5 +1,7 @@
 """The ``train-step`` benchmark group on a tiny model: backward timing marks, fixed routes, rows."""
 
+import dataclasses
+
 import pytest
 import torch
 from train_support import char_tokenizer
@@ -57,3 +59,15 @@ def test_rows_of_every_variant():
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # the given model is left as it was
     with pytest.raises(ValueError, match="unknown --gate-gradients"):
         measure_train_steps(model, char_tokenizer(), [48], BenchConfig(gate_gradients=["exact"]), TEMPLATE)
+
+
+def test_without_distillation_no_teacher_runs_and_the_weight_is_checked():
+    from aha.benchmarking.train_step import recipe_template
+
+    assert recipe_template(BenchConfig(model="smollm2-135m")).distill == 1.0  # the demo recipe's
+    assert recipe_template(BenchConfig(model="smollm2-135m", train_step_distill=0.0)).distill == 0.0
+    with pytest.raises(ValueError, match="train-step-distill must be >= 0"):
+        recipe_template(BenchConfig(train_step_distill=-1.0))
+    cfg = BenchConfig(model_global_heads=1, gate_gradients=["sampled"], timing=TimingPolicy(rounds=1, min_sample_s=0.0, retries=0, max_wait_s=0.0))
+    rows = measure_train_steps(tiny_model("llama"), char_tokenizer(), [48], cfg, dataclasses.replace(TEMPLATE, distill=0.0))
+    assert [row["variant"] for row in rows] == ["dense", "aha sampled"] and all(row["teacher_ms"] == 0 for row in rows)

@@ -86,6 +86,10 @@ class BenchConfig:
         parse=lambda text: None if text == "learned" else int(text),
     )
     train_step_seq_lens: list[int] = option("Sequence lengths of the 'train-step' group, e.g. 1024,4096.", "--train-step-n", default_factory=lambda: [1024, 4096])
+    train_step_distill: float | None = option(
+        "'train-step' group: distillation weight of the aha steps (0: the paper's objective, CE + lambda * mean(g_soft), no "
+        "teacher); default: the demo recipe's.", "--train-step-distill", default=None,
+    )  # fmt: skip
     gate_gradients: list[str] = option(
         "'train-step' group: aha train steps timed, by gate gradient: ste,sampled,compressed (aha train --gate-gradient) "
         "and frozen (routes frozen, --freeze-routes-at).", "--gate-gradients", default_factory=lambda: ["ste", "sampled", "compressed", "frozen"],

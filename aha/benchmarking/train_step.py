@@ -308,15 +308,25 @@ TRAIN_STEP_COLUMNS = [
 ]
 
 
+def recipe_template(cfg: BenchConfig) -> TrainConfig:
+    """The demo recipe's training settings for ``cfg.model``, with ``cfg.train_step_distill`` as the distillation weight when set."""
+    from aha.recipes.demo import DemoSettings
+
+    template = DemoSettings(model=cfg.model).train_config()
+    if cfg.train_step_distill is None:
+        return template
+    if not cfg.train_step_distill >= 0:
+        raise ValueError(f"--train-step-distill must be >= 0 (0: no teacher), got {cfg.train_step_distill}")
+    return dataclasses.replace(template, distill=cfg.train_step_distill)
+
+
 @register_group("train-step")
 def train_step_benchmarks(cfg: BenchConfig) -> list[Section]:
     """An ``aha train`` step of the demo recipe against a dense fine-tune step (see the module docstring)."""
-    from aha.recipes.demo import DemoSettings
-
     model, tokenizer = aha.load_model(cfg.model, dtype=torch.float32)
     if aha.is_aha_model(model):
         raise ValueError(f"the train-step group fine-tunes a plain model (it converts it as the demo does); {cfg.model} is an AHA checkpoint")
-    template = DemoSettings(model=cfg.model).train_config()
+    template = recipe_template(cfg)
     routes = "the model's own" if cfg.model_global_heads is None else f"first {cfg.model_global_heads} query heads of every layer global, the rest local"
     section = Section(
         name="train_step",
@@ -324,8 +334,9 @@ def train_step_benchmarks(cfg: BenchConfig) -> list[Section]:
         columns=TRAIN_STEP_COLUMNS,
         notes=[
             (
-                f"aha: window {template.window} + {template.sink} sink key(s), CE + {template.distill} x KD (frozen original as teacher) "
-                f"+ lambda * mean(g_soft); routes: {routes}, routers trainable (fixed logits); estimators as in aha train --gate-gradient "
+                f"aha: window {template.window} + {template.sink} sink key(s), "
+                + (f"CE + {template.distill} x KD (frozen original as teacher) " if template.distill > 0 else "CE (no distillation, no teacher) ")
+                + f"+ lambda * mean(g_soft); routes: {routes}, routers trainable (fixed logits); estimators as in aha train --gate-gradient "
                 f"(sampled: fraction {template.gate_sample_fraction}; compressed: blocks of {template.gate_block}); frozen: routes frozen "
                 "(--freeze-routes-at), the routed pass alone"
             ),
