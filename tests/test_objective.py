@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aha.data import IGNORE_INDEX
 from aha.train.objective import DISTILLATION_ROW_BLOCK, distillation_sum
 
 
 def textbook_distillation(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` summed over positions with a next-token target."""
-    keep = labels[:, 1:].reshape(-1) != -100
+    keep = labels[:, 1:].reshape(-1) != IGNORE_INDEX
     vocab = student.shape[-1]
     s = student[:, :-1].reshape(-1, vocab)[keep].double() / temperature
     t = teacher[:, :-1].reshape(-1, vocab)[keep].double() / temperature
@@ -35,8 +36,8 @@ def test_distillation_equals_the_textbook_kl_and_its_gradient(batch, seq, vocab,
     student = (3 * torch.randn(batch, seq, vocab, generator=generator)).to(dtype).requires_grad_(True)
     teacher = (3 * torch.randn(batch, seq, vocab, generator=generator)).to(dtype)
     labels = torch.randint(0, vocab, (batch, seq), generator=generator)
-    labels[torch.rand(batch, seq, generator=generator) < ignored_share] = -100
-    labels[:, 1 : 1 + DISTILLATION_ROW_BLOCK] = -100  # a whole block without targets is skipped
+    labels[torch.rand(batch, seq, generator=generator) < ignored_share] = IGNORE_INDEX
+    labels[:, 1 : 1 + DISTILLATION_ROW_BLOCK] = IGNORE_INDEX  # a whole block without targets is skipped
     got = distillation_sum(student, teacher, labels, temperature)
     (grad,) = torch.autograd.grad(got, student)
     expected_student = student.detach().double().requires_grad_(True)

@@ -323,10 +323,10 @@ def recipe_template(cfg: BenchConfig) -> TrainConfig:
 @register_group("train-step")
 def train_step_benchmarks(cfg: BenchConfig) -> list[Section]:
     """An ``aha train`` step of the demo recipe against a dense fine-tune step (see the module docstring)."""
+    template = recipe_template(cfg)  # checks --train-step-distill before the model loads
     model, tokenizer = aha.load_model(cfg.model, dtype=torch.float32)
     if aha.is_aha_model(model):
         raise ValueError(f"the train-step group fine-tunes a plain model (it converts it as the demo does); {cfg.model} is an AHA checkpoint")
-    template = recipe_template(cfg)
     routes = "the model's own" if cfg.model_global_heads is None else f"first {cfg.model_global_heads} query heads of every layer global, the rest local"
     section = Section(
         name="train_step",

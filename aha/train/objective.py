@@ -63,7 +63,8 @@ class _BlockwiseDistillation(torch.autograd.Function):
     def forward(ctx, student: Tensor, teacher: Tensor, keep: Tensor, temperature: float) -> Tensor:
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         log_mass = torch.zeros(2, keep.numel(), dtype=torch.float32, device=student.device)  # logsumexp of s and t per position
-        for rows in _row_blocks(keep):
+        blocks = _row_blocks(keep)
+        for rows in blocks:
             s, t = _scaled(student, rows, temperature), _scaled(teacher, rows, temperature)
             torch.logsumexp(s, dim=-1, out=log_mass[0, rows])
             torch.logsumexp(t, dim=-1, out=log_mass[1, rows])
@@ -71,7 +72,7 @@ class _BlockwiseDistillation(torch.autograd.Function):
             per_position = (log_p_teacher.exp() * (log_p_teacher - s)).sum(-1) + log_mass[0, rows]
             total += per_position[keep[rows]].sum()
         ctx.save_for_backward(student, teacher, keep, log_mass)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.blocks = temperature, blocks
         return total * temperature**2
 
     @staticmethod
@@ -80,7 +81,7 @@ class _BlockwiseDistillation(torch.autograd.Function):
         temperature = ctx.temperature
         grad_student = torch.zeros_like(student)
         scale = grad_total.float() * temperature
-        for rows in _row_blocks(keep):
+        for rows in ctx.blocks:
             p_student = (_scaled(student, rows, temperature) - log_mass[0, rows, None]).exp_()
             p_teacher = (_scaled(teacher, rows, temperature) - log_mass[1, rows, None]).exp_()
             grad_student[rows] = p_student.sub_(p_teacher).mul_(scale * keep[rows, None]).to(student.dtype)
