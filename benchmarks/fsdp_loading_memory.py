@@ -53,9 +53,7 @@ def make_model(folder: str) -> None:
         )
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_SHAPE))
-    print(
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters -> {folder}"
-    )
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters -> {folder}")
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(folder)
 
@@ -83,18 +81,13 @@ def main(model_name: str, report: str | None = None) -> None:
     private = PeakPrivateMemory()
     config = TrainConfig(model=model_name, window=256, sink=1, precision="fp32")
     accelerator = make_accelerator(config)
-    empty = (
-        only_main_process_reads_weights(accelerator) and not accelerator.is_main_process
-    )
+    empty = only_main_process_reads_weights(accelerator) and not accelerator.is_main_process
     model, _ = aha.load_model(model_name, weights=not empty)
     model = prepare_model(config, model)
     after_load, private_after_load = peak_rss_mib(), private.peak_mib
     model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     shards = [p.to_local() for p in model.parameters()]
-    storages = {
-        shard.untyped_storage().data_ptr(): shard.untyped_storage().nbytes()
-        for shard in shards
-    }
+    storages = {shard.untyped_storage().data_ptr(): shard.untyped_storage().nbytes() for shard in shards}
     row = {"rank": accelerator.process_index, "built_empty": empty, "peak_rss_mib_loaded": round(after_load),
            "peak_rss_mib_sharded": round(peak_rss_mib()), "peak_private_mib_loaded": round(private_after_load),
            "peak_private_mib_sharded": round(private.peak_mib), "parameters_held": sum(shard.numel() for shard in shards),
@@ -107,7 +100,8 @@ def main(model_name: str, report: str | None = None) -> None:
             "schema": "aha-fsdp-loading-memory/1", "meta": run_meta(), "model": model_name,
             "processes": accelerator.num_processes,
             "cpu_ram_efficient_loading": bool(plugin and plugin.cpu_ram_efficient_loading),
-            "parameters": sum(p.numel() for p in model.parameters()), "model_config": MODEL_SHAPE if model_name.rstrip("/").endswith(RANDOM_MODEL_MARK) else None,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "model_config": MODEL_SHAPE if model_name.rstrip("/").endswith(RANDOM_MODEL_MARK) else None,
             "rows": sorted(rows, key=lambda r: r["rank"]),
         })  # fmt: skip
 
