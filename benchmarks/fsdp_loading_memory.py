@@ -39,18 +39,12 @@ from aha.train.sharding import make_accelerator, only_main_process_reads_weights
 #: The random Llama of ``--make-model`` (472M parameters; 1.8 GB of fp32 safetensors).
 MODEL_SHAPE = {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 24,
                "num_key_value_heads": 6, "vocab_size": 49152, "tie_word_embeddings": True}  # fmt: skip
-#: Folder names of ``--make-model`` end with this, so the report can record the shape.
-RANDOM_MODEL_MARK = "random-llama-472m"
 
 
 def make_model(folder: str) -> None:
     """Write the random Llama of :data:`MODEL_SHAPE` (seed 0, fp32) with the offline SmolLM2 tokenizer to ``folder``."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if not folder.rstrip("/").endswith(RANDOM_MODEL_MARK):
-        raise SystemExit(
-            f"name the folder ...{RANDOM_MODEL_MARK} (the report recognises the model by it), got {folder}"
-        )
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_SHAPE))
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters -> {folder}")
@@ -83,6 +77,7 @@ def main(model_name: str, report: str | None = None) -> None:
     accelerator = make_accelerator(config)
     empty = only_main_process_reads_weights(accelerator) and not accelerator.is_main_process
     model, _ = aha.load_model(model_name, weights=not empty)
+    shape = {key: getattr(model.config, key, None) for key in MODEL_SHAPE}
     model = prepare_model(config, model)
     after_load, private_after_load = peak_rss_mib(), private.peak_mib
     model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
@@ -101,7 +96,7 @@ def main(model_name: str, report: str | None = None) -> None:
             "processes": accelerator.num_processes,
             "cpu_ram_efficient_loading": bool(plugin and plugin.cpu_ram_efficient_loading),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "model_config": MODEL_SHAPE if model_name.rstrip("/").endswith(RANDOM_MODEL_MARK) else None,
+            "model_config": shape,
             "rows": sorted(rows, key=lambda r: r["rank"]),
         })  # fmt: skip
 

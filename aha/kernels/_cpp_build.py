@@ -46,14 +46,16 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _compile_command(compiler: str, output: Path, arch: str = "native", namespace: str = "aha") -> list[str]:
+def _compile_command(
+    compiler: str, output: Path, arch: str = "native", namespace: str = "aha", optimization: str = "-O3"
+) -> list[str]:
     from torch.utils import cpp_extension
 
     torch_lib = Path(torch.__file__).parent / "lib"
     includes = [arg for path in cpp_extension.include_paths() for arg in ("-isystem", path)]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
-        compiler, "-O3", f"-march={arch}", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
+        compiler, optimization, f"-march={arch}", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DAHA_OPS_NAMESPACE={namespace}", *includes, str(SOURCE), "-o", str(output),
         f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}",
     ]  # fmt: skip
