@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from aha import aha_attention, choose_impl
+from aha import aha_attention, choose_impl, gate_gradient, kernels
 from aha.kernels import cpp, cpu_tuning
 from aha.kernels.cpu_tuning import CostModel, KernelChoice
+from aha.kernels.dispatch import select
 
 needs_kernel = pytest.mark.skipif(not cpp.cpp_available(), reason="C++ kernel unavailable")
 
@@ -81,6 +82,17 @@ def test_calibration_falls_back_above_the_measured_crossover(monkeypatch):
         # a gate that needs a gradient also runs the dense full branch: it counts as fraction 1
         gate = (torch.rand(1, 8, 64) < 0.1).float().requires_grad_(True)
         assert choose_impl(q, k, gate, 8) == "split"
+        # unless an estimator replaces the dense branches: its passes are dispatched on their own (hard) routes
+        chosen = []
+
+        def spy(inputs, impl):
+            chosen.append(select(inputs, impl).name)
+            return select(inputs, impl)
+
+        patch.setattr(kernels, "select", spy)
+        with gate_gradient("sampled"):
+            aha_attention(q, k, k, gate, 8).sum().backward()
+        assert chosen == ["cpp", "cpp"] and gate.grad is not None
 
 
 @needs_kernel

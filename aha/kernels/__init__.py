@@ -75,10 +75,11 @@ def run_eager(
 ) -> Tensor:
     """The dispatcher on checked shapes, a resolved ``scale`` and clamped window/sink (see :func:`aha_attention`)."""
     inputs = _inputs(q, k, v, route, window, scale, key_padding_mask, sink, route_is_binary)
-    implementation = select(inputs, impl)
-    out = estimate_gate_gradient(inputs, implementation)  # None: the implementation's own (STE) gate
-    if out is None:
-        out = implementation(inputs)
+    # an estimator runs passes on hard routes: each is dispatched on its own route (a trainable gate
+    # counts as all-global, which on CPU can move the whole call to the dense-branch implementation)
+    out = estimate_gate_gradient(inputs, lambda routed: select(routed, impl)(routed))
+    if out is None:  # the implementation's own (STE) gate
+        out = select(inputs, impl)(inputs)
     if inputs.padding is not None:
         query_valid = inputs.padding.mask[:, None, k.shape[2] - q.shape[2] :, None]
         out = out.masked_fill(~query_valid, 0.0)

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from aha.kernels._checks import AhaInputError
+from aha.kernels.gating import with_gate_gradient
 from aha.kernels.masks import KeyPadding, sink_key_mask, sink_keys
 
 if TYPE_CHECKING:
@@ -113,12 +114,13 @@ def gate_gradient(estimator: GateGradient | GateGradientName) -> Iterator[GateGr
 
 
 def estimate(inputs: Inputs, run: Callable[[Inputs], Tensor]) -> Tensor | None:
-    """The operator's output for ``inputs`` with the current estimator's gate gradient, computed with
-    the implementation ``run``; None where the implementation's own gate handling applies (the
-    ``"ste"`` estimator, bool routes, soft gates, calls without a gate gradient, windows that cover every key).
+    """The operator's output for ``inputs`` with the current estimator's gate gradient, its passes
+    computed by ``run`` (the operator on inputs with a bool route); None where the implementation's
+    own gate handling applies (the ``"ste"`` estimator, bool routes, soft gates, calls without a gate
+    gradient, windows that cover every key).
 
     Output ``[B, Hq, Sq, D]``: ``run`` on the hard route (identical values and q/k/v gradients to
-    the STE's routed pass) plus ``(g - g.detach()) * gap``.
+    the STE's routed pass), whose gate gets the estimated ``full - local`` as its gradient.
     """
     estimator = _current
     route = inputs.route
@@ -136,15 +138,18 @@ def estimate(inputs: Inputs, run: Callable[[Inputs], Tensor]) -> Tensor | None:
         return out
     with torch.no_grad():
         if estimator.name == "sampled":
-            gap = _sampled_gap(inputs, run, hard, out, estimator)
+            difference, weight = _sampled_gap(inputs, run, hard, out, estimator)
         else:
-            gap = _compressed_gap(inputs, hard, out, estimator.block)
-    g = route[..., None].to(out.dtype)
-    return out + (g - g.detach()) * gap
+            difference, weight = _compressed_gap(inputs, hard, out, estimator.block), None
+    return with_gate_gradient(out, route, difference, weight)
 
 
-def _sampled_gap(inputs: Inputs, run: Callable[[Inputs], Tensor], hard: Tensor, out: Tensor, estimator: GateGradient) -> Tensor:
-    """``full - local`` at global pairs and sampled local pairs (rescaled), 0 elsewhere: ``[B, Hq, Sq, D]``."""
+def _sampled_gap(
+    inputs: Inputs, run: Callable[[Inputs], Tensor], hard: Tensor, out: Tensor, estimator: GateGradient
+) -> tuple[Tensor, Tensor]:
+    """``full - local`` at global pairs and sampled local pairs (rescaled), 0 elsewhere, as a
+    difference ``[B, Hq, Sq, D]`` (the other branch minus the routed output) and its per-pair weight
+    ``[B, Hq, Sq]``: -1 at global pairs, ``1 / sample_fraction`` at sampled local pairs, 0 elsewhere."""
     fraction = estimator.sample_fraction
     if estimator.generator is not None and torch.compiler.is_compiling():
         raise AhaInputError(
@@ -158,8 +163,8 @@ def _sampled_gap(inputs: Inputs, run: Callable[[Inputs], Tensor], hard: Tensor, 
         sampled = (draw < fraction) & ~hard
     # the other branch where it is needed: local at global pairs (a window pass), global at sampled local pairs
     other = run(dataclasses.replace(inputs, route=sampled, needs_grad=False))
-    gap = torch.where(hard[..., None], out - other, (other - out) / fraction)
-    return torch.where((hard | sampled)[..., None], gap, torch.zeros((), dtype=gap.dtype, device=gap.device))
+    weight = torch.where(hard, -1.0, sampled.to(torch.float32) / fraction)
+    return other - out, weight
 
 
 def _compressed_gap(inputs: Inputs, hard: Tensor, out: Tensor, block: int) -> Tensor:

@@ -63,8 +63,41 @@ def apply_route(
     if gate_needs_grad:
         with torch.no_grad():
             branch_gap = full() - local()
-        out = out + (g - g.detach()) * branch_gap
+        out = with_gate_gradient(out, route, branch_gap)
     return out
+
+
+class _GateGradient(torch.autograd.Function):
+    """Identity on ``out`` whose backward also gives the gate ``sum_d(grad * difference) * weight``."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, gate: Tensor, difference: Tensor, weight: Tensor | None) -> Tensor:
+        ctx.save_for_backward(difference, weight)
+        ctx.gate_dtype = gate.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        difference, weight = ctx.saved_tensors
+        grad_gate = (grad * difference).sum(-1)
+        if weight is not None:
+            grad_gate = grad_gate.to(weight.dtype) * weight
+        return grad, grad_gate.to(ctx.gate_dtype), None, None
+
+
+def with_gate_gradient(out: Tensor, gate: Tensor, difference: Tensor, weight: Tensor | None = None) -> Tensor:
+    """``out + (g - g.detach()) * difference * weight[..., None]`` without the full-size arithmetic:
+    ``out`` ``[batch, q_heads, seq_q, head_dim]`` unchanged in value, with ``d out / d gate`` =
+    ``difference * weight`` (the straight-through gate's gradient, ``full - local`` or an estimate of it).
+
+    Args:
+        out: the routed output ``[B, Hq, Sq, D]``.
+        gate: the float gate ``[B, Hq, Sq]`` (1 = global) that receives the gradient.
+        difference: ``[B, Hq, Sq, D]`` in ``out``'s dtype, computed without grad.
+        weight: optional ``[B, Hq, Sq]`` factor on ``difference`` (a sign, a rescaling, 0 where
+            unsampled), applied to the gate's gradient in its own dtype (fp32 keeps ``1 / fraction`` exact).
+    """
+    return _GateGradient.apply(out, gate, difference, weight)
 
 
 def apply_route_with_kernel(
