@@ -49,9 +49,11 @@ def test_rows_of_every_variant():
     model = tiny_model("llama")
     before = {name: p.clone() for name, p in model.state_dict().items()}
     rows = measure_train_steps(model, char_tokenizer(), [48], cfg, TEMPLATE)
-    assert [row["variant"] for row in rows] == ["dense", "aha ste", "aha sampled", "aha compressed", "aha frozen"]
+    assert [row["variant"] for row in rows] == ["dense", "aha ste", "aha sampled", "aha compressed", "aha frozen", "aha sampled+frozen"]
+    two_phase = rows[-1]
+    assert two_phase["gate_gradient"] == "sampled" and two_phase["freeze_routes_at"] == 0.5 and two_phase["timed_steps"] == 2
     for row in rows:
-        assert row["n"] == 48 and row["step_ms"] > 0 and row["timed_steps"] == 1
+        assert row["n"] == 48 and row["step_ms"] > 0 and row["timed_steps"] == (2 if row is two_phase else 1)
         assert row["attention_forward_ms"] > 0 and row["attention_backward_ms"] > 0
         assert row["global_fraction"] == (1.0 if row["variant"] == "dense" else pytest.approx(0.25))
         assert (row["teacher_ms"] > 0) == (row["variant"] != "dense")
@@ -59,6 +61,8 @@ def test_rows_of_every_variant():
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # the given model is left as it was
     with pytest.raises(ValueError, match="unknown --gate-gradients"):
         measure_train_steps(model, char_tokenizer(), [48], BenchConfig(gate_gradients=["exact"]), TEMPLATE)
+    with pytest.raises(ValueError, match="unknown --gate-gradients"):
+        measure_train_steps(model, char_tokenizer(), [48], BenchConfig(gate_gradients=["exact+frozen"]), TEMPLATE)
 
 
 def test_without_distillation_no_teacher_runs_and_the_weight_is_checked():

@@ -92,7 +92,8 @@ class BenchConfig:
     )  # fmt: skip
     gate_gradients: list[str] = option(
         "'train-step' group: aha train steps timed, by gate gradient: ste,sampled,compressed (aha train --gate-gradient) "
-        "and frozen (routes frozen, --freeze-routes-at).", "--gate-gradients", default_factory=lambda: ["ste", "sampled", "compressed", "frozen"],
+        "frozen (routes frozen, --freeze-routes-at) and E+frozen (E for the first half of the steps, then frozen: --freeze-routes-at 0.5; "
+        "the mean of one step of each).", "--gate-gradients", default_factory=lambda: ["ste", "sampled", "compressed", "frozen", "sampled+frozen"],
     )
     serve_clients: list[int] = option("Concurrent clients of the 'serve' group, e.g. 1,4,16.", "--serve-clients", default_factory=lambda: [1, 4, 16])
     serve_prompt_lens: list[int] = option("Prompt lengths of the 'serve' group, e.g. 1024,4096,8192.", "--serve-n", default_factory=lambda: [1024, 4096, 8192])

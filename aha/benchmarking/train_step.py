@@ -7,7 +7,9 @@ one sequence per step) in two ways, round-robin:
   (:meth:`aha.recipes.demo.DemoSettings.train_config`: window 128 + 1 sink key, cross-entropy +
   distillation from the frozen original model + lambda * mean(g_soft), the budget controller),
   once per gate-gradient estimator (``--gate-gradients``: ``ste``, ``sampled``, ``compressed``,
-  and ``frozen``, the routed pass alone as after ``--freeze-routes-at``). The routers keep their
+  ``frozen``, the routed pass alone as after ``--freeze-routes-at``, and two-phase variants such as
+  ``sampled+frozen``, ``--freeze-routes-at 0.5``: one step of each phase per timed call, its time
+  halved, so the row is the mean step of such a run). The routers keep their
   gradient, but their logits are fixed (zero weight; bias +2 for the first ``--model-global-heads``
   query heads of every layer, -2 for the rest), so the global fraction is the same in every step;
   the learning rates are ~0 so that nothing moves between the timed steps (AdamW does the same work).
@@ -50,6 +52,9 @@ from aha.train.schedule import TrainProgress, collate
 ROUTE_BIAS = 2.0
 #: The variant name of routes frozen for the whole run (``freeze_routes_at=0``: the "none" gate gradient).
 FROZEN = "frozen"
+#: Suffix of a two-phase variant (``sampled+frozen``): routes trained with the estimator for the first half of
+#: the run, then frozen (``--freeze-routes-at 0.5``). Each timed call runs one step of each phase and counts as two.
+THEN_FROZEN = "+frozen"
 DENSE = "dense"
 #: Calls of each candidate before its timed samples (:func:`measure_round_robin`: a warm-up and a
 #: calibration call; the first step also allocates the optimizer state): left out of the split.
@@ -181,9 +186,9 @@ def measure_train_steps(
     from aha.train.sharding import make_accelerator
 
     known = (*get_args(TrainedGateGradient), FROZEN)
-    unknown = [name for name in cfg.gate_gradients if name not in known]
+    unknown = [name for name in cfg.gate_gradients if not set(_phases(name)) <= set(known)]
     if unknown:
-        raise ValueError(f"unknown --gate-gradients {unknown}; choose from {', '.join(known)}")
+        raise ValueError(f"unknown --gate-gradients {unknown}; choose from {', '.join(known)}, or <gate gradient>{THEN_FROZEN}")
     rows = []
     for n in seq_lens:
         train_set = one_sequence(tokenizer, n)
@@ -207,6 +212,12 @@ def measure_train_steps(
     return rows
 
 
+def _phases(variant: str) -> list[str]:
+    """The steps one timed call of ``variant`` runs: the estimator and then ``frozen`` for a two-phase
+    variant (:data:`THEN_FROZEN`), else the variant itself."""
+    return [variant.removesuffix(THEN_FROZEN), FROZEN] if variant.endswith(THEN_FROZEN) else [variant]
+
+
 class _TimedTeacher:
     """The stepper's teacher (``input_ids -> logits``) adding up the seconds it runs."""
 
@@ -228,7 +239,7 @@ def _measure(n: int, config: TrainConfig, stepper: Any, dense_step: Callable[[],
     fractions: dict[str, float] = {}
     with attention_clock() as take_clock:
 
-        def timed(name: str, step: Callable[[], Any]) -> Callable[[], None]:
+        def timed(name: str, step: Callable[[], Any], steps: int = 1) -> Callable[[], None]:
             calls = [0]
 
             def run() -> None:
@@ -244,7 +255,7 @@ def _measure(n: int, config: TrainConfig, stepper: Any, dense_step: Callable[[],
                 if calls[0] <= WARMUP_CALLS:
                     return
                 total = totals.setdefault(name, {"calls": 0, "step": 0.0, "forward": 0.0, "backward": 0.0, "teacher": 0.0})
-                total["calls"] += 1
+                total["calls"] += steps
                 total["step"] += seconds
                 total["forward"] += clock.forward
                 total["backward"] += clock.backward_seconds()
@@ -252,36 +263,41 @@ def _measure(n: int, config: TrainConfig, stepper: Any, dense_step: Callable[[],
 
             return run
 
-        def aha_step(estimator: str) -> Callable[[], dict[str, Any]]:
-            settings = (
+        def aha_step(variant: str) -> Callable[[], dict[str, Any]]:
+            phases = [
                 dataclasses.replace(config, freeze_routes_at=0.0)
                 if estimator == FROZEN
                 else dataclasses.replace(config, gate_gradient=estimator)
-            )
+                for estimator in _phases(variant)
+            ]
 
             def run() -> dict[str, Any]:
-                stepper.config = settings  # the stepper reads the estimator from its config each step
-                return stepper.step(progress)
+                for settings in phases:
+                    stepper.config = settings  # the stepper reads the estimator from its config each step
+                    result = stepper.step(progress)
+                return result
 
             return run
 
         candidates = {DENSE: timed(DENSE, dense_step)}
-        candidates |= {name: timed(name, aha_step(name)) for name in cfg.gate_gradients}
+        candidates |= {name: timed(name, aha_step(name), len(_phases(name))) for name in cfg.gate_gradients}
         samples = measure_round_robin(candidates, cfg.timing)
     rows = []
     for name, sample in samples.items():
         total = totals[name]
+        per_step = len(_phases(name))  # a two-phase call is two steps
         mean = {key: total[key] / total["calls"] for key in ("step", "forward", "backward", "teacher")}
         rows.append({
             "n": n,
             "variant": name if name == DENSE else f"aha {name}",
-            "gate_gradient": None if name == DENSE else name,
+            "gate_gradient": None if name == DENSE else _phases(name)[0],
+            "freeze_routes_at": None if name == DENSE else 0.0 if name == FROZEN else 0.5 if per_step == 2 else 1.0,
             "window": config.window,
             "sink": config.sink,
             "distill": 0.0 if name == DENSE else config.distill,
             "global_fraction": fractions.get(name, 1.0),
-            "step_ms": sample.median * 1e3,
-            "vs_dense": median_ratio(sample, samples[DENSE]),
+            "step_ms": sample.median / per_step * 1e3,
+            "vs_dense": median_ratio(sample, samples[DENSE]) / per_step,
             "mean_step_ms": mean["step"] * 1e3,
             "attention_forward_ms": mean["forward"] * 1e3,
             "attention_backward_ms": mean["backward"] * 1e3,
@@ -338,7 +354,8 @@ def train_step_benchmarks(cfg: BenchConfig) -> list[Section]:
                 + (f"CE + {template.distill} x KD (frozen original as teacher) " if template.distill > 0 else "CE (no distillation, no teacher) ")
                 + f"+ lambda * mean(g_soft); routes: {routes}, routers trainable (fixed logits); estimators as in aha train --gate-gradient "
                 f"(sampled: fraction {template.gate_sample_fraction}; compressed: blocks of {template.gate_block}); frozen: routes frozen "
-                "(--freeze-routes-at), the routed pass alone"
+                "(--freeze-routes-at), the routed pass alone; E+frozen: --gate-gradient E --freeze-routes-at 0.5, the mean of one step of "
+                "each phase"
             ),
             "dense: the original model on SDPA, CE only, AdamW, clipping. vs dense = median over rounds of step / dense step",
             (
