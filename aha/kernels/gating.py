@@ -57,8 +57,8 @@ def apply_route(
         g = g.to(full_out.dtype)
         return g * full_out + (1 - g) * local()
     out = routed(hard)
-    g = route[..., None].to(out.dtype)
     if binary is None:
+        g = route[..., None].to(out.dtype)
         return out + (g - hard[..., None].to(out.dtype)) * (full() - local())
     if gate_needs_grad:
         with torch.no_grad():
@@ -67,7 +67,7 @@ def apply_route(
     return out
 
 
-class _GateGradient(torch.autograd.Function):
+class _StraightThroughGate(torch.autograd.Function):
     """Identity on ``out`` whose backward also gives the gate ``sum_d(grad * difference) * weight``."""
 
     @staticmethod
@@ -97,7 +97,7 @@ def with_gate_gradient(out: Tensor, gate: Tensor, difference: Tensor, weight: Te
         weight: optional ``[B, Hq, Sq]`` factor on ``difference`` (a sign, a rescaling, 0 where
             unsampled), applied to the gate's gradient in its own dtype (fp32 keeps ``1 / fraction`` exact).
     """
-    return _GateGradient.apply(out, gate, difference, weight)
+    return _StraightThroughGate.apply(out, gate, difference, weight)
 
 
 def apply_route_with_kernel(
