@@ -180,18 +180,45 @@ def test_decode_with_sink_reads_only_the_sink_and_window_keys(decode_path):
     assert (out - aha_attention(q, k, v, route, 10, impl="decode")).abs().max() > 1e-4
 
 
-@pytest.fixture(scope="module")
-def avx2_ops():
-    """The kernel built for AVX2 + FMA only (x86-64-v3), as torch.ops.aha_avx2: the portable build."""
+def test_a_build_target_gets_its_own_cached_kernel_and_a_bad_one_names_the_fix(monkeypatch):
+    monkeypatch.delenv("AHA_CPU_ARCH", raising=False)
+    native = _cpp_build.library_path("g++")
+    monkeypatch.setenv("AHA_CPU_ARCH", "x86-64-v3")
+    assert _cpp_build.build_arch() == "x86-64-v3"
+    assert _cpp_build.library_path("g++") != native
+    monkeypatch.setenv("AHA_CPU_ARCH", "native -O0")
+    with pytest.raises(RuntimeError, match="not a -march name; use e.g. native, x86-64-v3"):
+        _cpp_build.library_path("g++")
+
+
+#: Portable builds run here when this CPU has their instruction set: (-march, /proc/cpuinfo flags it
+#: needs, the vector microkernel's name prefix). skylake-avx512 compiles the AVX-512 code without
+#: AVX512-BF16 (Skylake to Ice Lake, most AVX-512 servers), which a native build on a CPU with bf16
+#: instructions never runs.
+PORTABLE_BUILDS = {
+    "x86-64-v3": ({"avx2", "fma", "f16c"}, "avx2"),
+    "skylake-avx512": ({"avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}, "avx512"),
+}
+
+
+@pytest.fixture(scope="module", params=list(PORTABLE_BUILDS))
+def portable_ops(request):
+    """The kernel built for an older instruction set (``-march=<param>``) as ``torch.ops.aha_<param>``,
+    beside the native build, and the name prefix its vector microkernel reports."""
+    arch = request.param
+    needs, isa = PORTABLE_BUILDS[arch]
     if not cpp.cpp_available() or platform.machine() != "x86_64":
         pytest.skip(f"C++ kernel unavailable: {cpp_kernel_error()}")
-    if not torch.cpu.get_capabilities().get("avx2"):
-        pytest.skip("this CPU has no AVX2")
-    target = _cpp_build.library_path(_cpp_build._compiler() or "").with_suffix(".avx2.so")
+    with open("/proc/cpuinfo") as f:
+        missing = needs - set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    if missing:
+        pytest.skip(f"this CPU cannot run -march={arch}: it lacks {sorted(missing)}")
+    namespace = f"aha_{arch.replace('-', '_')}"
+    target = _cpp_build.library_path(_cpp_build._compiler() or "").with_suffix(f".{arch}.so")
     if not target.exists():
-        _cpp_build.build_variant(target, arch="x86-64-v3", namespace="aha_avx2")
+        _cpp_build.build_variant(target, arch=arch, namespace=namespace)
     torch.ops.load_library(str(target))
-    return torch.ops.aha_avx2
+    return getattr(torch.ops, namespace), isa
 
 
 @pytest.mark.slow
@@ -216,11 +243,16 @@ def test_avx512_and_amx_builds_compile(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "dtype, microkernel, tol", [(torch.float32, 1, 1e-5), (torch.float32, 2, 1e-5), (torch.bfloat16, 1, 3e-2)]
+    "dtype, microkernel, tol",
+    [(torch.float32, 1, 1e-5), (torch.float32, 2, 1e-5), (torch.bfloat16, 1, 3e-2), (torch.float16, 1, 3e-2)],
 )
-def test_portable_avx2_build_matches_reference(avx2_ops, dtype, microkernel, tol):
-    """Without AVX-512 the hand-written GEMMs run on AVX2 pairs; oneDNN's fp32 micro-GEMMs are JIT."""
-    assert avx2_ops.microkernel(dtype, microkernel).startswith("avx2" if microkernel == 1 else "onednn")
+def test_portable_builds_match_reference(portable_ops, dtype, microkernel, tol):
+    """Without AVX-512 the hand-written GEMMs run on AVX2 pairs, without AVX512-BF16 bf16 is widened to
+    fp32; oneDNN's micro-GEMMs are JIT (whatever the build). Prefill forward and backward, and a decode step."""
+    ops, isa = portable_ops
+    name = ops.microkernel(dtype, microkernel)
+    assert name.startswith(isa if microkernel == 1 else "onednn"), name
+    assert dtype == torch.float32 or microkernel == 2 or "widened" in name, name  # no bf16/fp16 dot products
     q = torch.randn(2, 4, 300, 64)
     k, v = torch.randn(2, 2, 2, 340, 64)
     route = torch.rand(2, 4, 300) < 0.3
@@ -231,11 +263,14 @@ def test_portable_avx2_build_matches_reference(avx2_ops, dtype, microkernel, tol
     out_grad = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (q, k, v), out_grad)
     with torch.no_grad():
-        out, lse, _ = avx2_ops.forward(q, k, v, route, starts, 40, 2, 64**-0.5, 32, 64, microkernel)
-        grads = avx2_ops.backward(out_grad, q, k, v, out, lse, route, starts, 40, 2, 64**-0.5, 32, 64, microkernel)
+        out, lse, _ = ops.forward(q, k, v, route, starts, 40, 2, 64**-0.5, 32, 64, microkernel)
+        grads = ops.backward(out_grad, q, k, v, out, lse, route, starts, 40, 2, 64**-0.5, 32, 64, microkernel)
+        last_q, last_route = q[:, :, -1:].contiguous(), route[:, :, -1:].contiguous()
+        step = ops.forward(last_q, k, v, last_route, starts, 40, 2, 64**-0.5, 32, 64, microkernel)[0]
     torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(step.float(), want[:, :, -1:].float(), atol=tol, rtol=tol)
 
 
 @needs_kernel

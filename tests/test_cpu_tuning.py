@@ -251,3 +251,15 @@ def test_the_microkernel_check_runs_inside_inference_mode_and_no_grad(monkeypatc
     monkeypatch.setattr(cpu_tuning, "_problems", {})
     with torch.inference_mode(), torch.no_grad():
         assert cpu_tuning.microkernel_problem(torch.float32, "vector") is None
+
+
+def test_each_instruction_set_limit_is_calibrated_on_its_own(monkeypatch):
+    """A capped run (oneDNN, ATen or the kernel's build target) measures other speeds: it must not
+    reuse, or overwrite, the machine's own calibration."""
+    for name in cpu_tuning.ISA_LIMIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    paths = {cpu_tuning.tuning_path(torch.float32)}
+    for name, value in [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2"), ("AHA_CPU_ARCH", "x86-64-v3")]:
+        monkeypatch.setenv(name, value)
+        paths.add(cpu_tuning.tuning_path(torch.float32))
+    assert len(paths) == 4

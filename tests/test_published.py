@@ -108,6 +108,15 @@ def test_run_meta_records_code_command_seed_machine_and_versions():
     json.loads(strict_json({"meta": meta}))
 
 
+def test_run_meta_names_the_settings_that_capped_the_instruction_set(monkeypatch):
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "AHA_CPU_ARCH"):
+        monkeypatch.delenv(name, raising=False)
+    assert run_meta()["isa_limits"] == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    monkeypatch.setenv("AHA_CPU_ARCH", "icelake-server")
+    assert run_meta()["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI", "AHA_CPU_ARCH": "icelake-server"}
+
+
 def test_reports_written_through_the_cli_name_the_aha_command_line():
     seen = []
 

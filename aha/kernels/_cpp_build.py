@@ -1,8 +1,11 @@
 """Build and load the C++ CPU kernel (``csrc/aha_cpu.cpp``) with the machine's C++ compiler.
 
-The kernel is compiled once per (source, torch version, compiler, CPU) with
+The kernel is compiled once per (source, torch version, compiler, CPU, target) with
 ``-O3 -march=native -fopenmp`` and cached as a shared library under ``~/.cache/aha/``
-(``AHA_CACHE_DIR`` overrides the folder); later processes only load it. ``make install`` builds
+(``AHA_CACHE_DIR`` overrides the folder); later processes only load it. ``AHA_CPU_ARCH`` sets
+another ``-march`` target: ``x86-64-v3`` for a build that runs on every AVX2 CPU, or an older
+CPU's name (``icelake-server``: AVX-512 without AVX512-BF16) to run that CPU's code paths here
+(a target above this CPU builds, then dies of an illegal instruction on its first call). ``make install`` builds
 it ahead of time (:func:`build_report`); otherwise the first call that needs it
 compiles it (about 15 s). ``AHA_DISABLE_CPP=1`` turns it off. When it cannot be built, the
 pure-PyTorch implementations are used and :func:`cpp_kernel_error` says why.
@@ -14,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +40,14 @@ _error: str | None = None
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def build_arch() -> str:
+    """The ``-march`` target of the kernel this process loads: ``AHA_CPU_ARCH``, else ``native``."""
+    arch = os.environ.get("AHA_CPU_ARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", arch):
+        raise RuntimeError(f"AHA_CPU_ARCH={arch!r} is not a -march name; use e.g. native, x86-64-v3 or icelake-server")
+    return arch
 
 
 def _cpu_signature() -> str:
@@ -78,10 +90,13 @@ def build_variant(target: Path, arch: str, namespace: str) -> None:
 
 
 def library_path(compiler: str) -> Path:
-    """Where the kernel built from the current source for this torch, compiler and CPU is cached."""
+    """Where the kernel built from the current source for this torch, compiler, CPU and
+    :func:`build_arch` is cached."""
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), _cpu_signature().encode()):
         key.update(part)
+    if build_arch() != "native":  # the native build keeps the name it always had
+        key.update(build_arch().encode())
     return cache_dir() / f"aha_cpu_{key.hexdigest()[:16]}.so"
 
 
@@ -90,7 +105,7 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # compile to a private name and rename: concurrent builders never load a half-written file
     with atomic_file(target) as partial:
-        _compile(compiler, partial)
+        _compile(compiler, partial, build_arch())
 
 
 def load_cpp_kernel() -> bool:

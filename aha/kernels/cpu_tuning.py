@@ -110,6 +110,17 @@ def cpu_isa() -> str:
     return "scalar"
 
 
+#: Settings that make this machine run a lower instruction set than it has: oneDNN's JIT cap, the
+#: ATen kernels' dispatch cap (SDPA, the baseline) and the C++ kernel's -march target.
+ISA_LIMIT_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "AHA_CPU_ARCH")
+
+
+def isa_limits() -> dict[str, str]:
+    """The :data:`ISA_LIMIT_VARIABLES` set in this process, e.g. ``{"ONEDNN_MAX_CPU_ISA": "AVX2"}``
+    (empty on a run at the machine's own instruction set)."""
+    return {name: os.environ[name] for name in ISA_LIMIT_VARIABLES if os.environ.get(name, "").strip()}
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Times relative to SDPA causal (same dtype, same run) at the calibration ``lengths``: the C++
@@ -295,7 +306,7 @@ def microkernel_name(dtype: torch.dtype, microkernel: str) -> str | None:
 def tuning_path(dtype: torch.dtype) -> Path:
     """Where the calibration of ``dtype`` on this machine is cached."""
     flags = sorted(name for name, on in _capabilities().items() if on is True)
-    machine = [cpu_model(), ",".join(flags), os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))]
+    machine = [cpu_model(), ",".join(flags), *(f"{name}={value}" for name, value in isa_limits().items())]
     key = hashlib.sha256(
         "|".join([*machine, torch.__version__, str(torch.get_num_threads())]).encode() + SOURCE.read_bytes()
     ).hexdigest()[:16]

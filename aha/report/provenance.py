@@ -94,11 +94,12 @@ def run_meta(*, seed: int | None = None, threads: int | None = None, command: st
 
     Returns:
         ``{"git_commit", "git_dirty", "kernel_sources_sha256", "command", "seed", "date", "cpu",
-        "cpu_id", "isa", "isa_flags", "logical_cpus", "gpu", "threads", "python", "torch", "transformers",
-        "accelerate", "aha"}``; ``git_commit`` / ``git_dirty`` are None outside a git checkout,
+        "cpu_id", "isa", "isa_flags", "isa_limits", "logical_cpus", "gpu", "threads", "python", "torch",
+        "transformers", "accelerate", "aha"}``; ``git_commit`` / ``git_dirty`` are None outside a git checkout,
+        ``isa_limits`` names the settings that capped the instruction set (``{}`` on an uncapped run),
         ``gpu`` is None without CUDA, ``accelerate`` None when it is not installed.
     """
-    from aha.kernels.cpu_tuning import cpu_identity, cpu_isa, cpu_model
+    from aha.kernels.cpu_tuning import cpu_identity, cpu_isa, cpu_model, isa_limits
 
     commit, dirty = git_state()
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
@@ -113,6 +114,7 @@ def run_meta(*, seed: int | None = None, threads: int | None = None, command: st
         "cpu_id": cpu_identity(),
         "isa": cpu_isa(),
         "isa_flags": sorted(name for name, present in capabilities.items() if present is True),
+        "isa_limits": isa_limits(),
         "logical_cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "threads": threads if threads is not None else torch.get_num_threads(),
