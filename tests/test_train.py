@@ -43,6 +43,9 @@ from aha.train.schedule import BatchSchedule
 from aha.train.step import Stepper
 
 COPY_VOCAB = 20  # copy_task's default token ids 0..17, with room to spare
+#: |KL| of a model against itself evaluated through other fp32 kernels (the student's attention is
+#: not the teacher's SDPA); a teacher other than the original model gives KL > 1e-3 (about 1 here).
+KD_ROUNDING = 1e-6
 EXACT_KEYS = ("loss", "ce", "kd", "soft_gate", "global_fraction", "lambda", "lr_model", "lr_routers", "grad_norm", "targets_seen")
 
 
@@ -284,8 +287,10 @@ def test_distillation_teacher_is_the_original_model(tmp_path, copy_data, copy_mo
     config = toy_config(tmp_path, steps=6, trainable=trainable, distill=1.0, lr=1e-2, router_lr=0.3, lambda_init=0.3)
     result = train(config, model=copy_model(copy_model_state), data=copy_data)
     kd = [row["kd"] for row in result.history]
-    assert kd[0] < 1e-9  # open routers, untouched weights: student == teacher
-    assert kd[-1] > 1e-6  # the student moved away from the teacher
+    # open routers, untouched weights: student == teacher, up to fp32 rounding (the student's attention
+    # runs another kernel than the teacher's SDPA: about 1e-7, either sign, on an AVX-512 Xeon)
+    assert abs(kd[0]) < KD_ROUNDING
+    assert kd[-1] > 1e-3  # the student moved away from the teacher
     trained = result.model.state_dict()
     base = {name: p for name, p in original.state_dict().items()}
     changed = {name for name in base if not torch.equal(base[name], trained[name])}
@@ -300,7 +305,7 @@ def test_all_params_distillation_keeps_a_frozen_teacher(tmp_path, copy_data, cop
     # routes forced global, so a teacher that were the student itself would give KD == 0 forever
     config = toy_config(tmp_path, steps=6, distill=1.0, lr=1e-2, force_routing="global")
     result = train(config, model=copy_model(copy_model_state), data=copy_data)
-    assert result.history[0]["kd"] < 1e-9 and result.history[-1]["kd"] > 1e-6
+    assert abs(result.history[0]["kd"]) < KD_ROUNDING and result.history[-1]["kd"] > 1e-3
     assert all(row["global_fraction"] == 1.0 for row in result.history)
     weights, biases = router_parameters(result.model)[::2], router_parameters(result.model)[1::2]
     assert all(not w.any() for w in weights)  # forced routes: routers frozen at their open init
