@@ -12,3 +12,12 @@ def cpp_microkernels(dtype: torch.dtype = torch.float32) -> list[str]:
 
 #: ``split`` and ``cpp:<microkernel>`` for every microkernel this CPU runs in fp32.
 FAST_IMPLS = ["split", *cpp_microkernels()]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import torch
-from kernel_support import cpp_microkernels
+from kernel_support import cpp_microkernels, cpu_flags
 
 from aha import AhaInputError, aha_attention, choose_impl
 from aha.kernels import _cpp_build, cpp
@@ -209,8 +209,7 @@ def portable_ops(request):
     needs, isa = PORTABLE_BUILDS[arch]
     if not cpp.cpp_available() or platform.machine() != "x86_64":
         pytest.skip(f"C++ kernel unavailable: {cpp_kernel_error()}")
-    with open("/proc/cpuinfo") as f:
-        missing = needs - set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    missing = needs - cpu_flags()
     if missing:
         pytest.skip(f"this CPU cannot run -march={arch}: it lacks {sorted(missing)}")
     namespace = f"aha_{arch.replace('-', '_')}"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from kernel_support import cpu_flags
 
 from aha.kernels import _cpp_build
 
@@ -27,11 +28,6 @@ CAPS = {
         "amx_tile", "amx_bf16", "amx_int8",
     },
 }  # fmt: skip
-
-
-def cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="oneDNN ISA caps are x86-64")

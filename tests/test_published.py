@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aha.cli import app
+from aha.kernels.cpu_tuning import ISA_LIMIT_VARIABLES
 from aha.report.provenance import git_state, run_meta, strict_json, write_json_report
 from aha.report.published import check_text, published_files, render_files, render_text
 
@@ -109,7 +110,7 @@ def test_run_meta_records_code_command_seed_machine_and_versions():
 
 
 def test_run_meta_names_the_settings_that_capped_the_instruction_set(monkeypatch):
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "AHA_CPU_ARCH"):
+    for name in ISA_LIMIT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert run_meta()["isa_limits"] == {}
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")

@@ -92,11 +92,12 @@ def build_variant(target: Path, arch: str, namespace: str) -> None:
 def library_path(compiler: str) -> Path:
     """Where the kernel built from the current source for this torch, compiler, CPU and
     :func:`build_arch` is cached."""
+    arch = build_arch()
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), _cpu_signature().encode()):
         key.update(part)
-    if build_arch() != "native":  # the native build keeps the name it always had
-        key.update(build_arch().encode())
+    if arch != "native":  # the native build keeps the name it always had
+        key.update(arch.encode())
     return cache_dir() / f"aha_cpu_{key.hexdigest()[:16]}.so"
 
 
