@@ -33,7 +33,8 @@ def grads_of(impl, q, k, v, route, window, kpm=None, sink=0):
 @pytest.mark.parametrize("dim", [64, 80, 128])
 @pytest.mark.parametrize("rho", [0.0, 0.15, 1.0])
 def test_long_sequences_cross_key_blocks(impl, dim, rho):
-    """Over 512 keys a tile's range is cut into several blocks merged by the online softmax."""
+    """Over 512 keys a tile's range is cut into several blocks merged by the online softmax; the later
+    blocks of a tile of scattered global rows are computed for its later rows only."""
     q = torch.randn(1, 4, 1300, dim)
     k, v = torch.randn(2, 1, 2, 1400, dim)
     route = torch.rand(1, 4, 1300) < rho

@@ -200,7 +200,7 @@ def test_auto_falls_back_from_a_chosen_microkernel_that_cannot_run(monkeypatch):
     measured) must not make calls raise: auto takes a microkernel that ran."""
     monkeypatch.setitem(cpu_tuning._choices, torch.bfloat16, KernelChoice(microkernel="onednn"))
     monkeypatch.setitem(cpu_tuning._problems, (torch.bfloat16, "onednn", torch.backends.mkldnn.enabled), "could not generate a kernel")
-    assert cpu_tuning.kernel_settings(torch.bfloat16) == (*cpu_tuning.TILE_ROWS["vector"], cpu_tuning.MICROKERNELS["vector"])
+    assert cpu_tuning.kernel_settings(torch.bfloat16) == (*cpu_tuning.tile_rows(torch.bfloat16, "vector"), cpu_tuning.MICROKERNELS["vector"])
     q, k, v = (torch.randn(1, 2, 50, 32, dtype=torch.bfloat16) for _ in range(3))
     route = torch.rand(1, 2, 50) < 0.5
     got = aha_attention(q, k, v, route, 8)

@@ -30,6 +30,7 @@ Overrides:
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -55,10 +56,13 @@ _log = logging.getLogger(__name__)
 #: Microkernel names and the codes the C++ ops take (0 = the kernel's built-in rule).
 MICROKERNELS = {"default": 0, "vector": 1, "onednn": 2}
 
-#: Query rows per tile (local, global) for each microkernel, measured on 2 cores: the hand-written
-#: GEMMs on Zen 4 (a local tile of r rows reads r + window - 1 keys, so small local tiles waste
-#: less; 16 and 48 rows were slower), oneDNN on the AMX Xeon (larger tiles amortise each call).
-TILE_ROWS = {"vector": (32, 64), "onednn": (64, 64), "default": (32, 64)}
+#: Query rows per tile (local, global), measured on 2 cores. A local tile of r rows reads
+#: r + window - 1 keys, so small local tiles waste less: 32 local rows for GEMMs on fp32 (the
+#: hand-written ones on Zen 4, where 16 and 48 were slower; oneDNN's fp32 micro-GEMMs on the AMX
+#: Xeon, 3-4% faster than 64 at rho 0.07). oneDNN's bf16 micro-GEMMs (AMX tiles) amortise each
+#: call better over 64 rows.
+FP32_TILE_ROWS = (32, 64)
+BF16_TILE_ROWS = (64, 64)
 
 #: Calibration runs: B=1, 8 heads, head_dim 64, window 256, at these sequence lengths; the C++
 #: kernel at global fractions LOW_FRACTION and 1 (its time is close to linear in the fraction),
@@ -215,11 +219,6 @@ class KernelChoice:
         """The ``microkernel`` argument of the C++ ops."""
         return MICROKERNELS[self.microkernel]
 
-    @property
-    def tile_rows(self) -> tuple[int, int]:
-        """(local, global) query rows per tile."""
-        return TILE_ROWS[self.microkernel]
-
     def crossover(self, seq: int, training: bool) -> float:
         """Global fraction from which ``split`` (SDPA's kernel) is faster at length ``seq`` (> 1: never)."""
         model = self.train if training else self.forward
@@ -274,7 +273,7 @@ def _run_check(dtype: torch.dtype, microkernel: str) -> str | None:
     route = torch.rand(1, 2, 48, generator=generator) < 0.5
     out_grad = torch.randn(1, 2, 48, 32, generator=generator).to(dtype)
     window, sink, scale = 8, 1, 32**-0.5
-    settings = (window, sink, scale, *TILE_ROWS[microkernel], MICROKERNELS[microkernel])
+    settings = (window, sink, scale, *tile_rows(dtype, microkernel), MICROKERNELS[microkernel])
     starts = torch.zeros(1, dtype=torch.int32)
     try:
         with torch.no_grad():
@@ -301,6 +300,18 @@ def microkernel_name(dtype: torch.dtype, microkernel: str) -> str | None:
     if microkernel_problem(dtype, microkernel) is not None:
         return None
     return torch.ops.aha.microkernel(dtype, MICROKERNELS[microkernel])
+
+
+@functools.cache
+def tile_rows(dtype: torch.dtype, microkernel: str) -> tuple[int, int]:
+    """``(local, global)`` query rows per tile of the C++ kernel for ``dtype`` on ``microkernel``
+    (``default`` included): :data:`BF16_TILE_ROWS` where oneDNN's micro-GEMMs compute in bf16 on
+    this CPU (``onednn-*bf16``), else :data:`FP32_TILE_ROWS`."""
+    try:
+        name = torch.ops.aha.microkernel(dtype, MICROKERNELS[microkernel])
+    except RuntimeError:  # not supported here: no call will run on it
+        return FP32_TILE_ROWS
+    return BF16_TILE_ROWS if name.startswith("onednn-") and name.endswith("bf16") else FP32_TILE_ROWS
 
 
 def tuning_path(dtype: torch.dtype) -> Path:
@@ -484,7 +495,7 @@ def kernel_settings(dtype: torch.dtype, microkernel: str | None = None) -> tuple
         microkernel = usable_microkernel(dtype, kernel_choice(dtype).microkernel)
         if microkernel is None:
             raise RuntimeError(f"no microkernel of the C++ kernel runs {dtype} here; use impl='split'")
-    return (*TILE_ROWS[microkernel], MICROKERNELS[microkernel])
+    return (*tile_rows(dtype, microkernel), MICROKERNELS[microkernel])
 
 
 def recalibrate(

@@ -452,25 +452,45 @@ inline void release_brgemm() {
   t_brgemm_used = t_brgemm_vnni_used = false;
 }
 
-// Runs task(index, thread_slot) for every index, largest tasks first, balanced dynamically.
+// Runs task(index, thread_slot) for every index of `order` (costs[index]: its modelled cost),
+// balanced dynamically. Threads claim runs of consecutive entries of `order`, each about 1/8 of a
+// thread's share of the cost still to do (guided scheduling): early runs are long, so the small
+// tiles of a head that sit next to each other in `order` (and read the same keys) mostly run on
+// one core, one after the other; the last runs are single tasks, for balance.
 template <typename Fn>
-void run_tasks(const std::vector<int64_t>& order, Fn&& task) {
-  std::atomic<int64_t> next{0};
+void run_tasks(const std::vector<int64_t>& order, const std::vector<double>& costs, Fn&& task) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), order.size()));
+  double remaining = 0.0;
+  for (int64_t index : order) remaining += costs[index];
+  std::vector<int64_t> run_end;  // run r is order[run_end[r - 1] .. run_end[r])
+  double run_cost = 0.0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    run_cost += costs[order[i]];
+    if (run_cost >= remaining / (8.0 * threads) || i + 1 == order.size()) {
+      run_end.push_back(static_cast<int64_t>(i) + 1);
+      remaining -= run_cost;
+      run_cost = 0.0;
+    }
+  }
+  std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
       task(-1, slot);  // lets the task set up per-thread scratch
-      for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(order.size()); i = next.fetch_add(1))
-        task(order[i], slot);
+      for (int64_t r = next.fetch_add(1); r < static_cast<int64_t>(run_end.size()); r = next.fetch_add(1))
+        for (int64_t i = r == 0 ? 0 : run_end[r - 1]; i < run_end[r]; ++i) task(order[i], slot);
     }
     release_brgemm();
   });
 }
 
+// Task indices by decreasing cost, in half-octave classes that keep their original order: tiles
+// of nearly equal cost (a head's local tiles) stay in position order, next to the tiles whose keys
+// they share, instead of being shuffled by small cost differences.
 std::vector<int64_t> largest_first(const std::vector<double>& costs) {
   std::vector<int64_t> order(costs.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+  auto cost_class = [&](int64_t i) { return costs[i] > 0 ? std::floor(2 * std::log2(costs[i])) : -1e9; };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost_class(a) > cost_class(b); });
   return order;
 }
 
@@ -487,16 +507,41 @@ struct TileLimits {
   }
 };
 
-// Sets S^T[j, i] = fill for the keys j of the block's cover that row i does not read: every key
-// outside [j0, j1), and the keys outside row i's range that are not sink keys <= hi[i]. Keys in
-// the tile's shared range are read by every row and skipped.
+// The columns [first, first + count) of S^T (query rows of a tile, in whole vectors) that hold
+// every row reading a key of a block; the other rows would get only masked scores. A tile's rows
+// are in position order, so for the scattered rows of a global tile the keys past the first
+// rows' positions are read by fewer and fewer columns.
+struct Columns {
+  int64_t first, count;
+};
+
+inline Columns block_columns(const KeyBlock& blk, const Tile& tile, const TileLimits& lim, int64_t padded) {
+  const vint first_key = vint{} + static_cast<int32_t>(blk.j0);
+  const vint last_key = vint{} + static_cast<int32_t>(blk.j1 - 1);
+  const vint sink = vint{} + (blk.j0 < tile.sink_end ? -1 : 0);  // the block holds sink keys: no lower limit
+  int64_t first = padded, end = 0;
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    const vint reads = (vloadi(lim.hi + i) >= first_key) & ((vloadi(lim.lo + i) <= last_key) | sink);
+    bool any = false;
+    for (int lane = 0; lane < kLanes; ++lane) any |= reads[lane] != 0;
+    if (!any) continue;
+    first = std::min(first, i);
+    end = i + kLanes;
+  }
+  return first < end ? Columns{first, end - first} : Columns{0, 0};
+}
+
+// Sets S^T[j, i] = fill for the keys j of the block's cover that row i (a column of `cols`) does
+// not read: every key outside [j0, j1), and the keys outside row i's range that are not sink keys
+// <= hi[i]. Keys in the tile's shared range are read by every row and skipped.
 inline void mask_block(float* s, int64_t ld, const KeyBlock& blk, const Tile& tile, const TileLimits& lim,
-                       int64_t padded, float fill) {
+                       Columns cols, float fill) {
   const vfloat fillv = vsplat(fill);
+  const int64_t end = cols.first + cols.count;
   for (int64_t j = blk.a0; j < blk.a0 + blk.rows; ++j) {
     float* row = s + (j - blk.a0) * ld;
     if (j < blk.j0 || j >= blk.j1) {
-      for (int64_t i = 0; i < padded; i += kLanes) vstore(row + i, fillv);
+      for (int64_t i = cols.first; i < end; i += kLanes) vstore(row + i, fillv);
       continue;
     }
     if (j >= tile.shared_lo && j <= tile.shared_hi) {
@@ -505,7 +550,7 @@ inline void mask_block(float* s, int64_t ld, const KeyBlock& blk, const Tile& ti
     }
     const vint key = vint{} + static_cast<int32_t>(j);
     const vint sink = vint{} + (j < tile.sink_end ? -1 : 0);
-    for (int64_t i = 0; i < padded; i += kLanes) {
+    for (int64_t i = cols.first; i < end; i += kLanes) {
       const vint inside = ((vloadi(lim.lo + i) <= key) | sink) & (vloadi(lim.hi + i) >= key);
       vstore(row + i, inside ? vload(row + i) : fillv);
     }
@@ -592,15 +637,18 @@ inline void softmax_groups(float* s, int64_t nb, int64_t padded, int64_t i0, flo
   }
 }
 
-inline void softmax_block(float* s, int64_t nb, int64_t padded, float to_log2, float* m, float* l, float* o,
-                          int64_t D, bool o_rows, uint32_t* pairs) {
-  switch (padded / kLanes) {
-    case 1: return softmax_groups<1>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
-    case 2: return softmax_groups<2>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
-    case 3: return softmax_groups<3>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
-    case 4: return softmax_groups<4>(s, nb, padded, 0, to_log2, m, l, o, D, o_rows, pairs);
+// softmax_groups over the columns `cols` of S^T (the others keep their statistics and output).
+inline void softmax_block(float* s, int64_t nb, int64_t padded, Columns cols, float to_log2, float* m, float* l,
+                          float* o, int64_t D, bool o_rows, uint32_t* pairs) {
+  const int64_t i0 = cols.first;
+  switch (cols.count / kLanes) {
+    case 0: return;
+    case 1: return softmax_groups<1>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
+    case 2: return softmax_groups<2>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
+    case 3: return softmax_groups<3>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
+    case 4: return softmax_groups<4>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
     default:
-      for (int64_t i = 0; i < padded; i += kLanes)
+      for (int64_t i = i0; i < i0 + cols.count; i += kLanes)
         softmax_groups<0>(s, nb, padded, i, to_log2, m, l, o, D, o_rows, pairs);
   }
 }
@@ -755,11 +803,12 @@ inline void gather_rows(const T* qh, int64_t q_st, const int32_t* rows, int64_t 
   }
 }
 
-// Microkernels of the forward. Each computes, for one tile whose query rows it has loaded,
-//   scores(block):      S^T [cover x padded] = K[cover] . Q^T   (log2 units if kPrescaled, else raw)
-//   accumulate(block):  O [M x D] += P . V[cover]  (kOutputRows), else O^T [D x padded] += V^T . P^T
-// with per-thread scratch in Scratch. P^T is in S^T, or in bf16 pairs when pairs() is not null.
-// The tile loop, masking and softmax are shared.
+// Microkernels of the forward. Each computes, for one tile whose query rows it has loaded, and
+// for the query columns `c` (Columns) of a key block only,
+//   scores(block):      S^T [cover x c] = K[cover] . Q^T   (log2 units if kPrescaled, else raw)
+//   accumulate(block):  O [c x D] += P . V[cover]  (kOutputRows), else O^T [D x c] += V^T . P^T
+// with per-thread scratch in Scratch; S^T, P^T and O^T keep their `padded` columns. P^T is in S^T,
+// or in bf16 pairs when pairs() is not null. The tile loop, masking and softmax are shared.
 
 // Hand-written GEMMs on fp32 rows (bf16/fp16 widened block by block): AVX-512 or AVX2.
 template <typename T>
@@ -778,14 +827,15 @@ struct VectorKernel {
     gather_rows(qh, pb.q_st, rows, M, padded, pb.dim, pb.scale * kLog2e, sc.qrows.get());
     transpose(padded, pb.dim, sc.qrows.get(), pb.dim, sc.qt.get(), padded);
   }
-  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, Columns c, float* s) const {
     auto [kp, ldk] = rows_as_float(h.k, pb.k_st, blk.a0, blk.rows, pb.dim, sc.kbuf.get());
-    gemm<false>(blk.rows, padded, pb.dim, kp, ldk, 1, sc.qt.get(), padded, s, padded);
+    gemm<false>(blk.rows, c.count, pb.dim, kp, ldk, 1, sc.qt.get() + c.first, padded, s + c.first, padded);
   }
-  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t M, int64_t padded, float* s,
-                  float* o) const {
+  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t M, int64_t padded, Columns c,
+                  float* s, float* o) const {
     auto [vp, ldv] = rows_as_float(h.v, pb.v_st, blk.a0, blk.rows, pb.dim, sc.vbuf.get());
-    gemm<true>(M, pb.dim, blk.rows, s, 1, padded, vp, ldv, o, pb.dim);
+    const int64_t rows = std::min(M, c.first + c.count) - c.first;
+    gemm<true>(rows, pb.dim, blk.rows, s + c.first, 1, padded, vp, ldv, o + c.first * pb.dim, pb.dim);
   }
 };
 
@@ -818,14 +868,17 @@ struct Bf16PairKernel {
   void load_queries(Scratch& sc, const T* qh, const int32_t* rows, int64_t M, int64_t padded) const {
     sc.q.load(pb, qh, rows, M, padded);
   }
-  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, Columns c, float* s) const {
     const auto* kw = reinterpret_cast<const uint32_t*>(h.k + blk.a0 * pb.k_st);
-    gemm<false, Bf16PairDot>(blk.rows, padded, pb.dim / 2, kw, pb.k_st / 2, 1, sc.q.qw.get(), padded, s, padded);
+    gemm<false, Bf16PairDot>(blk.rows, c.count, pb.dim / 2, kw, pb.k_st / 2, 1, sc.q.qw.get() + c.first, padded,
+                             s + c.first, padded);
   }
-  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t M, int64_t padded, float*,
+  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t M, int64_t padded, Columns c, float*,
                   float* o) const {
     pack_value_pairs(h.v, pb.v_st, blk.a0, blk.rows, pb.dim, sc.vw.get());
-    gemm<true, Bf16PairDot>(M, pb.dim, (blk.rows + 1) / 2, sc.pw.get(), 1, padded, sc.vw.get(), pb.dim, o, pb.dim);
+    const int64_t rows = std::min(M, c.first + c.count) - c.first;
+    gemm<true, Bf16PairDot>(rows, pb.dim, (blk.rows + 1) / 2, sc.pw.get() + c.first, 1, padded, sc.vw.get(), pb.dim,
+                            o + c.first * pb.dim, pb.dim);
   }
 };
 #endif
@@ -884,20 +937,22 @@ struct BrgemmKernel : BrgemmTraits<T, Compute> {
       transpose(padded, pb.dim, sc.qrows.get(), pb.dim, sc.qt.get(), padded);
     }
   }
-  const C* query_operand(Scratch& sc) const {
-    if constexpr (kVnni) return reinterpret_cast<const C*>(sc.q.qw.get()); else return sc.qt.get();
+  // Q^T from column `first` on (a column of VNNI pairs is one 32-bit word).
+  const C* query_operand(Scratch& sc, int64_t first) const {
+    if constexpr (kVnni) return reinterpret_cast<const C*>(sc.q.qw.get() + first); else return sc.qt.get() + first;
   }
-  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, float* s) const {
+  void scores(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t padded, Columns c, float* s) const {
     auto [a, lda] = krows.cover(h, blk, sc.kpad.get());
     mark_used();
-    at::native::cpublas::brgemm(blk.rows, padded, pb.dim, lda, padded, padded, false, a, query_operand(sc), s, kVnni);
+    at::native::cpublas::brgemm(blk.rows, c.count, pb.dim, lda, padded, padded, false, a, query_operand(sc, c.first),
+                                s + c.first, kVnni);
   }
-  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t, int64_t padded, float* s,
+  void accumulate(Scratch& sc, const HeadKV<T>& h, const KeyBlock& blk, int64_t, int64_t padded, Columns c, float* s,
                   float* ot) const {
     const C* a = vt.at(h, blk.a0);
-    const C* b = kVnni ? reinterpret_cast<const C*>(sc.pw.get()) : reinterpret_cast<const C*>(s);
+    const C* b = kVnni ? reinterpret_cast<const C*>(sc.pw.get() + c.first) : reinterpret_cast<const C*>(s + c.first);
     mark_used();
-    at::native::cpublas::brgemm(pb.dim, padded, blk.rows, kPanel, padded, padded, true, a, b, ot, kVnni);
+    at::native::cpublas::brgemm(pb.dim, c.count, blk.rows, kPanel, padded, padded, true, a, b, ot + c.first, kVnni);
   }
 };
 
@@ -952,7 +1007,7 @@ bool forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* 
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
   std::atomic<bool> all_finite{true};
 
-  run_tasks(order, [&](int64_t index, int64_t slot) {
+  run_tasks(order, costs, [&](int64_t index, int64_t slot) {
     if (index < 0) {
       if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(pb, P);
       return;
@@ -973,10 +1028,12 @@ bool forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* 
     std::fill(m, m + padded, kNegInf);
     std::fill(l, l + padded, 0.0f);
     for_each_key_block<typename Kernel::Blocks>(tile, [&](const KeyBlock& blk) {
-      kernel.scores(sc.kernel, head, blk, padded, s);
-      mask_block(s, padded, blk, tile, lim, padded, kNegInf);
-      softmax_block(s, blk.rows, padded, softmax_factor, m, l, acc, D, Kernel::kOutputRows, sc.kernel.pairs());
-      kernel.accumulate(sc.kernel, head, blk, M, padded, s, acc);
+      const Columns cols = block_columns(blk, tile, lim, padded);
+      if (cols.count == 0) return;
+      kernel.scores(sc.kernel, head, blk, padded, cols, s);
+      mask_block(s, padded, blk, tile, lim, cols, kNegInf);
+      softmax_block(s, blk.rows, padded, cols, softmax_factor, m, l, acc, D, Kernel::kOutputRows, sc.kernel.pairs());
+      kernel.accumulate(sc.kernel, head, blk, M, padded, cols, s, acc);
     });
 
     const float* o = acc;  // O [padded x D]
@@ -1189,7 +1246,7 @@ void backward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T*
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
 
-  run_tasks(largest_first(task_cost), [&](int64_t task, int64_t slot) {
+  run_tasks(largest_first(task_cost), task_cost, [&](int64_t task, int64_t slot) {
     if (task < 0) {
       if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(pb, P);
       return;
@@ -1234,7 +1291,7 @@ void backward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T*
       for_each_key_block<typename Kernel::Blocks>(tile, [&](const KeyBlock& blk) {
         const int64_t nb = blk.rows;
         kernel.scores(sc.kernel, head, blk, padded, s);
-        mask_block(s, padded, blk, tile, lim, padded, kNegInf);
+        mask_block(s, padded, blk, tile, lim, Columns{0, padded}, kNegInf);
         for (int64_t j = 0; j < nb; ++j)
           for (int64_t i = 0; i < padded; i += kLanes)
             vstore(s + j * padded + i, vexp2(vload(s + j * padded + i) * factor - vload(lse2 + i)));
@@ -1526,7 +1583,7 @@ bool decode_impl(const Problem& pb, const T* q, const std::vector<DecodeSequence
     Scratch(int64_t D, int64_t group) : queries(group * D), scores(group * ld_s) {}
   };
   std::vector<std::unique_ptr<Scratch>> scratch(at::get_num_threads() + 1);
-  run_tasks(largest_first(costs), [&](int64_t index, int64_t slot) {
+  run_tasks(largest_first(costs), costs, [&](int64_t index, int64_t slot) {
     if (index < 0) {
       if (!scratch[slot]) scratch[slot] = std::make_unique<Scratch>(D, group);  // a run has one part per head at most
       return;
