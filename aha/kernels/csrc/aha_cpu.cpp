@@ -531,28 +531,55 @@ inline Columns block_columns(const KeyBlock& blk, const Tile& tile, const TileLi
   return first < end ? Columns{first, end - first} : Columns{0, 0};
 }
 
+// For each group of kLanes columns of S^T (query rows of a tile), the rows [lo, hi) of a block's
+// cover that hold keys some row of the group reads: its other rows are masked for the whole group.
+// A tile's rows are in position order, so the groups of a local tile see windows shifted by about
+// a group's span: 20% of a 64-row tile's cover lies outside each group's rows.
+struct GroupRows {
+  int32_t lo[256 / 8], hi[256 / 8];  // indexed by column / kLanes
+};
+
+inline void group_rows(const KeyBlock& blk, const Tile& tile, const TileLimits& lim, Columns cols, GroupRows& gr) {
+  for (int64_t i = cols.first; i < cols.first + cols.count; i += kLanes) {
+    int64_t lo_min = std::numeric_limits<int32_t>::max(), hi_max = -1;
+    for (int lane = 0; lane < kLanes; ++lane) {
+      if (lim.lo[i + lane] > lim.hi[i + lane]) continue;  // padding or an empty row
+      lo_min = std::min<int64_t>(lo_min, lim.lo[i + lane]);
+      hi_max = std::max<int64_t>(hi_max, lim.hi[i + lane]);
+    }
+    // sink keys are read by every row that reaches them, whatever its lower limit
+    const int64_t first = blk.j0 < tile.sink_end ? blk.j0 : std::max(blk.j0, lo_min);
+    const int64_t end = std::max(first, std::min(blk.j1, hi_max + 1));
+    gr.lo[i / kLanes] = static_cast<int32_t>(std::clamp<int64_t>(first - blk.a0, 0, blk.rows));
+    gr.hi[i / kLanes] = static_cast<int32_t>(std::clamp<int64_t>(end - blk.a0, 0, blk.rows));
+  }
+}
+
 // Sets S^T[j, i] = fill for the keys j of the block's cover that row i (a column of `cols`) does
 // not read: every key outside [j0, j1), and the keys outside row i's range that are not sink keys
-// <= hi[i]. Keys in the tile's shared range are read by every row and skipped.
+// <= hi[i]. Keys in the tile's shared range are read by every row and skipped. With `gr`, only the
+// rows [lo, hi) of each group are masked (the softmax treats the others as masked).
 inline void mask_block(float* s, int64_t ld, const KeyBlock& blk, const Tile& tile, const TileLimits& lim,
-                       Columns cols, float fill) {
+                       Columns cols, const GroupRows* gr, float fill) {
   const vfloat fillv = vsplat(fill);
-  const int64_t end = cols.first + cols.count;
-  for (int64_t j = blk.a0; j < blk.a0 + blk.rows; ++j) {
-    float* row = s + (j - blk.a0) * ld;
-    if (j < blk.j0 || j >= blk.j1) {
-      for (int64_t i = cols.first; i < end; i += kLanes) vstore(row + i, fillv);
-      continue;
-    }
-    if (j >= tile.shared_lo && j <= tile.shared_hi) {
-      j = std::min<int64_t>(tile.shared_hi, blk.j1 - 1);  // skip to the first key past the shared range
-      continue;
-    }
-    const vint key = vint{} + static_cast<int32_t>(j);
-    const vint sink = vint{} + (j < tile.sink_end ? -1 : 0);
-    for (int64_t i = cols.first; i < end; i += kLanes) {
-      const vint inside = ((vloadi(lim.lo + i) <= key) | sink) & (vloadi(lim.hi + i) >= key);
-      vstore(row + i, inside ? vload(row + i) : fillv);
+  for (int64_t i = cols.first; i < cols.first + cols.count; i += kLanes) {
+    const vint lo = vloadi(lim.lo + i), hi = vloadi(lim.hi + i);
+    const int64_t first = gr ? blk.a0 + gr->lo[i / kLanes] : blk.a0;
+    const int64_t end = gr ? blk.a0 + gr->hi[i / kLanes] : blk.a0 + blk.rows;
+    for (int64_t j = first; j < end; ++j) {
+      float* x = s + (j - blk.a0) * ld + i;
+      if (j < blk.j0 || j >= blk.j1) {
+        vstore(x, fillv);
+        continue;
+      }
+      if (j >= tile.shared_lo && j <= tile.shared_hi) {
+        j = std::min<int64_t>(tile.shared_hi, end - 1);  // skip to the first key past the shared range
+        continue;
+      }
+      const vint key = vint{} + static_cast<int32_t>(j);
+      const vint sink = vint{} + (j < tile.sink_end ? -1 : 0);
+      const vint inside = ((lo <= key) | sink) & (hi >= key);
+      vstore(x, inside ? vload(x) : fillv);
     }
   }
 }
@@ -581,17 +608,30 @@ inline void store_bf16_pairs(vfloat a, vfloat b, uint32_t* dst) {
 // P^T is written over S^T, or, with `pairs`, only as bf16 pairs of key rows (pairs[q][i] =
 // (P^T[2q][i], P^T[2q+1][i]), the VNNI layout; an odd last row is paired with 0), then from the
 // faster exponential (l sums the same unrounded values).
-// G column groups of 16 are done at once (G = 0: any padded, group by group): S^T is read row by
-// row in order, and the G max and sum chains are independent.
+// G column groups of kLanes are done at once (G = 0: any padded, group by group): S^T is read row
+// by row in order, and the G max and sum chains are independent. Group g holds scores in the rows
+// gr.lo..gr.hi of its index only; its other rows are masked (P = 0, no exponential).
 template <int G>
-inline void softmax_groups(float* s, int64_t nb, int64_t padded, int64_t i0, float to_log2, float* m, float* l,
-                           float* o, int64_t D, bool o_rows, uint32_t* pairs) {
+inline void softmax_groups(float* s, int64_t nb, int64_t padded, int64_t i0, const GroupRows& gr, float to_log2,
+                           float* m, float* l, float* o, int64_t D, bool o_rows, uint32_t* pairs) {
   constexpr int kG = G > 0 ? G : 1;
   const vfloat c = vsplat(to_log2);
   vfloat mx[kG], m_use[kG], sum[kG];
-  for (int g = 0; g < kG; ++g) mx[g] = vsplat(kNegInf);
-  for (int64_t j = 0; j < nb; ++j)
-    for (int g = 0; g < kG; ++g) mx[g] = vmax(mx[g], vload(s + j * padded + i0 + g * kLanes));
+  int64_t lo[kG], hi[kG];
+  int64_t rows_lo = nb, rows_hi = 0;
+  for (int g = 0; g < kG; ++g) {
+    mx[g] = vsplat(kNegInf);
+    lo[g] = gr.lo[i0 / kLanes + g];
+    hi[g] = gr.hi[i0 / kLanes + g];
+    rows_lo = std::min(rows_lo, lo[g]);
+    rows_hi = std::max(rows_hi, hi[g]);
+  }
+  for (int64_t j = rows_lo; j < rows_hi; ++j)
+    for (int g = 0; g < kG; ++g)
+      if (j >= lo[g] && j < hi[g]) mx[g] = vmax(mx[g], vload(s + j * padded + i0 + g * kLanes));
+  auto probability = [&](int64_t j, int g) {
+    return j >= lo[g] && j < hi[g] ? vexp2<true>(vload(s + j * padded + i0 + g * kLanes) * c - m_use[g]) : vfloat{};
+  };
   for (int g = 0; g < kG; ++g) {
     const vfloat m_old = vload(m + i0 + g * kLanes);
     mx[g] = vmax(m_old, mx[g] * c);
@@ -599,20 +639,17 @@ inline void softmax_groups(float* s, int64_t nb, int64_t padded, int64_t i0, flo
     sum[g] = vfloat{};
   }
   if (pairs) {
-    for (int64_t q = 0; 2 * q < nb; ++q) {
-      const float* row0 = s + 2 * q * padded + i0;
+    for (int64_t q = 0; 2 * q < nb; ++q)
       for (int g = 0; g < kG; ++g) {
-        const vfloat p0 = vexp2<true>(vload(row0 + g * kLanes) * c - m_use[g]);
-        const vfloat p1 = 2 * q + 1 < nb ? vexp2<true>(vload(row0 + padded + g * kLanes) * c - m_use[g]) : vfloat{};
+        const vfloat p0 = probability(2 * q, g), p1 = probability(2 * q + 1, g);  // row nb is outside every group
         sum[g] += p0 + p1;
         store_bf16_pairs(p0, p1, pairs + q * padded + i0 + g * kLanes);
       }
-    }
   } else {
     for (int64_t j = 0; j < nb; ++j)
       for (int g = 0; g < kG; ++g) {
         float* x = s + j * padded + i0 + g * kLanes;
-        const vfloat p = vexp2(vload(x) * c - m_use[g]);
+        const vfloat p = j >= lo[g] && j < hi[g] ? vexp2(vload(x) * c - m_use[g]) : vfloat{};
         vstore(x, p);
         sum[g] += p;
       }
@@ -638,18 +675,18 @@ inline void softmax_groups(float* s, int64_t nb, int64_t padded, int64_t i0, flo
 }
 
 // softmax_groups over the columns `cols` of S^T (the others keep their statistics and output).
-inline void softmax_block(float* s, int64_t nb, int64_t padded, Columns cols, float to_log2, float* m, float* l,
-                          float* o, int64_t D, bool o_rows, uint32_t* pairs) {
+inline void softmax_block(float* s, int64_t nb, int64_t padded, Columns cols, const GroupRows& gr, float to_log2,
+                          float* m, float* l, float* o, int64_t D, bool o_rows, uint32_t* pairs) {
   const int64_t i0 = cols.first;
   switch (cols.count / kLanes) {
     case 0: return;
-    case 1: return softmax_groups<1>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
-    case 2: return softmax_groups<2>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
-    case 3: return softmax_groups<3>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
-    case 4: return softmax_groups<4>(s, nb, padded, i0, to_log2, m, l, o, D, o_rows, pairs);
+    case 1: return softmax_groups<1>(s, nb, padded, i0, gr, to_log2, m, l, o, D, o_rows, pairs);
+    case 2: return softmax_groups<2>(s, nb, padded, i0, gr, to_log2, m, l, o, D, o_rows, pairs);
+    case 3: return softmax_groups<3>(s, nb, padded, i0, gr, to_log2, m, l, o, D, o_rows, pairs);
+    case 4: return softmax_groups<4>(s, nb, padded, i0, gr, to_log2, m, l, o, D, o_rows, pairs);
     default:
       for (int64_t i = i0; i < i0 + cols.count; i += kLanes)
-        softmax_groups<0>(s, nb, padded, i, to_log2, m, l, o, D, o_rows, pairs);
+        softmax_groups<0>(s, nb, padded, i, gr, to_log2, m, l, o, D, o_rows, pairs);
   }
 }
 
@@ -1030,9 +1067,12 @@ bool forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* 
     for_each_key_block<typename Kernel::Blocks>(tile, [&](const KeyBlock& blk) {
       const Columns cols = block_columns(blk, tile, lim, padded);
       if (cols.count == 0) return;
+      GroupRows gr;
+      group_rows(blk, tile, lim, cols, gr);
       kernel.scores(sc.kernel, head, blk, padded, cols, s);
-      mask_block(s, padded, blk, tile, lim, cols, kNegInf);
-      softmax_block(s, blk.rows, padded, cols, softmax_factor, m, l, acc, D, Kernel::kOutputRows, sc.kernel.pairs());
+      mask_block(s, padded, blk, tile, lim, cols, &gr, kNegInf);
+      softmax_block(s, blk.rows, padded, cols, gr, softmax_factor, m, l, acc, D, Kernel::kOutputRows,
+                    sc.kernel.pairs());
       kernel.accumulate(sc.kernel, head, blk, M, padded, cols, s, acc);
     });
 
@@ -1291,7 +1331,7 @@ void backward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T*
       for_each_key_block<typename Kernel::Blocks>(tile, [&](const KeyBlock& blk) {
         const int64_t nb = blk.rows;
         kernel.scores(sc.kernel, head, blk, padded, s);
-        mask_block(s, padded, blk, tile, lim, Columns{0, padded}, kNegInf);
+        mask_block(s, padded, blk, tile, lim, Columns{0, padded}, nullptr, kNegInf);
         for (int64_t j = 0; j < nb; ++j)
           for (int64_t i = 0; i < padded; i += kLanes)
             vstore(s + j * padded + i, vexp2(vload(s + j * padded + i) * factor - vload(lse2 + i)));
