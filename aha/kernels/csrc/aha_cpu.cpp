@@ -7,7 +7,9 @@
 // into tiles of consecutive rows, so the rows of a tile have similar ranges. A tile reads only
 // the keys its rows need, in blocks; a block that lies inside every row's range needs no mask,
 // the others are masked per row by comparing key positions against the row limits (no mask
-// tensor is read and nothing of size seq x seq exists anywhere).
+// tensor is read and nothing of size seq x seq exists anywhere). The forward computes a block
+// only for the groups of 16 (8) rows that read one of its keys, and its softmax only over the
+// keys each group reads.
 //
 // Layout: scores are computed transposed, S^T[key, row] = K[key] . Q[row], so the softmax
 // statistics of 16 (AVX-512) or 8 (AVX2) query rows live in one vector. Accumulation is fp32. One
