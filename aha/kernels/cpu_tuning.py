@@ -59,7 +59,7 @@ MICROKERNELS = {"default": 0, "vector": 1, "onednn": 2}
 #: Query rows per tile (local, global), measured on 2 cores. A local tile of r rows reads
 #: r + window - 1 keys, so small local tiles waste less: 32 local rows for GEMMs on fp32 (the
 #: hand-written ones on Zen 4, where 16 and 48 were slower; oneDNN's fp32 micro-GEMMs on the AMX
-#: Xeon, 3-4% faster than 64 at rho 0.07). oneDNN's bf16 micro-GEMMs (AMX tiles) amortise each
+#: Xeon, faster than 64 at rho 0.07). oneDNN's bf16 micro-GEMMs (AMX tiles) amortise each
 #: call better over 64 rows.
 FP32_TILE_ROWS = (32, 64)
 BF16_TILE_ROWS = (64, 64)

@@ -509,40 +509,25 @@ struct TileLimits {
   }
 };
 
-// The columns [first, first + count) of S^T (query rows of a tile, in whole vectors) that hold
-// every row reading a key of a block; the other rows would get only masked scores. A tile's rows
-// are in position order, so for the scattered rows of a global tile the keys past the first
-// rows' positions are read by fewer and fewer columns.
+// The columns [first, first + count) of S^T (query rows of a tile, in whole vectors) that a block
+// is computed for.
 struct Columns {
   int64_t first, count;
 };
 
-inline Columns block_columns(const KeyBlock& blk, const Tile& tile, const TileLimits& lim, int64_t padded) {
-  const vint first_key = vint{} + static_cast<int32_t>(blk.j0);
-  const vint last_key = vint{} + static_cast<int32_t>(blk.j1 - 1);
-  const vint sink = vint{} + (blk.j0 < tile.sink_end ? -1 : 0);  // the block holds sink keys: no lower limit
-  int64_t first = padded, end = 0;
-  for (int64_t i = 0; i < padded; i += kLanes) {
-    const vint reads = (vloadi(lim.hi + i) >= first_key) & ((vloadi(lim.lo + i) <= last_key) | sink);
-    bool any = false;
-    for (int lane = 0; lane < kLanes; ++lane) any |= reads[lane] != 0;
-    if (!any) continue;
-    first = std::min(first, i);
-    end = i + kLanes;
-  }
-  return first < end ? Columns{first, end - first} : Columns{0, 0};
-}
-
 // For each group of kLanes columns of S^T (query rows of a tile), the rows [lo, hi) of a block's
 // cover that hold keys some row of the group reads: its other rows are masked for the whole group.
 // A tile's rows are in position order, so the groups of a local tile see windows shifted by about
-// a group's span: 20% of a 64-row tile's cover lies outside each group's rows.
+// a group's span (20% of a 64-row tile's cover lies outside each group's rows), and the later
+// blocks of a tile of scattered global rows are read by its later groups only. Returns the
+// columns from the first to the last group that reads the block (count 0: none does).
 struct GroupRows {
   int32_t lo[256 / 8], hi[256 / 8];  // indexed by column / kLanes
 };
 
-inline void group_rows(const KeyBlock& blk, const Tile& tile, const TileLimits& lim, Columns cols, GroupRows& gr) {
-  for (int64_t i = cols.first; i < cols.first + cols.count; i += kLanes) {
+inline Columns group_rows(const KeyBlock& blk, const Tile& tile, const TileLimits& lim, int64_t padded, GroupRows& gr) {
+  int64_t first_column = padded, end_column = 0;
+  for (int64_t i = 0; i < padded; i += kLanes) {
     int64_t lo_min = std::numeric_limits<int32_t>::max(), hi_max = -1;
     for (int lane = 0; lane < kLanes; ++lane) {
       if (lim.lo[i + lane] > lim.hi[i + lane]) continue;  // padding or an empty row
@@ -554,7 +539,11 @@ inline void group_rows(const KeyBlock& blk, const Tile& tile, const TileLimits& 
     const int64_t end = std::max(first, std::min(blk.j1, hi_max + 1));
     gr.lo[i / kLanes] = static_cast<int32_t>(std::clamp<int64_t>(first - blk.a0, 0, blk.rows));
     gr.hi[i / kLanes] = static_cast<int32_t>(std::clamp<int64_t>(end - blk.a0, 0, blk.rows));
+    if (gr.lo[i / kLanes] == gr.hi[i / kLanes]) continue;
+    first_column = std::min(first_column, i);
+    end_column = i + kLanes;
   }
+  return first_column < end_column ? Columns{first_column, end_column - first_column} : Columns{0, 0};
 }
 
 // Sets S^T[j, i] = fill for the keys j of the block's cover that row i (a column of `cols`) does
@@ -1067,10 +1056,9 @@ bool forward_impl(const Problem& pb, const Kernel& kernel, const T* q, const T* 
     std::fill(m, m + padded, kNegInf);
     std::fill(l, l + padded, 0.0f);
     for_each_key_block<typename Kernel::Blocks>(tile, [&](const KeyBlock& blk) {
-      const Columns cols = block_columns(blk, tile, lim, padded);
-      if (cols.count == 0) return;
       GroupRows gr;
-      group_rows(blk, tile, lim, cols, gr);
+      const Columns cols = group_rows(blk, tile, lim, padded, gr);
+      if (cols.count == 0) return;
       kernel.scores(sc.kernel, head, blk, padded, cols, s);
       mask_block(s, padded, blk, tile, lim, cols, &gr, kNegInf);
       softmax_block(s, blk.rows, padded, cols, gr, softmax_factor, m, l, acc, D, Kernel::kOutputRows,
